@@ -1,0 +1,86 @@
+"""Error values the framework itself produces.
+
+Every failure a machine can end in is an *error value*: a frozen attrs exception that
+carries the facts an operator needs (which state, which deadline, which peer) instead
+of a formatted message. Machines declare their own error types; the framework adds the
+few that exist for every machine:
+
+- :class:`StateTimeout` is the base of every per-state deadline error, so a machine can
+  give each state's timeout its own named type and error state.
+- :class:`MachineCancelled` is what a run ends in when the embedding code cancels it.
+- :class:`UnexpectedError` wraps an exception nobody declared, so it is never lost and
+  never escapes the runner as a crash.
+- :class:`IllegalTransition` is raised when an activity produces a trigger that the
+  compiled ``transitions.Machine`` does not allow from the current state.
+- :class:`SpecError` is raised at build time for a spec that cannot run correctly.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+
+@attrs.frozen(auto_exc=True)
+class StateTimeout(Exception):
+    """A state's deadline passed before its activity produced an event.
+
+    ``detail`` is the last progress note the activity reported (see
+    :func:`fsm.report_progress`): what it was still waiting for when time ran out.
+    """
+
+    state: str
+    deadline_s: float
+    detail: str = ""
+
+    def __str__(self) -> str:
+        tail = f": {self.detail}" if self.detail else ""
+        return f"{self.state} did not finish within {self.deadline_s:g} s{tail}"
+
+
+@attrs.frozen(auto_exc=True)
+class MachineCancelled(Exception):
+    """The run was cancelled from outside while it was in ``state``."""
+
+    state: str
+
+    def __str__(self) -> str:
+        return f"cancelled while in {self.state}"
+
+
+@attrs.frozen(auto_exc=True)
+class UnexpectedError(Exception):
+    """An exception of an undeclared type ended the run; the original is kept."""
+
+    state: str
+    exception: BaseException = attrs.field(eq=False, repr=lambda e: f"{type(e).__name__}({e})")
+
+    @property
+    def type_name(self) -> str:
+        return type(self.exception).__qualname__
+
+    def __str__(self) -> str:
+        return f"{self.type_name} in {self.state}: {self.exception}"
+
+
+@attrs.frozen(auto_exc=True)
+class IllegalTransition(Exception):
+    """An activity produced a trigger the machine does not allow from ``state``."""
+
+    state: str
+    trigger: str
+    reason: str = "no such transition"
+
+    def __str__(self) -> str:
+        return f"trigger {self.trigger!r} is not allowed in state {self.state!r}: {self.reason}"
+
+
+@attrs.frozen(auto_exc=True)
+class SpecError(Exception):
+    """The declared machine is not runnable; every problem found is listed."""
+
+    machine: str
+    problems: tuple[str, ...]
+
+    def __str__(self) -> str:
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        return f"machine {self.machine!r} is not valid:\n{lines}"

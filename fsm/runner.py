@@ -1,0 +1,345 @@
+"""Running a declared machine on trio.
+
+Theory of operation
+-------------------
+One run is one loop in one task::
+
+    state = initial
+    while state is not final:
+        with a cancel scope whose deadline is the state's deadline:
+            outcome = await state.activity(context)   # an event name, or an exception
+        trigger = event | error type name | "deadline" | "unexpected"
+        state = compiled_machine.fire(trigger)        # transitions.Machine decides
+
+The activity runs *inline*, inside a fresh cancel scope, so entering a state starts
+it, and leaving the state (which only happens when the activity has finished, or its
+deadline or an outside cancellation stopped it) leaves nothing running: every task an
+activity starts lives in a nursery inside the activity. A run never leaves a task
+behind.
+
+Outcomes map to triggers like this:
+
+- a returned string is the trigger (the compiled machine rejects an illegal one with
+  :class:`~fsm.errors.IllegalTransition`, and the run ends in ``unexpected``);
+- an exception whose type (or a base of it) is bound to an error state fires the edge
+  to that error state, with the exception kept as the run's error value; exception
+  groups from nurseries are looked through, a declared leaf wins;
+- the deadline produces the state's ``on_timeout`` error (with the last progress note
+  the activity gave via :func:`report_progress`);
+- any other ``Exception`` becomes :class:`~fsm.errors.UnexpectedError` in state
+  ``unexpected``: it never escapes and is never lost;
+- cancellation from outside (or ``KeyboardInterrupt``) records the move to
+  ``cancelled`` and then propagates, as trio requires.
+
+Every transition produces a :class:`~fsm.trace.TraceRecord` delivered to observers
+(callbacks, called synchronously, in order) and to subscribers (trio channels).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable, Mapping
+from contextvars import ContextVar
+from typing import Any, Generic, TypeVar
+
+import attrs
+import trio
+
+from fsm.compiled import CompiledMachine, RunModel, compile_spec
+from fsm.errors import IllegalTransition, MachineCancelled, UnexpectedError
+from fsm.spec import CANCEL, DEADLINE, UNEXPECTED, MachineSpec, State
+from fsm.trace import TraceEnd, TraceRecord
+
+C = TypeVar("C")
+Observer = Callable[[TraceRecord], None]
+
+_log = logging.getLogger("fsm.runner")
+
+#: Called with ``(machine_name, record)`` for every transition of every run in this
+#: process. For test kits and tracing tools (transition coverage); apps use observers.
+GLOBAL_OBSERVERS: list[Callable[[str, TraceRecord], None]] = []
+
+
+class _Progress:
+    __slots__ = ("text",)
+
+    def __init__(self) -> None:
+        self.text = ""
+
+
+_progress: ContextVar[_Progress | None] = ContextVar("fsm_progress", default=None)
+
+
+def report_progress(text: str) -> None:
+    """Note what the current state's activity is waiting for.
+
+    If the state's deadline passes, the note becomes the timeout error's ``detail``
+    (``"waiting for rank 2; rejected 1 connection: bad_key"``), so an operator learns
+    what was missing, not only that time ran out. Outside a run it does nothing.
+    """
+    cell = _progress.get()
+    if cell is not None:
+        cell.text = text
+
+
+@attrs.frozen
+class Outcome:
+    """How a run ended: the final state and, for an error state, the error value."""
+
+    state: str
+    error: BaseException | None
+    records: tuple[TraceRecord, ...]
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def end_record(self) -> TraceEnd:
+        if self.error is None:
+            return TraceEnd(self.state)
+        return TraceEnd(self.state, type(self.error).__name__, str(self.error))
+
+
+class Runner(Generic[C]):
+    """Runs one instance of a machine with ``context`` passed to every activity.
+
+    ``deadlines`` overrides the spec's per-state deadlines (seconds) for this run.
+    A runner runs once; make a new one for the next run.
+    """
+
+    def __init__(
+        self,
+        spec: MachineSpec | CompiledMachine,
+        context: C,
+        *,
+        deadlines: Mapping[str, float] | None = None,
+        observers: Iterable[Observer] = (),
+    ) -> None:
+        self.compiled = spec if isinstance(spec, CompiledMachine) else compile_spec(spec)
+        self.spec = self.compiled.spec
+        self.context = context
+        self._states = {s.name: s for s in self.spec.states}
+        self._deadlines = self._check_deadlines(deadlines or {})
+        self._observers = list(observers)
+        self._subscribers: list[trio.MemorySendChannel[TraceRecord]] = []
+        self._records: list[TraceRecord] = []
+        self._state = self.spec.initial
+        self._entered_at = math.nan
+        self._error: BaseException | None = None
+        self._changed = trio.Event()
+        self._started = False
+        self._finished = False
+
+    # -- public view -----------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._error
+
+    @property
+    def records(self) -> tuple[TraceRecord, ...]:
+        return tuple(self._records)
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    def deadline_for(self, state: str) -> float | None:
+        return self._deadlines.get(state, self._states[state].deadline)
+
+    def add_observer(self, observer: Observer) -> None:
+        self._observers.append(observer)
+
+    def subscribe(self) -> trio.MemoryReceiveChannel[TraceRecord]:
+        """A channel of every later transition; it closes when the run ends.
+
+        Unbounded on purpose: a run has a bounded number of transitions, and a slow
+        reader must not block the machine nor lose a record.
+        """
+        send, receive = trio.open_memory_channel[TraceRecord](math.inf)
+        if self._finished:
+            send.close()
+        else:
+            self._subscribers.append(send)
+        return receive
+
+    async def wait_for(self, *states: str) -> str:
+        """Wait until the run is in one of ``states`` or has ended; return the state.
+
+        Woken by each transition (no polling).
+        """
+        unknown = set(states) - set(self.spec.state_names)
+        if unknown:
+            raise KeyError(f"no such states: {sorted(unknown)}")
+        while self._state not in states and not self._finished:
+            await self._changed.wait()
+        return self._state
+
+    # -- the loop --------------------------------------------------------------------
+
+    async def run(self) -> Outcome:
+        """Run to a final state and return the outcome; see the module docstring."""
+        if self._started:
+            raise RuntimeError("a Runner runs once; create a new one")
+        self._started = True
+        model = self.compiled.new_model()
+        try:
+            while not self.spec.is_final(model.state):
+                await self._step(model, self._states[model.state])
+            return Outcome(self._state, self._error, tuple(self._records))
+        finally:
+            self._finished = True
+            for send in self._subscribers:
+                send.close()
+            self._subscribers.clear()
+            self._changed.set()
+
+    async def _step(self, model: RunModel, state: State) -> None:
+        assert state.activity is not None
+        entered = self._entered_at = trio.current_time()
+        deadline = self.deadline_for(state.name)
+        cell = _Progress()
+        token = _progress.set(cell)
+        try:
+            with trio.CancelScope(
+                deadline=math.inf if deadline is None else entered + deadline
+            ) as scope:
+                event = await state.activity(self.context)
+        except BaseException as exc:
+            remainder = _without_cancellation(exc)
+            if remainder is None or not isinstance(remainder, Exception):
+                # Cancelled from outside (our own deadline is absorbed by the scope),
+                # or KeyboardInterrupt: record it, then let it propagate.
+                self._advance(model, CANCEL, entered, MachineCancelled(state.name))
+                raise
+            self._advance_error(model, state, entered, remainder)
+            return
+        finally:
+            _progress.reset(token)
+        if scope.cancelled_caught:
+            assert state.on_timeout is not None and deadline is not None
+            timeout = state.on_timeout(state=state.name, deadline_s=deadline, detail=cell.text)
+            self._advance(model, DEADLINE, entered, timeout)
+        elif not isinstance(event, str):
+            self._advance_unexpected(
+                model, state, entered,
+                TypeError(f"activity returned {event!r}, not an event name"),
+            )
+        else:
+            self._advance(model, event, entered, None)
+
+    def _advance_error(
+        self, model: RunModel, state: State, entered: float, exc: Exception
+    ) -> None:
+        leaf = _declared_leaf(self.spec, exc)
+        if leaf is None:
+            self._advance_unexpected(model, state, entered, exc)
+            return
+        bound = self.spec.error_state_for(type(leaf))
+        assert bound is not None
+        self._advance(model, self.spec.error_trigger(bound.error), entered, leaf)
+
+    def _advance_unexpected(
+        self, model: RunModel, state: State, entered: float, exc: BaseException
+    ) -> None:
+        self._advance(model, UNEXPECTED, entered, UnexpectedError(state.name, exc))
+
+    def _advance(
+        self, model: RunModel, trigger: str, entered: float, error: BaseException | None
+    ) -> None:
+        source = model.state
+        try:
+            dest = self.compiled.fire(model, trigger, self.context)
+        except IllegalTransition as illegal:
+            if error is not None:
+                illegal.add_note(f"while handling {type(error).__name__}: {error}")
+                illegal.__cause__ = error
+            trigger, error = UNEXPECTED, UnexpectedError(source, illegal)
+            dest = self.compiled.fire(model, trigger, self.context)
+        now = trio.current_time()
+        record = TraceRecord(
+            t=now,
+            source=source,
+            event=trigger,
+            dest=dest,
+            elapsed_ms=(now - entered) * 1000.0,
+            error=None if error is None else type(error).__name__,
+        )
+        self._state = dest
+        if error is not None:
+            self._error = error
+        self._records.append(record)
+        self._publish(record)
+
+    def _publish(self, record: TraceRecord) -> None:
+        for observer in self._observers:
+            try:
+                observer(record)
+            except Exception:  # noqa: BLE001 - logged with traceback below
+                # An observer is the app's progress display; its bug must not take the
+                # cluster down. It is logged with its traceback, not swallowed.
+                _log.exception("observer %r failed on %s", observer, record)
+        for hook in GLOBAL_OBSERVERS:
+            hook(self.spec.name, record)
+        for send in self._subscribers:
+            send.send_nowait(record)
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def _check_deadlines(self, deadlines: Mapping[str, float]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name, seconds in deadlines.items():
+            state = self._states.get(name)
+            if state is None or state.final:
+                raise ValueError(f"deadline for {name!r}: not a state with an activity "
+                                 f"(states: {', '.join(s.name for s in self.spec.states)})")
+            if not (seconds > 0 and math.isfinite(seconds)):
+                raise ValueError(f"deadline for {name!r} must be a positive number of "
+                                 f"seconds, got {seconds!r}")
+            if state.on_timeout is None:
+                raise ValueError(f"state {name!r} declares no timeout error; "
+                                 "it cannot take a deadline")
+            out[name] = float(seconds)
+        return out
+
+
+def _without_cancellation(exc: BaseException) -> BaseException | None:
+    """``exc`` minus any ``trio.Cancelled`` in it; None if it was only cancellation."""
+    if isinstance(exc, trio.Cancelled):
+        return None
+    if isinstance(exc, BaseExceptionGroup):
+        _, rest = exc.split(trio.Cancelled)
+        return rest
+    return exc
+
+
+def _leaves(exc: BaseException) -> Iterable[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc
+
+
+def _declared_leaf(spec: MachineSpec, exc: BaseException) -> BaseException | None:
+    """The first exception in ``exc`` (a group is searched) bound to an error state."""
+    for leaf in _leaves(exc):
+        if spec.error_state_for(type(leaf)) is not None:
+            return leaf
+    return None
+
+
+async def run_machine(
+    spec: MachineSpec,
+    context: Any,
+    *,
+    deadlines: Mapping[str, float] | None = None,
+    observers: Iterable[Observer] = (),
+) -> Outcome:
+    """Convenience: build a :class:`Runner` and run it to the end."""
+    return await Runner(spec, context, deadlines=deadlines, observers=observers).run()

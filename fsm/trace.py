@@ -1,0 +1,170 @@
+"""The trace: one record per transition, JSON lines on disk, latency decomposition.
+
+The trace is what an operator reads after a run and what a reviewer overlays on the
+diagram, so it is deliberately boring: one flat record per transition, written and
+flushed as it happens (a process killed mid-run leaves every line up to the kill), and
+one final line with the state the run ended in and the error type, if any.
+
+File format (one JSON object per line)::
+
+    {"t": 12.3456, "source": "idle", "event": "start", "dest": "discovering", "elapsed_ms": 0.01}
+    ...
+    {"state": "ready"}                                  # or
+    {"state": "handshake_rejected", "error": "HandshakeRejected", "message": "..."}
+
+``t`` is the trio clock (monotonic, seconds) at the transition; ``elapsed_ms`` is the
+time spent in ``source``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import attrs
+
+
+@attrs.frozen
+class TraceRecord:
+    """One transition: at ``t``, ``event`` moved the run from ``source`` to ``dest``."""
+
+    t: float
+    source: str
+    event: str
+    dest: str
+    elapsed_ms: float
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "t": round(self.t, 6),
+            "source": self.source,
+            "event": self.event,
+            "dest": self.dest,
+            "elapsed_ms": round(self.elapsed_ms, 3),
+        }
+        if self.error is not None:
+            out["error"] = self.error
+        return out
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> TraceRecord:
+        return cls(
+            t=float(obj["t"]),
+            source=str(obj["source"]),
+            event=str(obj["event"]),
+            dest=str(obj["dest"]),
+            elapsed_ms=float(obj["elapsed_ms"]),
+            error=None if obj.get("error") is None else str(obj["error"]),
+        )
+
+
+@attrs.frozen
+class TraceEnd:
+    """The final line of a trace: where the run ended and, on failure, why."""
+
+    state: str
+    error: str | None = None
+    message: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"state": self.state}
+        if self.error is not None:
+            out["error"] = self.error
+        if self.message is not None:
+            out["message"] = self.message
+        return out
+
+
+@attrs.frozen
+class Trace:
+    """A parsed trace file: its records and, if the run finished, its end line."""
+
+    records: tuple[TraceRecord, ...]
+    end: TraceEnd | None
+
+    @property
+    def path(self) -> list[str]:
+        """States visited, in order, including the last one."""
+        if not self.records:
+            return []
+        return [r.source for r in self.records] + [self.records[-1].dest]
+
+
+class TraceWriter:
+    """Appends records to a JSON-lines file, one flushed line each.
+
+    Use it as an observer (``writer.record``) and call :meth:`finish` at the end.
+    Opening the file is the caller's choice of mode; the default truncates.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, append: bool = False) -> None:
+        self.path = Path(path)
+        self._file: IO[str] | None = open(  # noqa: SIM115 - closed in finish()/close()
+            self.path, "a" if append else "w", encoding="utf-8"
+        )
+
+    def record(self, rec: TraceRecord) -> None:
+        self._write(rec.to_json())
+
+    def finish(self, end: TraceEnd) -> None:
+        self._write(end.to_json())
+        self.close()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def _write(self, obj: dict[str, Any]) -> None:
+        if self._file is None:
+            raise ValueError(f"trace {self.path} is already closed")
+        self._file.write(json.dumps(obj, separators=(",", ":")) + "\n")
+        self._file.flush()
+
+
+def parse_trace(lines: Iterable[str]) -> Trace:
+    """Parse trace lines; raises ValueError naming the line on malformed input."""
+    records: list[TraceRecord] = []
+    end: TraceEnd | None = None
+    for lineno, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            obj = json.loads(line)
+            if not isinstance(obj, dict):
+                raise ValueError("not a JSON object")
+            if "source" in obj:
+                records.append(TraceRecord.from_json(obj))
+            else:
+                end = TraceEnd(
+                    state=str(obj["state"]),
+                    error=obj.get("error"),
+                    message=obj.get("message"),
+                )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"trace line {lineno} is malformed: {exc}") from exc
+    return Trace(tuple(records), end)
+
+
+def read_trace(path: str | os.PathLike[str]) -> Trace:
+    with open(path, encoding="utf-8") as f:
+        return parse_trace(f)
+
+
+def state_totals(records: Iterable[TraceRecord]) -> dict[str, float]:
+    """Milliseconds spent in each state, in order of first visit (latency decomposition)."""
+    totals: dict[str, float] = {}
+    for r in records:
+        totals[r.source] = totals.get(r.source, 0.0) + r.elapsed_ms
+    return totals
+
+
+def format_decomposition(records: Iterable[TraceRecord]) -> Iterator[str]:
+    """Human-readable lines: state, time spent, event that left it."""
+    for r in records:
+        yield f"  {r.source:<24} {r.elapsed_ms:>10.2f} ms  --{r.event}--> {r.dest}"
