@@ -1,0 +1,5 @@
+"""clusterfsm's cluster bootstrap: a declared machine (``states.machine``) that takes N
+ranks from discovery to a ready MLX distributed group, and the parts it runs on.
+
+The embedding API is :func:`states.api.bootstrap_cluster`.
+"""

@@ -1,0 +1,500 @@
+"""Sans-IO mutual HMAC-SHA256 handshake between the coordinator (rank 0) and a joiner.
+
+Theory of operation
+-------------------
+Every rank holds the same pre-shared cluster key. The key never crosses the wire; each
+side proves it holds it by a MAC over a *transcript* that includes both sides' fresh
+nonces, so a proof is only good for this one connection::
+
+    joiner                                              coordinator (rank 0)
+      Hello(version, node_id_j, rank, world_size, nonce_j, software)  ->
+                                                        checks version, world size, rank,
+                                                        duplicate rank / node id
+      <-  Challenge(version, node_id_c, world_size, nonce_c, mac_c)
+    verifies mac_c (coordinator knows the key)
+      Auth(mac_j, data_port)  ->
+                                                        verifies mac_j (joiner knows the key)
+      <-  Welcome(session_id)
+
+A refusal on either side is a ``Reject(reason, detail)`` frame, then the link closes.
+
+The transcripts (see :func:`transcript` and ``docs/protocol.md``) are the domain label
+``clusterfsm/v1/coordinator`` or ``clusterfsm/v1/joiner`` followed by fixed-size fields,
+so the encoding is unambiguous and a MAC made for one direction is never valid for the
+other (no reflection). The joiner's MAC also covers its ``data_port``.
+
+Like h11, these objects do no I/O: the link code calls :meth:`receive` with each
+decoded message and sends what it returns.
+
+Failure contract (both roles): :meth:`receive` raises
+:class:`~states.errors.HandshakeRejected` (``remote=True`` when the peer sent us a
+Reject, ``remote=False`` when we refused) or :class:`~states.errors.FrameError`
+(``UNEXPECTED``: a message that is not allowed at this step). When we refused, the
+``Reject`` to send before closing is in :attr:`outbox_on_failure`; it is empty in every
+other case. So the caller's pattern is::
+
+    try:
+        to_send = hs.receive(msg)
+    except (HandshakeRejected, FrameError):
+        for m in hs.outbox_on_failure:
+            await link.send(m)
+        raise
+
+After a failure the object is poisoned: every later :meth:`receive` raises the same
+error again.
+
+What this guarantees: both ends held the key during this connection, and the Hello and
+Challenge fields (versions, node ids, rank, world size, nonces, and the joiner's data
+port) are the ones both ends saw. What it does not: confidentiality, or the integrity
+of any later frame (the Welcome included) - the link is not encrypted or MAC'd after
+the handshake.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import secrets
+from collections.abc import Container
+from typing import Final, NoReturn
+
+from states.codec import Auth, Challenge, Hello, Message, Reject, Welcome
+from states.errors import FrameError, FrameErrorKind, HandshakeRejected, RejectReason
+
+__all__ = [
+    "COORDINATOR_LABEL",
+    "JOINER_LABEL",
+    "MIN_KEY_BYTES",
+    "PROTOCOL_VERSION",
+    "CoordinatorHandshake",
+    "JoinerHandshake",
+    "transcript",
+]
+
+#: The clusterfsm protocol version exchanged in Hello/Challenge (not the framing version).
+PROTOCOL_VERSION: Final = 1
+COORDINATOR_LABEL: Final = b"clusterfsm/v1/coordinator"
+JOINER_LABEL: Final = b"clusterfsm/v1/joiner"
+#: A shorter key is a configuration mistake (a truncated key file), not a key.
+MIN_KEY_BYTES: Final = 16
+SOFTWARE: Final = "clusterfsm/0.1"
+
+
+def transcript(
+    label: bytes,
+    *,
+    joiner_nonce: bytes,
+    coordinator_nonce: bytes,
+    joiner_node_id: bytes,
+    coordinator_node_id: bytes,
+    rank: int,
+    world_size: int,
+    protocol_version: int,
+    data_port: int | None = None,
+) -> bytes:
+    """The byte string a side MACs: label, then fixed-size fields (layout in protocol.md).
+
+    Every field has a fixed width and the two labels are prefix-free, so two different
+    inputs can never produce the same transcript.
+    """
+    for name, value in (
+        ("joiner_nonce", joiner_nonce),
+        ("coordinator_nonce", coordinator_nonce),
+        ("joiner_node_id", joiner_node_id),
+        ("coordinator_node_id", coordinator_node_id),
+    ):
+        if len(value) != 16:
+            raise ValueError(f"{name} must be 16 bytes")
+    parts = [
+        label,
+        joiner_nonce,
+        coordinator_nonce,
+        joiner_node_id,
+        coordinator_node_id,
+        rank.to_bytes(1, "big"),
+        world_size.to_bytes(1, "big"),
+        protocol_version.to_bytes(2, "big"),
+    ]
+    if data_port is not None:
+        parts.append(data_port.to_bytes(2, "big"))
+    return b"".join(parts)
+
+
+def _mac(key: bytes, data: bytes) -> bytes:
+    return hmac.new(key, data, hashlib.sha256).digest()
+
+
+def _check_init(key: bytes, node_id: bytes, world_size: int, nonce: bytes | None) -> bytes:
+    """Validate the local configuration (ValueError: our bug, not the peer's)."""
+    if not isinstance(key, bytes) or len(key) < MIN_KEY_BYTES:
+        raise ValueError(f"the cluster key must be at least {MIN_KEY_BYTES} bytes")
+    if len(node_id) != 16:
+        raise ValueError("node_id must be 16 bytes")
+    if not 1 <= world_size <= 255:
+        raise ValueError(f"world_size {world_size} outside 1..255")
+    if nonce is None:
+        return secrets.token_bytes(16)
+    if len(nonce) != 16:
+        raise ValueError("nonce must be 16 bytes")
+    return nonce
+
+
+class _Step(enum.Enum):
+    START = "start"
+    SENT_HELLO = "sent_hello"
+    AWAIT_HELLO = "await_hello"
+    AWAIT_AUTH = "await_auth"
+    SENT_AUTH = "sent_auth"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class _Handshake:
+    """What both roles share: the step, the poison, and the failure outbox."""
+
+    __slots__ = ("_error", "_key", "_node_id", "_step", "outbox_on_failure", "peer")
+
+    _ROLE = ""
+
+    def __init__(self, key: bytes, node_id: bytes, peer: str) -> None:
+        self._key = key
+        self._node_id = node_id
+        self.peer = peer
+        self._step = _Step.START
+        self._error: HandshakeRejected | FrameError | None = None
+        #: The messages to send before closing after a local refusal (else empty).
+        self.outbox_on_failure: tuple[Message, ...] = ()
+
+    @property
+    def done(self) -> bool:
+        """The handshake succeeded."""
+        return self._step is _Step.DONE
+
+    @property
+    def failed(self) -> bool:
+        """The handshake failed; :attr:`error` says why."""
+        return self._step is _Step.FAILED
+
+    @property
+    def error(self) -> HandshakeRejected | FrameError | None:
+        return self._error
+
+    def _require_done(self, what: str) -> None:
+        if self._step is not _Step.DONE:
+            raise RuntimeError(f"{what} is only known once the handshake is done")
+
+    def _guard(self, msg: Message) -> None:
+        """Common entry checks: poison, completion, and a peer's Reject."""
+        if self._error is not None:
+            raise self._error
+        if self._step is _Step.DONE:
+            # A completed handshake stays completed; the stray message is the caller's
+            # (or the peer's) problem, reported without poisoning the result.
+            raise self._unexpected(msg)
+        if isinstance(msg, Reject):
+            self._fail(
+                HandshakeRejected(msg.reason, msg.detail or "refused by peer", self.peer, True)
+            )
+
+    def _unexpected(self, msg: Message) -> FrameError:
+        return FrameError(
+            FrameErrorKind.UNEXPECTED,
+            f"{type(msg).__name__} during {self._ROLE} handshake step {self._step.value}",
+            self.peer,
+        )
+
+    def _fail(self, exc: HandshakeRejected | FrameError) -> NoReturn:
+        self._step = _Step.FAILED
+        self._error = exc
+        raise exc
+
+    def _refuse(self, reason: RejectReason, detail: str) -> NoReturn:
+        """Local refusal: queue the Reject for the caller, then raise."""
+        self.outbox_on_failure = (Reject(reason, detail),)
+        self._fail(HandshakeRejected(reason, detail, self.peer, False))
+
+
+class JoinerHandshake(_Handshake):
+    """The joiner's side (rank k > 0, dials rank 0): :meth:`start`, then :meth:`receive`."""
+
+    __slots__ = (
+        "_data_port",
+        "_nonce",
+        "_peer_node_id",
+        "_protocol_version",
+        "_rank",
+        "_session_id",
+        "_software",
+        "_world_size",
+    )
+    _ROLE = "joiner"
+
+    def __init__(
+        self,
+        key: bytes,
+        node_id: bytes,
+        rank: int,
+        world_size: int,
+        data_port: int,
+        *,
+        protocol_version: int = PROTOCOL_VERSION,
+        nonce: bytes | None = None,
+        software: str = SOFTWARE,
+        peer: str = "",
+    ) -> None:
+        super().__init__(key, node_id, peer)
+        self._nonce = _check_init(key, node_id, world_size, nonce)
+        if not 1 <= rank < world_size:
+            raise ValueError(f"a joiner's rank must be in 1..{world_size - 1}, got {rank}")
+        if not 0 <= data_port <= 0xFFFF:
+            raise ValueError(f"data_port {data_port} outside 0..65535")
+        self._rank = rank
+        self._world_size = world_size
+        self._data_port = data_port
+        self._protocol_version = protocol_version
+        self._software = software
+        self._session_id: bytes | None = None
+        self._peer_node_id: bytes | None = None
+
+    def start(self) -> Hello:
+        """The Hello to send first."""
+        if self._step is not _Step.START:
+            raise RuntimeError("start() may be called once")
+        hello = Hello(
+            self._protocol_version,
+            self._node_id,
+            self._rank,
+            self._world_size,
+            self._nonce,
+            self._software,
+        )
+        self._step = _Step.SENT_HELLO
+        return hello
+
+    def receive(self, msg: Message) -> list[Message]:
+        """Handle one message from the coordinator; return what to send back."""
+        if self._step is _Step.START:
+            raise RuntimeError("call start() and send the Hello first")
+        self._guard(msg)
+        if self._step is _Step.SENT_HELLO and isinstance(msg, Challenge):
+            return [self._on_challenge(msg)]
+        if self._step is _Step.SENT_AUTH and isinstance(msg, Welcome):
+            self._session_id = msg.session_id
+            self._step = _Step.DONE
+            return []
+        self._fail(self._unexpected(msg))
+
+    def _on_challenge(self, ch: Challenge) -> Auth:
+        # Mismatches are named before the MAC is checked: with a different version or
+        # world size the MAC could not match anyway, and "bad key" would mislead.
+        if ch.protocol_version != self._protocol_version:
+            self._refuse(
+                RejectReason.VERSION_MISMATCH,
+                f"coordinator speaks {ch.protocol_version}, we speak {self._protocol_version}",
+            )
+        if ch.world_size != self._world_size:
+            self._refuse(
+                RejectReason.WORLD_SIZE_MISMATCH,
+                f"coordinator world size {ch.world_size}, ours {self._world_size}",
+            )
+        if ch.node_id == self._node_id:
+            self._refuse(
+                RejectReason.DUPLICATE_NODE_ID,
+                f"coordinator has our node id {self._node_id.hex()} (copied config?)",
+            )
+        expected = _mac(
+            self._key,
+            transcript(
+                COORDINATOR_LABEL,
+                joiner_nonce=self._nonce,
+                coordinator_nonce=ch.nonce,
+                joiner_node_id=self._node_id,
+                coordinator_node_id=ch.node_id,
+                rank=self._rank,
+                world_size=self._world_size,
+                protocol_version=self._protocol_version,
+            ),
+        )
+        if not hmac.compare_digest(expected, ch.mac):
+            self._refuse(RejectReason.BAD_KEY, "coordinator's MAC does not verify")
+        mac = _mac(
+            self._key,
+            transcript(
+                JOINER_LABEL,
+                joiner_nonce=self._nonce,
+                coordinator_nonce=ch.nonce,
+                joiner_node_id=self._node_id,
+                coordinator_node_id=ch.node_id,
+                rank=self._rank,
+                world_size=self._world_size,
+                protocol_version=self._protocol_version,
+                data_port=self._data_port,
+            ),
+        )
+        self._peer_node_id = ch.node_id
+        self._step = _Step.SENT_AUTH
+        return Auth(mac, self._data_port)
+
+    @property
+    def session_id(self) -> bytes:
+        """The session id from the Welcome (once done)."""
+        self._require_done("session_id")
+        assert self._session_id is not None
+        return self._session_id
+
+    @property
+    def peer_node_id(self) -> bytes:
+        """The coordinator's node id (once done)."""
+        self._require_done("peer_node_id")
+        assert self._peer_node_id is not None
+        return self._peer_node_id
+
+
+class CoordinatorHandshake(_Handshake):
+    """Rank 0's side of one joiner connection: feed it with :meth:`receive`.
+
+    ``taken_ranks`` and ``taken_node_ids`` are live containers the caller owns (for
+    example the sets of admitted peers); only ``in`` is used. They are consulted when
+    the Hello arrives and again when the Auth verifies, so two concurrent connections
+    claiming the same rank cannot both be admitted - provided the caller registers
+    :attr:`rank` and :attr:`peer_node_id` as soon as :attr:`done` turns true (before
+    handling the next message of any connection). The coordinator's own node id is
+    always taken.
+    """
+
+    __slots__ = (
+        "_data_port",
+        "_hello",
+        "_nonce",
+        "_protocol_version",
+        "_session_id",
+        "_taken_node_ids",
+        "_taken_ranks",
+        "_world_size",
+    )
+    _ROLE = "coordinator"
+
+    def __init__(
+        self,
+        key: bytes,
+        node_id: bytes,
+        world_size: int,
+        session_id: bytes,
+        taken_ranks: Container[int],
+        taken_node_ids: Container[bytes],
+        *,
+        protocol_version: int = PROTOCOL_VERSION,
+        nonce: bytes | None = None,
+        peer: str = "",
+    ) -> None:
+        super().__init__(key, node_id, peer)
+        self._nonce = _check_init(key, node_id, world_size, nonce)
+        if len(session_id) != 16:
+            raise ValueError("session_id must be 16 bytes")
+        self._world_size = world_size
+        self._session_id = session_id
+        self._taken_ranks = taken_ranks
+        self._taken_node_ids = taken_node_ids
+        self._protocol_version = protocol_version
+        self._hello: Hello | None = None
+        self._data_port: int | None = None
+        self._step = _Step.AWAIT_HELLO
+
+    def receive(self, msg: Message) -> list[Message]:
+        """Handle one message from the joiner; return what to send back."""
+        self._guard(msg)
+        if self._step is _Step.AWAIT_HELLO and isinstance(msg, Hello):
+            return [self._on_hello(msg)]
+        if self._step is _Step.AWAIT_AUTH and isinstance(msg, Auth):
+            return [self._on_auth(msg)]
+        self._fail(self._unexpected(msg))
+
+    def _check_admission(self, hello: Hello) -> None:
+        if hello.rank in self._taken_ranks:
+            self._refuse(RejectReason.DUPLICATE_RANK, f"rank {hello.rank} is already admitted")
+        if hello.node_id == self._node_id or hello.node_id in self._taken_node_ids:
+            self._refuse(
+                RejectReason.DUPLICATE_NODE_ID,
+                f"node id {hello.node_id.hex()} is already in the cluster (copied config?)",
+            )
+
+    def _on_hello(self, hello: Hello) -> Challenge:
+        if hello.protocol_version != self._protocol_version:
+            self._refuse(
+                RejectReason.VERSION_MISMATCH,
+                f"joiner speaks {hello.protocol_version}, we speak {self._protocol_version}",
+            )
+        if hello.world_size != self._world_size:
+            self._refuse(
+                RejectReason.WORLD_SIZE_MISMATCH,
+                f"joiner world size {hello.world_size}, ours {self._world_size}",
+            )
+        if not 1 <= hello.rank < self._world_size:
+            self._refuse(
+                RejectReason.BAD_RANK,
+                f"rank {hello.rank} is not a joiner rank (1..{self._world_size - 1})",
+            )
+        self._check_admission(hello)
+        self._hello = hello
+        self._step = _Step.AWAIT_AUTH
+        mac = _mac(self._key, self._transcript(COORDINATOR_LABEL, hello, None))
+        return Challenge(self._protocol_version, self._node_id, self._world_size, self._nonce, mac)
+
+    def _on_auth(self, auth: Auth) -> Welcome:
+        hello = self._hello
+        assert hello is not None
+        expected = _mac(self._key, self._transcript(JOINER_LABEL, hello, auth.data_port))
+        if not hmac.compare_digest(expected, auth.mac):
+            self._refuse(RejectReason.BAD_KEY, "joiner's MAC does not verify")
+        # Re-check: another connection may have been admitted with this rank meanwhile.
+        self._check_admission(hello)
+        self._data_port = auth.data_port
+        self._step = _Step.DONE
+        return Welcome(self._session_id)
+
+    def _transcript(self, label: bytes, hello: Hello, data_port: int | None) -> bytes:
+        return transcript(
+            label,
+            joiner_nonce=hello.nonce,
+            coordinator_nonce=self._nonce,
+            joiner_node_id=hello.node_id,
+            coordinator_node_id=self._node_id,
+            rank=hello.rank,
+            world_size=self._world_size,
+            protocol_version=self._protocol_version,
+            data_port=data_port,
+        )
+
+    @property
+    def rank(self) -> int:
+        """The admitted joiner's rank (once done)."""
+        self._require_done("rank")
+        assert self._hello is not None
+        return self._hello.rank
+
+    @property
+    def peer_node_id(self) -> bytes:
+        """The admitted joiner's node id (once done)."""
+        self._require_done("peer_node_id")
+        assert self._hello is not None
+        return self._hello.node_id
+
+    @property
+    def software(self) -> str:
+        """The joiner's software string (once done), for logs."""
+        self._require_done("software")
+        assert self._hello is not None
+        return self._hello.software
+
+    @property
+    def data_port(self) -> int:
+        """The joiner's data port, covered by its MAC (once done)."""
+        self._require_done("data_port")
+        assert self._data_port is not None
+        return self._data_port
+
+    @property
+    def session_id(self) -> bytes:
+        """The session id this coordinator hands out."""
+        return self._session_id

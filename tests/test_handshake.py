@@ -1,0 +1,495 @@
+"""Sans-IO handshake: success, every refusal on both sides, replay, reflection, fuzz."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from states.codec import (
+    Auth,
+    Challenge,
+    FrameDecoder,
+    Hello,
+    Message,
+    Ping,
+    Reject,
+    Welcome,
+    decode_message,
+    encode_message,
+)
+from states.errors import FrameError, FrameErrorKind, HandshakeRejected, RejectReason
+from states.handshake import (
+    COORDINATOR_LABEL,
+    JOINER_LABEL,
+    PROTOCOL_VERSION,
+    CoordinatorHandshake,
+    JoinerHandshake,
+    transcript,
+)
+
+KEY = bytes(range(32))
+OTHER_KEY = bytes(range(1, 33))
+J_ID = bytes(range(0x10, 0x20))
+C_ID = bytes(range(0x20, 0x30))
+J_NONCE = bytes(range(0x30, 0x40))
+C_NONCE = bytes(range(0x40, 0x50))
+SID = bytes.fromhex("5e551011000000000000000000000001")
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
+
+
+def joiner(**kw: object) -> JoinerHandshake:
+    args: dict[str, object] = {
+        "key": KEY,
+        "node_id": J_ID,
+        "rank": 1,
+        "world_size": 2,
+        "data_port": 6000,
+        "nonce": J_NONCE,
+        "peer": "rank0",
+    }
+    args.update(kw)
+    return JoinerHandshake(**args)  # type: ignore[arg-type]
+
+
+def coordinator(**kw: object) -> CoordinatorHandshake:
+    args: dict[str, object] = {
+        "key": KEY,
+        "node_id": C_ID,
+        "world_size": 2,
+        "session_id": SID,
+        "taken_ranks": set(),
+        "taken_node_ids": set(),
+        "nonce": C_NONCE,
+        "peer": "rank1",
+    }
+    args.update(kw)
+    return CoordinatorHandshake(**args)  # type: ignore[arg-type]
+
+
+def wire(msg: Message) -> Message:
+    """Round-trip through the codec, as the link would."""
+    [frame] = FrameDecoder().feed(encode_message(msg))
+    return decode_message(frame)
+
+
+def run(j: JoinerHandshake, c: CoordinatorHandshake) -> tuple[Challenge, Auth, Welcome]:
+    [ch] = c.receive(wire(j.start()))
+    [au] = j.receive(wire(ch))
+    [we] = c.receive(wire(au))
+    assert j.receive(wire(we)) == []
+    assert isinstance(ch, Challenge)
+    assert isinstance(au, Auth)
+    assert isinstance(we, Welcome)
+    return ch, au, we
+
+
+# --------------------------------------------------------------------------- success
+
+
+def test_successful_handshake() -> None:
+    j, c = joiner(), coordinator()
+    assert not j.done
+    assert not c.done
+    run(j, c)
+    assert j.done
+    assert c.done
+    assert j.session_id == SID
+    assert j.peer_node_id == C_ID
+    assert c.rank == 1
+    assert c.peer_node_id == J_ID
+    assert c.data_port == 6000
+    assert c.software == "clusterfsm/0.1"
+    assert j.outbox_on_failure == ()
+    assert c.outbox_on_failure == ()
+    assert j.error is None
+    assert c.error is None
+
+
+def test_default_nonces_are_random_and_the_handshake_still_works() -> None:
+    j1, j2 = joiner(nonce=None), joiner(nonce=None)
+    assert j1.start().nonce != j2.start().nonce
+    run(joiner(nonce=None), coordinator(nonce=None))
+
+
+def test_results_unavailable_before_done() -> None:
+    j, c = joiner(), coordinator()
+    for get in (lambda: j.session_id, lambda: j.peer_node_id, lambda: c.rank, lambda: c.data_port):
+        with pytest.raises(RuntimeError):
+            get()
+
+
+def test_macs_match_the_documented_transcripts_and_doc_vectors() -> None:
+    ch, au, we = run(joiner(), coordinator())
+    fields = {
+        "joiner_nonce": J_NONCE,
+        "coordinator_nonce": C_NONCE,
+        "joiner_node_id": J_ID,
+        "coordinator_node_id": C_ID,
+        "rank": 1,
+        "world_size": 2,
+        "protocol_version": 1,
+    }
+    t_c = transcript(COORDINATOR_LABEL, **fields)  # type: ignore[arg-type]
+    t_j = transcript(JOINER_LABEL, data_port=6000, **fields)  # type: ignore[arg-type]
+    assert t_c == COORDINATOR_LABEL + J_NONCE + C_NONCE + J_ID + C_ID + b"\x01\x02\x00\x01"
+    assert t_j == JOINER_LABEL + J_NONCE + C_NONCE + J_ID + C_ID + b"\x01\x02\x00\x01\x17\x70"
+    assert ch.mac == hmac.new(KEY, t_c, hashlib.sha256).digest()
+    assert au.mac == hmac.new(KEY, t_j, hashlib.sha256).digest()
+    # The same frames appear as test vectors in docs/protocol.md.
+    text = DOCS.read_text(encoding="utf-8")
+    for name, msg in (("challenge", ch), ("auth", au), ("welcome", we)):
+        m = re.search(rf"^```hex vector {name}\n(.*?)^```", text, re.M | re.S)
+        assert m is not None, name
+        assert bytes.fromhex("".join(m[1].split())) == encode_message(msg)
+
+
+def test_key_never_on_the_wire() -> None:
+    j, c = joiner(), coordinator()
+    ch, au, we = run(j, c)
+    blob = b"".join(encode_message(m) for m in (Hello(1, J_ID, 1, 2, J_NONCE), ch, au, we))
+    assert KEY not in blob
+
+
+# --------------------------------------------------------------------------- coordinator refusals
+
+
+@pytest.mark.parametrize(
+    ("hello_kw", "coord_kw", "reason"),
+    [
+        ({"protocol_version": PROTOCOL_VERSION + 1}, {}, RejectReason.VERSION_MISMATCH),
+        ({"world_size": 3}, {}, RejectReason.WORLD_SIZE_MISMATCH),
+        ({"rank": 0}, {}, RejectReason.BAD_RANK),
+        ({"rank": 2}, {}, RejectReason.BAD_RANK),
+        ({}, {"taken_ranks": {1}}, RejectReason.DUPLICATE_RANK),
+        ({"node_id": C_ID}, {}, RejectReason.DUPLICATE_NODE_ID),
+        ({}, {"taken_node_ids": {J_ID}}, RejectReason.DUPLICATE_NODE_ID),
+    ],
+)
+def test_coordinator_refuses_hello(
+    hello_kw: dict[str, object], coord_kw: dict[str, object], reason: RejectReason
+) -> None:
+    fields: dict[str, object] = {
+        "protocol_version": PROTOCOL_VERSION,
+        "node_id": J_ID,
+        "rank": 1,
+        "world_size": 2,
+        "nonce": J_NONCE,
+    }
+    fields.update(hello_kw)
+    c = coordinator(**coord_kw)
+    with pytest.raises(HandshakeRejected) as info:
+        c.receive(Hello(**fields))  # type: ignore[arg-type]
+    err = info.value
+    assert (err.reason, err.remote, err.peer) == (reason, False, "rank1")
+    [reject] = c.outbox_on_failure
+    assert isinstance(reject, Reject)
+    assert reject.reason is reason
+    assert reject.detail == err.detail
+    assert c.failed
+    # The joiner, receiving that Reject, fails with the same reason, remote.
+    j = joiner()
+    j.start()
+    with pytest.raises(HandshakeRejected) as remote:
+        j.receive(wire(reject))
+    assert (remote.value.reason, remote.value.remote) == (reason, True)
+    assert remote.value.detail == err.detail
+    assert j.outbox_on_failure == ()
+
+
+def test_coordinator_rechecks_rank_at_auth() -> None:
+    taken: set[int] = set()
+    c = coordinator(taken_ranks=taken)
+    j = joiner()
+    [ch] = c.receive(j.start())
+    [au] = j.receive(ch)
+    taken.add(1)  # another connection was admitted with rank 1 meanwhile
+    with pytest.raises(HandshakeRejected) as info:
+        c.receive(au)
+    assert info.value.reason is RejectReason.DUPLICATE_RANK
+    assert not info.value.remote
+
+
+# --------------------------------------------------------------------------- joiner refusals
+
+
+def _challenge(**kw: object) -> Challenge:
+    c = coordinator(**kw.pop("coord", {}))  # type: ignore[arg-type]
+    j = joiner(**kw)
+    [ch] = c.receive(j.start())
+    assert isinstance(ch, Challenge)
+    return ch
+
+
+@pytest.mark.parametrize(
+    ("challenge_change", "reason"),
+    [
+        ({"protocol_version": PROTOCOL_VERSION + 1}, RejectReason.VERSION_MISMATCH),
+        ({"world_size": 3}, RejectReason.WORLD_SIZE_MISMATCH),
+        ({"node_id": J_ID}, RejectReason.DUPLICATE_NODE_ID),
+        ({"mac": bytes(32)}, RejectReason.BAD_KEY),
+        ({"nonce": bytes(16)}, RejectReason.BAD_KEY),  # MAC no longer matches
+    ],
+)
+def test_joiner_refuses_challenge(challenge_change: dict[str, Any], reason: RejectReason) -> None:
+    import attrs
+
+    ch = attrs.evolve(_challenge(), **challenge_change)
+    j = joiner()
+    j.start()
+    with pytest.raises(HandshakeRejected) as info:
+        j.receive(ch)
+    err = info.value
+    assert (err.reason, err.remote, err.peer) == (reason, False, "rank0")
+    [reject] = j.outbox_on_failure
+    assert isinstance(reject, Reject)
+    assert reject.reason is reason
+    # And the coordinator, told so, fails with that reason, remote.
+    c = coordinator()
+    c.receive(Hello(1, J_ID, 1, 2, J_NONCE))
+    with pytest.raises(HandshakeRejected) as remote:
+        c.receive(wire(reject))
+    assert (remote.value.reason, remote.value.remote) == (reason, True)
+
+
+@pytest.mark.parametrize("reason", list(RejectReason))
+def test_every_reason_received_is_remote_on_both_sides(reason: RejectReason) -> None:
+    j = joiner()
+    j.start()
+    with pytest.raises(HandshakeRejected) as a:
+        j.receive(Reject(reason, "because"))
+    # attrs exceptions compare by identity: compare the fields.
+    assert (a.value.reason, a.value.detail, a.value.peer, a.value.remote) == (
+        reason,
+        "because",
+        "rank0",
+        True,
+    )
+    c = coordinator()
+    with pytest.raises(HandshakeRejected) as b:
+        c.receive(Reject(reason, ""))
+    assert (b.value.reason, b.value.remote, b.value.peer) == (reason, True, "rank1")
+    assert j.outbox_on_failure == c.outbox_on_failure == ()
+
+
+# --------------------------------------------------------------------- keys, replay, reflection
+
+
+def test_wrong_key_detected_by_joiner() -> None:
+    """Coordinator has a different key: the joiner refuses its Challenge before proving."""
+    j, c = joiner(), coordinator(key=OTHER_KEY)
+    [ch] = c.receive(j.start())
+    with pytest.raises(HandshakeRejected) as info:
+        j.receive(ch)
+    assert (info.value.reason, info.value.remote) == (RejectReason.BAD_KEY, False)
+    [reject] = j.outbox_on_failure
+    with pytest.raises(HandshakeRejected) as remote:
+        c.receive(reject)
+    assert (remote.value.reason, remote.value.remote) == (RejectReason.BAD_KEY, True)
+
+
+def test_wrong_key_detected_by_coordinator() -> None:
+    """A joiner that skips verification (an attacker) is caught by the Auth MAC."""
+    c = coordinator()
+    c.receive(Hello(1, J_ID, 1, 2, J_NONCE))
+    mac_with_wrong_key = hmac.new(
+        OTHER_KEY,
+        transcript(
+            JOINER_LABEL,
+            joiner_nonce=J_NONCE,
+            coordinator_nonce=C_NONCE,
+            joiner_node_id=J_ID,
+            coordinator_node_id=C_ID,
+            rank=1,
+            world_size=2,
+            protocol_version=1,
+            data_port=6000,
+        ),
+        hashlib.sha256,
+    ).digest()
+    with pytest.raises(HandshakeRejected) as info:
+        c.receive(Auth(mac_with_wrong_key, 6000))
+    assert (info.value.reason, info.value.remote) == (RejectReason.BAD_KEY, False)
+    assert c.outbox_on_failure == (Reject(RejectReason.BAD_KEY, info.value.detail),)
+    assert not c.done
+
+
+def test_data_port_is_bound_by_the_mac() -> None:
+    j, c = joiner(), coordinator()
+    [ch] = c.receive(j.start())
+    [au] = j.receive(ch)
+    assert isinstance(au, Auth)
+    with pytest.raises(HandshakeRejected) as info:
+        c.receive(Auth(au.mac, au.data_port + 1))
+    assert info.value.reason is RejectReason.BAD_KEY
+
+
+def test_replayed_auth_is_rejected() -> None:
+    """An Auth recorded from one handshake is useless against a fresh coordinator nonce."""
+    j1, c1 = joiner(), coordinator()
+    _, recorded_auth, _ = run(j1, c1)
+    c2 = coordinator(nonce=bytes(range(0x50, 0x60)))
+    c2.receive(Hello(1, J_ID, 1, 2, J_NONCE))  # the recorded Hello, replayed verbatim
+    with pytest.raises(HandshakeRejected) as info:
+        c2.receive(recorded_auth)
+    assert (info.value.reason, info.value.remote) == (RejectReason.BAD_KEY, False)
+
+
+def test_reflected_coordinator_mac_is_rejected() -> None:
+    """The coordinator's own MAC fed back as the joiner's proof must not verify."""
+    c = coordinator()
+    [ch] = c.receive(Hello(1, J_ID, 1, 2, J_NONCE))
+    assert isinstance(ch, Challenge)
+    for port in (0, 6000):
+        c2 = coordinator()
+        c2.receive(Hello(1, J_ID, 1, 2, J_NONCE))
+        with pytest.raises(HandshakeRejected) as info:
+            c2.receive(Auth(ch.mac, port))
+        assert info.value.reason is RejectReason.BAD_KEY
+
+
+def test_reflected_challenge_to_joiner_is_rejected() -> None:
+    """A fake coordinator that echoes the joiner's own identity and nonce gets nowhere."""
+    j = joiner()
+    hello = j.start()
+    with pytest.raises(HandshakeRejected):
+        j.receive(Challenge(1, bytes(16), 2, hello.nonce, bytes(32)))
+
+
+# --------------------------------------------------------------------------- wrong messages
+
+
+@pytest.mark.parametrize("msg", [Ping(1), Welcome(SID), Auth(bytes(32), 1)])
+def test_joiner_unexpected_message(msg: Message) -> None:
+    j = joiner()
+    j.start()
+    with pytest.raises(FrameError) as info:
+        j.receive(msg)
+    assert info.value.kind is FrameErrorKind.UNEXPECTED
+    assert info.value.peer == "rank0"
+    assert j.outbox_on_failure == ()
+    with pytest.raises(FrameError) as again:  # poisoned
+        j.receive(_challenge())
+    assert again.value is info.value
+
+
+def test_joiner_challenge_after_auth_is_unexpected() -> None:
+    j, c = joiner(), coordinator()
+    [ch] = c.receive(j.start())
+    j.receive(ch)
+    with pytest.raises(FrameError) as info:
+        j.receive(ch)
+    assert info.value.kind is FrameErrorKind.UNEXPECTED
+
+
+@pytest.mark.parametrize(
+    "msg", [Ping(1), Auth(bytes(32), 1), Challenge(1, C_ID, 2, C_NONCE, bytes(32))]
+)
+def test_coordinator_unexpected_first_message(msg: Message) -> None:
+    c = coordinator()
+    with pytest.raises(FrameError) as info:
+        c.receive(msg)
+    assert info.value.kind is FrameErrorKind.UNEXPECTED
+    assert c.failed
+
+
+def test_coordinator_second_hello_is_unexpected() -> None:
+    c = coordinator()
+    hello = Hello(1, J_ID, 1, 2, J_NONCE)
+    c.receive(hello)
+    with pytest.raises(FrameError) as info:
+        c.receive(hello)
+    assert info.value.kind is FrameErrorKind.UNEXPECTED
+
+
+def test_message_after_done_is_unexpected_but_keeps_the_result() -> None:
+    j, c = joiner(), coordinator()
+    run(j, c)
+    for hs in (j, c):
+        with pytest.raises(FrameError) as info:
+            hs.receive(Ping(1))
+        assert info.value.kind is FrameErrorKind.UNEXPECTED
+        assert hs.done
+    assert c.rank == 1
+
+
+def test_local_misuse_is_a_programming_error() -> None:
+    j = joiner()
+    with pytest.raises(RuntimeError):
+        j.receive(Ping(1))
+    j.start()
+    with pytest.raises(RuntimeError):
+        j.start()
+    for bad in (
+        {"key": b"short"},
+        {"rank": 0},
+        {"rank": 2},
+        {"node_id": b"x"},
+        {"nonce": b"x"},
+        {"data_port": 70000},
+    ):
+        with pytest.raises(ValueError):
+            joiner(**bad)
+    for bad in ({"session_id": b"x"}, {"world_size": 0}, {"key": b""}):
+        with pytest.raises(ValueError):
+            coordinator(**bad)
+
+
+# --------------------------------------------------------------------------- fuzzing
+
+ids16 = st.binary(min_size=16, max_size=16)
+small = st.integers(0, 3)
+any_message: st.SearchStrategy[Message] = st.one_of(
+    st.builds(
+        Hello,
+        st.sampled_from([0, 1, 2]),
+        st.sampled_from([J_ID, C_ID]) | ids16,
+        small,
+        st.integers(1, 3),
+        ids16,
+    ),
+    st.builds(
+        Challenge,
+        st.sampled_from([0, 1, 2]),
+        st.sampled_from([J_ID, C_ID]) | ids16,
+        st.integers(1, 3),
+        ids16,
+        st.binary(min_size=32, max_size=32),
+    ),
+    st.builds(Auth, st.binary(min_size=32, max_size=32), st.integers(0, 65535)),
+    st.builds(Welcome, ids16),
+    st.builds(Ping, st.integers(0, 10)),
+    st.builds(Reject, st.sampled_from(RejectReason)),
+    # Genuine messages, so sequences also reach the later steps.
+    st.sampled_from(run(joiner(), coordinator())),
+    st.just(Hello(1, J_ID, 1, 2, J_NONCE, "clusterfsm/0.1")),
+)
+
+
+@settings(
+    max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
+@given(st.lists(any_message, max_size=5), st.sampled_from(["joiner", "coordinator"]))
+def test_fuzz_random_sequences_raise_only_typed_errors(msgs: list[Message], role: str) -> None:
+    hs: JoinerHandshake | CoordinatorHandshake
+    if role == "joiner":
+        hs = joiner()
+        hs.start()
+    else:
+        hs = coordinator(taken_ranks={2}, taken_node_ids={bytes(16)})
+    for msg in msgs:
+        try:
+            out = hs.receive(msg)
+        except (HandshakeRejected, FrameError) as exc:
+            assert hs.failed or hs.done
+            assert hs.outbox_on_failure == () or isinstance(hs.outbox_on_failure[0], Reject)
+            if isinstance(exc, HandshakeRejected) and not exc.remote:
+                assert len(hs.outbox_on_failure) == 1
+            continue
+        assert all(isinstance(m, Challenge | Auth | Welcome) for m in out)
