@@ -1,0 +1,446 @@
+"""What each state of the bootstrap machine does, for both roles.
+
+Rank 0 is the *coordinator*: it listens, admits the other ranks, creates the session,
+decides the topology and releases everyone into group init. Every other rank is a
+*joiner*: it dials rank 0, proves the key, and follows. Each activity returns the
+trigger that leaves its state, or raises a typed error from :mod:`states.errors`; the
+machine (:mod:`states.machine`) decides what that means. Deadlines are the machine's
+job too: no activity here sleeps in a loop or waits without a bound of its own.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import TypeVar
+
+import trio
+
+from fsm import report_progress
+from states.codec import (
+    NO_SESSION,
+    Backend,
+    BootstrapAck,
+    GroupConfirm,
+    GroupConfirmed,
+    InitGo,
+    InitReady,
+    JacclBootstrapPayload,
+    Message,
+)
+from states.context import ClusterContext
+from states.errors import (
+    BootstrapRejected,
+    FrameError,
+    HandshakeRejected,
+    PeerAborted,
+    PeerDisconnected,
+    PeerLost,
+)
+from states.groupinit import InitPlan, TopologyDir, release_delay, resolve_backend
+from states.handshake import CoordinatorHandshake, JoinerHandshake
+from states.link import ControlLink, unexpected_message
+from states.transport import Conn, connection_refused
+
+#: A joiner retries a refused connect (rank 0 not listening yet) with this back-off.
+CONNECT_RETRY_FIRST = 0.01
+CONNECT_RETRY_MAX = 0.2
+#: Upper bound on one joiner connection's handshake at rank 0 (slow clients).
+PER_CONNECTION_HANDSHAKE = 5.0
+#: Handshakes rank 0 runs at once; further connections wait for a slot.
+MAX_PENDING_HANDSHAKES = 32
+
+
+# -- idle ---------------------------------------------------------------------------
+
+
+async def idle(ctx: ClusterContext) -> str:
+    """Start the init watchdog (its start-up overlaps the next states) and listen."""
+    ctx.nursery.start_soon(_start_watchdog, ctx)
+    ctx.initializer.prepare()
+    if ctx.config.is_coordinator and ctx.config.listen is not None:
+        ctx.listener = await ctx.exits.enter_async_context(
+            ctx.transport.listen(ctx.config.listen))
+    return "start"
+
+
+async def _start_watchdog(ctx: ClusterContext) -> None:
+    if not ctx.watchdog.started:
+        await ctx.watchdog.start()
+
+
+# -- discovering --------------------------------------------------------------------
+
+
+async def discovering(ctx: ClusterContext) -> str:
+    """Find the peers. Static discovery: rank 0 waits to be dialled, joiners have
+    ``peers``. (Interface beacons and rank election plug in here.)"""
+    await trio.lowlevel.checkpoint()
+    return "peers_found"
+
+
+# -- handshaking --------------------------------------------------------------------
+
+
+async def handshaking(ctx: ClusterContext) -> str:
+    if ctx.config.is_coordinator:
+        await _admit_joiners(ctx)
+    else:
+        await _join(ctx)
+    for link in ctx.links.values():
+        link.start(ctx.nursery, heartbeat_interval=ctx.config.heartbeat_interval)
+    return "authenticated"
+
+
+async def _join(ctx: ClusterContext) -> None:
+    conn = await _dial_coordinator(ctx)
+    link = ControlLink(conn, peer_rank=0)
+    ctx.links[0] = link
+    ctx.reservation = ctx.allocate_port(conn.local_host)
+    hs = JoinerHandshake(
+        ctx.config.key, ctx.config.node_id, ctx.rank, ctx.world_size,
+        ctx.reservation.port, peer=conn.remote,
+    )
+    report_progress(f"handshake with rank 0 at {conn.remote}")
+    await link.send(hs.start())
+    while not hs.done:
+        msg = await link.receive()
+        try:
+            replies = hs.receive(msg)
+        except (HandshakeRejected, FrameError):
+            for reply in hs.outbox_on_failure:
+                await link.send(reply)
+            await link.aclose()
+            raise
+        for reply in replies:
+            await link.send(reply)
+    ctx.session_id = hs.session_id
+    ctx.peer_node_ids[0] = hs.peer_node_id
+
+
+async def _dial_coordinator(ctx: ClusterContext) -> Conn:
+    """Dial the peers in order until one accepts; refused means "not up yet": retry."""
+    delay = CONNECT_RETRY_FIRST
+    attempt = 0
+    while True:
+        for address in ctx.config.peers:
+            attempt += 1
+            try:
+                return await ctx.transport.connect(address)
+            except OSError as exc:
+                if not connection_refused(exc):
+                    raise PeerDisconnected(str(address), "handshaking",
+                                           f"connect: {exc}") from exc
+                report_progress(f"rank 0 at {address} refused {attempt} connect attempt(s)")
+        await trio.sleep(delay)
+        delay = min(delay * 2, CONNECT_RETRY_MAX)
+
+
+async def _admit_joiners(ctx: ClusterContext) -> None:
+    """Accept connections until every rank 1..N-1 has proved the key.
+
+    A connection that fails its handshake (wrong key, version, duplicate rank,
+    garbage, silence) is refused and closed; the listener keeps serving, so a rogue
+    host cannot lock the legitimate peers out. Those refusals are remembered and
+    named in the timeout error if the legitimate peers never come.
+    """
+    assert ctx.listener is not None
+    ctx.session_id = secrets.token_bytes(16)
+    admitted: dict[int, ControlLink] = {}
+    taken_ranks: set[int] = set()
+    taken_nodes: set[bytes] = set()
+    everyone = trio.Event()
+    limiter = trio.CapacityLimiter(MAX_PENDING_HANDSHAKES)
+    needed = ctx.world_size - 1
+
+    def progress() -> None:
+        waiting = sorted(set(range(1, ctx.world_size)) - set(admitted))
+        text = f"admitted {len(admitted)} of {needed} ranks; waiting for ranks {waiting}"
+        if ctx.rejections:
+            last = ctx.rejections[-1]
+            text += f"; refused {len(ctx.rejections)} connection(s), last: {last}"
+        report_progress(text)
+
+    async def handshake_one(conn: Conn) -> None:
+        async with limiter:
+            link = ControlLink(conn)
+            assert ctx.session_id is not None
+            hs = CoordinatorHandshake(
+                ctx.config.key, ctx.config.node_id, ctx.world_size, ctx.session_id,
+                taken_ranks, taken_nodes, peer=conn.remote,
+            )
+            try:
+                with trio.fail_after(PER_CONNECTION_HANDSHAKE):
+                    while not hs.done:
+                        msg = await link.receive()
+                        try:
+                            replies = hs.receive(msg)
+                        except (HandshakeRejected, FrameError):
+                            for reply in hs.outbox_on_failure:
+                                await link.send(reply)
+                            raise
+                        if hs.done:
+                            taken_ranks.add(hs.rank)
+                            taken_nodes.add(hs.peer_node_id)
+                        for reply in replies:
+                            await link.send(reply)
+            except (HandshakeRejected, FrameError, PeerDisconnected, trio.TooSlowError) as exc:
+                refusal: BaseException = exc
+                if isinstance(exc, trio.TooSlowError):
+                    refusal = PeerDisconnected(conn.remote, "handshaking",
+                                               f"no handshake within {PER_CONNECTION_HANDSHAKE} s")
+                ctx.rejections.append(refusal)
+                progress()
+                await link.aclose()
+                return
+            link.peer_rank = hs.rank
+            admitted[hs.rank] = link
+            ctx.hosts[hs.rank] = conn.remote_host
+            ctx.data_ports[hs.rank] = hs.data_port
+            ctx.peer_node_ids[hs.rank] = hs.peer_node_id
+            if 0 not in ctx.hosts:
+                ctx.hosts[0] = conn.local_host
+            progress()
+            if len(admitted) == needed:
+                everyone.set()
+
+    progress()
+    async with trio.open_nursery() as nursery:
+        async def accept_loop() -> None:
+            assert ctx.listener is not None
+            while True:
+                conn = await ctx.listener.accept()
+                nursery.start_soon(handshake_one, conn)
+
+        nursery.start_soon(accept_loop)
+        await everyone.wait()
+        nursery.cancel_scope.cancel()
+    ctx.links.update(sorted(admitted.items()))
+    # The session is full: stop listening so no one else can even try.
+    listener, ctx.listener = ctx.listener, None
+    await listener.aclose()
+    ctx.reservation = ctx.allocate_port(ctx.hosts[0])
+    ctx.data_ports[0] = ctx.reservation.port
+
+
+# -- awaiting_session ---------------------------------------------------------------
+
+
+async def awaiting_session(ctx: ClusterContext) -> str:
+    """Wait (on events, no polling) until every link has answered a heartbeat."""
+    ctx.mark_links("awaiting_session")
+    for link in ctx.links.values():
+        await link.ping_now()
+    for rank, link in ctx.links.items():
+        report_progress(f"waiting for the first heartbeat answer of rank {rank}")
+        await _wait_or_fail(link, link.first_pong)
+    return "session_ready"
+
+
+async def _wait_or_fail(link: ControlLink, event: trio.Event) -> None:
+    """Wait for ``event``; raise the link's failure if the link fails first."""
+    if not event.is_set():
+        async with trio.open_nursery() as nursery:
+            async def on_event() -> None:
+                await event.wait()
+                nursery.cancel_scope.cancel()
+
+            async def on_failure() -> None:
+                await link.failed.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(on_event)
+            nursery.start_soon(on_failure)
+    if not event.is_set():
+        assert link.failure is not None
+        raise link.failure
+
+
+# -- exchanging_bootstrap -----------------------------------------------------------
+
+
+async def exchanging_bootstrap(ctx: ClusterContext) -> str:
+    ctx.mark_links("exchanging_bootstrap")
+    assert ctx.session_id is not None
+    if ctx.config.is_coordinator:
+        backend = resolve_backend(ctx.config.backend)
+        topology = tuple(
+            (f"{ctx.hosts[r]}:{ctx.data_ports[r]}",) for r in range(ctx.world_size)
+        )
+        payload = JacclBootstrapPayload(
+            coordinator_port=0, session_id=ctx.session_id,
+            backend=_wire_backend(backend), world_size=ctx.world_size, topology=topology,
+        )
+        for link in ctx.links.values():
+            await link.send(payload)
+        for rank, link in ctx.links.items():
+            report_progress(f"waiting for rank {rank} to acknowledge the bootstrap frame")
+            ack = await _expect(link, BootstrapAck, "exchanging_bootstrap")
+            if ack.session_id != ctx.session_id:
+                raise BootstrapRejected("acknowledgement carries another session id", link.peer)
+        ctx.plan = InitPlan(backend, 0, ctx.world_size, topology, ctx.session_id)
+    else:
+        link = ctx.links[0]
+        report_progress("waiting for rank 0's bootstrap frame (0x07)")
+        frame = await _expect(link, JacclBootstrapPayload, "exchanging_bootstrap")
+        if frame.session_id != ctx.session_id:
+            raise BootstrapRejected(
+                f"session id {frame.session_id.hex()} is not this session's", link.peer)
+        if frame.world_size != ctx.world_size:
+            raise BootstrapRejected(
+                f"world size {frame.world_size}, expected {ctx.world_size}", link.peer)
+        backend = "ring" if frame.backend.name == "RING" else "jaccl"
+        if backend == "ring":
+            mine = frame.topology[ctx.rank]
+            assert ctx.reservation is not None
+            if not any(str(e).endswith(f":{ctx.reservation.port}") for e in mine):
+                raise BootstrapRejected(
+                    f"topology gives rank {ctx.rank} {list(mine)}, not our port "
+                    f"{ctx.reservation.port}", link.peer)
+        await link.send(BootstrapAck(ctx.session_id))
+        ctx.plan = InitPlan(backend, ctx.rank, ctx.world_size, frame.topology, ctx.session_id)
+    return "bootstrap_agreed"
+
+
+def _wire_backend(backend: str) -> Backend:
+    return Backend.RING if backend == "ring" else Backend.JACCL
+
+
+M = TypeVar("M", bound=Message)
+
+
+async def _expect(link: ControlLink, kind: type[M], where: str) -> M:
+    msg = await link.next_message()
+    if not isinstance(msg, kind):
+        raise unexpected_message(msg, where, link.peer)
+    return msg
+
+
+# -- initializing_group -------------------------------------------------------------
+
+
+async def initializing_group(ctx: ClusterContext) -> str:
+    """Barrier, then ``mx.distributed.init`` under the hard deadline.
+
+    Nobody enters init (which freezes its process) until every rank said it is about
+    to; rank 0 then releases all ranks at once and the ring's last rank a few ms
+    later, so MLX's 1 s connect back-off never triggers.
+    """
+    ctx.mark_links("initializing_group")
+    plan = ctx.plan
+    assert plan is not None and ctx.session_id is not None
+    ctx.initializer.precheck(plan.backend)
+    ctx.files = TopologyDir()
+    if ctx.config.is_coordinator:
+        for rank, link in ctx.links.items():
+            report_progress(f"barrier: waiting for rank {rank} to be ready for init")
+            await _expect(link, InitReady, "initializing_group")
+        for rank, link in ctx.links.items():
+            delay = release_delay(plan.backend, rank, ctx.world_size, ctx.config.release_delay_s)
+            await link.send(InitGo(ctx.session_id, round(delay * 1000)))
+    else:
+        link = ctx.links[0]
+        await link.send(InitReady(ctx.session_id))
+        report_progress("barrier: waiting for rank 0's go")
+        go = await _expect(link, InitGo, "initializing_group")
+        if go.session_id != ctx.session_id:
+            raise BootstrapRejected("go signal for another session", link.peer)
+        if go.delay_ms:
+            await trio.sleep(go.delay_ms / 1000)
+    report_progress(f"in mx.distributed.init ({plan.backend}, rank {ctx.rank})")
+    await _arm_watchdog(ctx)
+    try:
+        ctx.group = await ctx.initializer.initialize(plan, ctx.files)
+    finally:
+        await ctx.watchdog.disarm()
+        ctx.release_port()
+    return "group_initialized"
+
+
+async def _arm_watchdog(ctx: ClusterContext) -> None:
+    seconds = ctx.config.init_hard_deadline
+    now = trio.current_time()
+    entered = ctx.state_entered_at.get("initializing_group", now)
+    message = (f"clusterfsm rank {ctx.rank}: state group_init_timeout, error GroupInitTimeout: "
+               f"mx.distributed.init did not return within {seconds:g} s "
+               "(hard deadline; the rank was killed)")
+    await ctx.watchdog.arm(
+        seconds,
+        message=message,
+        trace=ctx.trace_path,
+        record={"source": "initializing_group", "event": "deadline",
+                "dest": "group_init_timeout", "error": "GroupInitTimeout"},
+        end={"state": "group_init_timeout", "error": "GroupInitTimeout", "message": message},
+        t_armed=now,
+        elapsed_before_ms=(now - entered) * 1000,
+    )
+
+
+# -- confirming_group ---------------------------------------------------------------
+
+
+async def confirming_group(ctx: ClusterContext) -> str:
+    """No rank is ``ready`` while another failed: rank 0 collects every rank's OK."""
+    ctx.mark_links("confirming_group")
+    assert ctx.session_id is not None and ctx.group is not None
+    if ctx.config.is_coordinator:
+        for rank, link in ctx.links.items():
+            report_progress(f"waiting for rank {rank}'s group confirmation")
+            confirm = await _expect(link, GroupConfirm, "confirming_group")
+            if confirm.session_id != ctx.session_id:
+                raise BootstrapRejected("confirmation for another session", link.peer)
+            if not confirm.ok or confirm.size != ctx.world_size:
+                raise PeerAborted(rank, "GroupConfirm",
+                                  f"ok={confirm.ok} size={confirm.size}: {confirm.detail}")
+        for link in ctx.links.values():
+            await link.send(GroupConfirmed(ctx.session_id))
+    else:
+        link = ctx.links[0]
+        await link.send(GroupConfirm(ctx.session_id, True, ctx.group.size(), ""))
+        report_progress("waiting for rank 0's confirmation that every rank is up")
+        confirmed = await _expect(link, GroupConfirmed, "confirming_group")
+        if confirmed.session_id != ctx.session_id:
+            raise BootstrapRejected("group confirmation for another session", link.peer)
+    return "group_confirmed"
+
+
+# -- ready --------------------------------------------------------------------------
+
+
+async def ready(ctx: ClusterContext) -> str:
+    """Serve until the app closes the cluster; a silent or closed peer is ``PeerLost``."""
+    ctx.mark_links("ready")
+    lost_after = ctx.config.peer_lost_after
+    async with trio.open_nursery() as nursery:
+        for rank, link in ctx.links.items():
+            nursery.start_soon(_watch_peer, rank, link, lost_after)
+
+        await ctx.close_requested.wait()
+        nursery.cancel_scope.cancel()
+    return "close"
+
+
+async def _watch_peer(rank: int, link: ControlLink, lost_after: float) -> None:
+    while True:
+        with trio.move_on_at(link.last_heard + lost_after):
+            await link.failed.wait()
+            silence = trio.current_time() - link.last_heard
+            raise PeerLost(rank, silence, str(link.failure))
+        silence = trio.current_time() - link.last_heard
+        if silence >= lost_after:
+            raise PeerLost(rank, silence, f"no heartbeat for {silence:.3f} s")
+
+
+def abort_message_session(ctx: ClusterContext) -> bytes:
+    return ctx.session_id if ctx.session_id is not None else NO_SESSION
+
+
+__all__ = [
+    "awaiting_session",
+    "confirming_group",
+    "discovering",
+    "exchanging_bootstrap",
+    "handshaking",
+    "idle",
+    "initializing_group",
+    "ready",
+]

@@ -1,0 +1,195 @@
+"""The embedding API: ``async with bootstrap_cluster(config) as cluster: ...``.
+
+::
+
+    config = ClusterConfig(rank=0, world_size=2, listen=Address("10.0.0.1", 7700),
+                           key=load_key("cluster.key"))
+    async with bootstrap_cluster(config) as cluster:
+        group = cluster.group            # mlx.core.distributed.Group, size checked
+        ...                              # cluster.state == "ready"
+    # on failure: raises the typed error (HandshakeRejected, GroupInitTimeout, ...),
+    # with a note naming the error state; observers saw every transition.
+
+While the block runs, the machine stays in ``ready`` and watches the peers. If a peer
+is lost, ``cluster.state`` becomes ``peer_lost``, ``cluster.error`` is the
+:class:`~states.errors.PeerLost`, and ``await cluster.wait_lost()`` returns; leaving
+the block closes the links, reaps the watchdog and deletes the topology files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+
+import trio
+
+from fsm import Outcome, Runner, TraceRecord, TraceWriter
+from fsm.runner import Observer
+from states.codec import Abort
+from states.config import ClusterConfig
+from states.context import ClusterContext, PortAllocator, PortReservation
+from states.groupinit import Group, GroupInitializer
+from states.machine import BOOTSTRAP
+from states.transport import TcpTransport, Transport
+from states.watchdog import InitWatchdog, NoWatchdog
+
+#: How long a failing rank spends telling its peers (ABORT) before closing.
+ABORT_GRACE = 0.25
+
+
+class Cluster:
+    """A bootstrapped cluster, as seen by one rank."""
+
+    def __init__(self, ctx: ClusterContext, runner: Runner[ClusterContext]) -> None:
+        self._ctx = ctx
+        self._runner = runner
+
+    @property
+    def group(self) -> Group:
+        assert self._ctx.group is not None
+        return self._ctx.group
+
+    @property
+    def rank(self) -> int:
+        return self._ctx.rank
+
+    @property
+    def size(self) -> int:
+        return self._ctx.world_size
+
+    @property
+    def session_id(self) -> bytes:
+        assert self._ctx.session_id is not None
+        return self._ctx.session_id
+
+    @property
+    def state(self) -> str:
+        return self._runner.state
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._runner.error
+
+    @property
+    def trace(self) -> tuple[TraceRecord, ...]:
+        return self._runner.records
+
+    async def wait_lost(self) -> BaseException | None:
+        """Wait until the cluster leaves ``ready`` (peer lost, or closed)."""
+        await self._runner.wait_for("closed", "peer_lost")
+        return self._runner.error
+
+
+@asynccontextmanager
+async def bootstrap_cluster(
+    config: ClusterConfig,
+    *,
+    transport: Transport | None = None,
+    initializer: GroupInitializer | None = None,
+    watchdog: InitWatchdog | NoWatchdog | None = None,
+    allocate_port: PortAllocator = PortReservation,
+    observers: Iterable[Observer] = (),
+    trace_path: str | None = None,
+) -> AsyncIterator[Cluster]:
+    """Run the bootstrap machine for one rank; yield the cluster once it is ready.
+
+    Everything it starts (links, heartbeats, the watchdog process) lives in a nursery
+    inside this context manager and is gone when it exits, on success, failure or
+    cancellation.
+    """
+    writer = TraceWriter(trace_path) if trace_path else None
+    failure: BaseException | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            ctx = ClusterContext(
+                config=config,
+                transport=transport or TcpTransport(),
+                initializer=initializer or GroupInitializer(),
+                nursery=nursery,
+                watchdog=watchdog if watchdog is not None else InitWatchdog(),
+                allocate_port=allocate_port,
+                trace_path=trace_path,
+            )
+
+            def note_entry(record: TraceRecord) -> None:
+                ctx.state_entered_at[record.dest] = record.t
+
+            all_observers = [note_entry, *([writer.record] if writer else []), *observers]
+            runner: Runner[ClusterContext] = Runner(
+                BOOTSTRAP, ctx, deadlines=config.effective_deadlines(),
+                observers=all_observers)
+            ended = trio.Event()
+
+            async def run() -> None:
+                try:
+                    await runner.run()
+                finally:
+                    ended.set()
+
+            nursery.start_soon(run)
+            try:
+                state = await runner.wait_for("ready")
+                if state == "ready":
+                    yield Cluster(ctx, runner)
+                else:
+                    await ended.wait()
+                    failure = runner.error
+                    assert failure is not None
+                    failure.add_note(
+                        f"clusterfsm: rank {config.rank} ended in state {state!r}")
+            finally:
+                with trio.CancelScope(shield=True):
+                    ctx.close_requested.set()
+                    with trio.move_on_after(ABORT_GRACE + 1.0):
+                        await ended.wait()
+                    if runner.error is not None:
+                        await _tell_peers(ctx, runner)
+                    await _teardown(ctx)
+                    if writer is not None:
+                        writer.finish(
+                            Outcome(runner.state, runner.error, runner.records).end_record())
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # Our own tasks never raise; a group here carries the app's exception from
+        # the ``async with`` body (trio wraps it). Hand it back unwrapped.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
+    if failure is not None:
+        raise failure
+
+
+async def _tell_peers(ctx: ClusterContext, runner: Runner[ClusterContext]) -> None:
+    """Best effort: send ABORT to every live peer so it fails fast, not at a deadline."""
+    error = runner.error
+    assert error is not None
+    abort = Abort(
+        ctx.session_id or bytes(16),
+        runner.state[:64],
+        type(error).__name__[:64],
+        str(error)[:1000],
+    )
+    with trio.move_on_after(ABORT_GRACE):
+        for link in ctx.links.values():
+            if link.failure is None:
+                try:
+                    await link.send(abort)
+                except Exception:  # noqa: BLE001 - the peer is already gone: nothing to tell
+                    continue
+
+
+async def _teardown(ctx: ClusterContext) -> None:
+    for link in ctx.links.values():
+        await link.aclose()
+    if ctx.listener is not None:
+        await ctx.listener.aclose()
+        ctx.listener = None
+    await ctx.exits.aclose()
+    ctx.release_port()
+    await ctx.watchdog.aclose()
+    if ctx.files is not None:
+        ctx.files.close()
+        ctx.files = None
+
+
+__all__ = ["Cluster", "ClusterConfig", "bootstrap_cluster"]

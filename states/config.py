@@ -1,0 +1,137 @@
+"""What one rank needs to know to bootstrap: validated where it enters.
+
+:class:`ClusterConfig` is a frozen attrs value; every field is checked when it is
+built, so a bad rank, a missing peer or a short key fails at construction, with a
+message naming the field, not three states later as a timeout.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+from collections.abc import Mapping
+from typing import Literal
+
+import attrs
+
+Backend = Literal["ring", "jaccl", "any"]
+BACKENDS: tuple[str, ...] = ("ring", "jaccl", "any")
+
+#: Default per-state deadlines in seconds (``--deadline STATE=SECONDS`` overrides).
+DEFAULT_DEADLINES: Mapping[str, float] = {
+    "idle": 5.0,
+    "discovering": 10.0,
+    "handshaking": 15.0,
+    "awaiting_session": 5.0,
+    "exchanging_bootstrap": 5.0,
+    "initializing_group": 40.0,
+    "confirming_group": 10.0,
+}
+
+
+@attrs.frozen
+class Address:
+    """A TCP endpoint, ``host:port``."""
+
+    host: str
+    port: int = attrs.field()
+
+    @port.validator
+    def _port(self, _attr: object, value: int) -> None:
+        if not 0 <= value <= 65535:
+            raise ValueError(f"port {value} is out of range 0-65535")
+
+    @classmethod
+    def parse(cls, text: str) -> Address:
+        """Parse ``HOST:PORT`` (``[v6]:PORT`` for IPv6); raises ValueError with the text."""
+        host, sep, port = text.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"expected HOST:PORT, got {text!r}")
+        host = host.strip("[]")
+        return cls(host, int(port))
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def _key(_inst: object, _attr: object, value: bytes) -> None:
+    if len(value) < 16:
+        raise ValueError("the cluster key must be at least 16 bytes (use `clusterfsm keygen`)")
+
+
+def _node_id(_inst: object, _attr: object, value: bytes) -> None:
+    if len(value) != 16:
+        raise ValueError(f"node_id must be 16 bytes, got {len(value)}")
+
+
+@attrs.frozen
+class ClusterConfig:
+    """One rank's configuration.
+
+    Rank 0 is the coordinator: it listens on ``listen`` and the other ranks dial one
+    of ``peers`` (static discovery). ``key`` is the pre-shared cluster key; it never
+    crosses the wire and is never printed (``repr`` hides it).
+    """
+
+    rank: int
+    world_size: int = attrs.field()
+    key: bytes = attrs.field(repr=False, validator=_key)
+    listen: Address | None = None
+    peers: tuple[Address, ...] = attrs.field(default=(), converter=tuple)
+    backend: Backend = attrs.field(default="ring")
+    node_id: bytes = attrs.field(factory=lambda: secrets.token_bytes(16), validator=_node_id)
+    deadlines: Mapping[str, float] = attrs.field(factory=dict)
+    heartbeat_interval: float = 0.1
+    #: After ``ready``, a peer silent for this long is lost (``peer_lost``).
+    peer_lost_after: float = 1.0
+    #: How long the ring's last rank waits after the go signal (see states.groupinit).
+    release_delay_s: float = 0.005
+    #: Hard deadline on ``mx.distributed.init`` itself, enforced outside the GIL.
+    init_hard_deadline: float = 30.0
+    #: Do an ``all_sum`` over the group before reporting ready (``--verify``).
+    verify: bool = False
+
+    @world_size.validator
+    def _world(self, _attr: object, value: int) -> None:
+        if not 1 <= value <= 255:
+            raise ValueError(f"world_size must be 1..255, got {value}")
+        if not 0 <= self.rank < value:
+            raise ValueError(f"rank must be in 0..{value - 1}, got {self.rank}")
+
+    @backend.validator
+    def _backend(self, _attr: object, value: str) -> None:
+        if value not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {value!r}")
+        if value == "jaccl" and self.world_size > 8:
+            raise ValueError("jaccl supports at most 8 ranks (full mesh)")
+
+    def __attrs_post_init__(self) -> None:
+        if self.rank == 0 and self.world_size > 1 and self.listen is None:
+            raise ValueError("rank 0 is the coordinator and needs a listen address")
+        if self.rank > 0 and not self.peers:
+            raise ValueError(f"rank {self.rank} needs at least one peer (rank 0's address)")
+        for name, value in (("heartbeat_interval", self.heartbeat_interval),
+                            ("peer_lost_after", self.peer_lost_after),
+                            ("init_hard_deadline", self.init_hard_deadline)):
+            if not value > 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if not 0 <= self.release_delay_s < 1:
+            raise ValueError("release_delay_s must be in [0, 1) seconds")
+        if self.peer_lost_after <= 2 * self.heartbeat_interval:
+            raise ValueError("peer_lost_after must exceed two heartbeat intervals")
+
+    @property
+    def is_coordinator(self) -> bool:
+        return self.rank == 0
+
+    def effective_deadlines(self) -> dict[str, float]:
+        merged = dict(DEFAULT_DEADLINES)
+        merged.update(self.deadlines)
+        return merged
+
+
+def is_ipv4(host: str) -> bool:
+    try:
+        return isinstance(ipaddress.ip_address(host), ipaddress.IPv4Address)
+    except ValueError:
+        return False

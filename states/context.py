@@ -1,0 +1,109 @@
+"""The run's shared context: what the bootstrap activities learn and hand on.
+
+One :class:`ClusterContext` lives for one bootstrap run of one rank. Activities read
+the configuration and the injected parts (transport, group initializer, watchdog,
+port allocator) from it, and write what they learn (links, session id, plan, group).
+Background tasks (link readers, heartbeats) live in :attr:`nursery`, owned by
+:func:`states.api.bootstrap_cluster`, so they span states but never outlive the run.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from typing import Any
+
+import attrs
+import trio
+
+from states.config import ClusterConfig
+from states.groupinit import Group, GroupInitializer, InitPlan, TopologyDir
+from states.link import ControlLink
+from states.transport import Listener, Transport
+from states.watchdog import InitWatchdog, NoWatchdog
+
+
+class PortReservation:
+    """A data-plane port held for this session until the group is up.
+
+    The socket is bound (not listening) with ``SO_REUSEPORT``, as MLX's ring listener
+    is, so MLX can bind the same port while no other program can take it meanwhile.
+    """
+
+    def __init__(self, host: str) -> None:
+        self._sock: socket.socket | None = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if hasattr(socket, "SO_REUSEPORT"):
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        self._sock.bind((host, 0))
+        self.port: int = self._sock.getsockname()[1]
+
+    def release(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+class FakePortReservation:
+    """For in-memory tests: hands out distinct numbers, binds nothing."""
+
+    _next = 50000
+
+    def __init__(self, host: str) -> None:
+        FakePortReservation._next += 1
+        self.port = FakePortReservation._next
+
+    def release(self) -> None:
+        return None
+
+
+PortAllocator = Callable[[str], "PortReservation | FakePortReservation"]
+
+
+@attrs.define
+class ClusterContext:
+    """Everything one rank's bootstrap run shares between its states."""
+
+    config: ClusterConfig
+    transport: Transport
+    initializer: GroupInitializer
+    nursery: trio.Nursery
+    watchdog: InitWatchdog | NoWatchdog = attrs.field(factory=NoWatchdog)
+    allocate_port: PortAllocator = PortReservation
+    trace_path: str | None = None
+    exits: AsyncExitStack = attrs.field(factory=AsyncExitStack)
+
+    # learned along the way
+    listener: Listener | None = None
+    links: dict[int, ControlLink] = attrs.field(factory=dict)
+    session_id: bytes | None = None
+    hosts: dict[int, str] = attrs.field(factory=dict)
+    data_ports: dict[int, int] = attrs.field(factory=dict)
+    reservation: PortReservation | FakePortReservation | None = None
+    rejections: list[BaseException] = attrs.field(factory=list)
+    plan: InitPlan | None = None
+    files: TopologyDir | None = None
+    group: Group | None = None
+    peer_node_ids: dict[int, bytes] = attrs.field(factory=dict)
+    close_requested: trio.Event = attrs.field(factory=trio.Event)
+    state_entered_at: dict[str, float] = attrs.field(factory=dict)
+    extra: dict[str, Any] = attrs.field(factory=dict)
+
+    @property
+    def rank(self) -> int:
+        return self.config.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.config.world_size
+
+    def mark_links(self, state: str) -> None:
+        """Name the state link failures are reported in."""
+        for link in self.links.values():
+            link.state = state
+
+    def release_port(self) -> None:
+        if self.reservation is not None:
+            self.reservation.release()
+            self.reservation = None

@@ -1,0 +1,270 @@
+"""Group init: one path for every backend, with a small backend-specific part.
+
+What this module guarantees (DESIGN.md section 3):
+
+- **Checked before MLX can hang or crash**: a backend MLX lacks here (``jaccl`` on
+  Linux, or a macOS wheel without ``librdma``) is :class:`BackendUnavailable` naming
+  what is missing, raised before ``init`` is called.
+- **Environment set only around the call** and restored exactly (values that were
+  there come back; values that were not are removed); the ``JACCL_*`` twins, which
+  would win over our ``MLX_*`` values, are cleared for the call.
+- **Topology file private**: created exclusively (``O_EXCL``), mode 0600, in a fresh
+  0700 directory, removed with the directory when the cluster closes.
+- ``mx.distributed.init(strict=False, backend=<explicit>)`` runs in a worker thread;
+  a raised error is :class:`GroupInitFailed`, and a group whose size is not the world
+  size (MLX's silent size-1 answer to a bad config) is :class:`GroupSizeMismatch`.
+
+``init`` holds the GIL for its whole duration, so the trio loop of this process is
+frozen while it runs; the barrier that precedes it and the hard deadline that bounds
+it live in :mod:`states.activities` and :mod:`states.watchdog`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Protocol
+
+import attrs
+import trio
+
+from states.codec import Backend as WireBackend
+from states.codec import Topology
+from states.errors import BackendUnavailable, GroupInitFailed, GroupSizeMismatch
+
+#: Env names each backend reads, and the twins that override them.
+RING_VARS = ("MLX_RANK", "MLX_HOSTFILE")
+JACCL_VARS = ("MLX_RANK", "MLX_IBV_DEVICES", "MLX_JACCL_COORDINATOR", "MLX_JACCL_RING")
+JACCL_TWINS = ("JACCL_RANK", "JACCL_IBV_DEVICES", "JACCL_COORDINATOR", "JACCL_RING")
+
+
+class Group(Protocol):
+    """What we use of ``mlx.core.distributed.Group``."""
+
+    def rank(self) -> int: ...
+
+    def size(self) -> int: ...
+
+
+@attrs.frozen
+class InitPlan:
+    """Everything one rank needs to call init; identical topology on every rank."""
+
+    backend: str  # "ring" or "jaccl" (never "any": resolved before the plan is made)
+    rank: int
+    world_size: int
+    topology: Topology
+    session_id: bytes
+    coordinator: str | None = None
+
+    @property
+    def wire_backend(self) -> WireBackend:
+        return WireBackend.RING if self.backend == "ring" else WireBackend.JACCL
+
+
+# -- environment and files ----------------------------------------------------------
+
+
+@contextmanager
+def patched_env(values: Mapping[str, str], clear: tuple[str, ...] = ()) -> Iterator[None]:
+    """Set ``values`` and remove ``clear`` for the block; restore exactly afterwards."""
+    names = tuple(values) + tuple(n for n in clear if n not in values)
+    saved = {n: os.environ.get(n) for n in names}
+    try:
+        for n in clear:
+            os.environ.pop(n, None)
+        os.environ.update(values)
+        yield
+    finally:
+        for n, old in saved.items():
+            if old is None:
+                os.environ.pop(n, None)
+            else:
+                os.environ[n] = old
+
+
+class TopologyDir:
+    """A private directory (0700) for this session's topology files; removed on close."""
+
+    def __init__(self) -> None:
+        self.path = Path(tempfile.mkdtemp(prefix="clusterfsm-"))
+        os.chmod(self.path, 0o700)
+
+    def write(self, name: str, obj: Any) -> Path:
+        target = self.path / name
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f)
+        return target
+
+    def close(self) -> None:
+        """Remove the directory and everything in it (idempotent)."""
+        if self.path.exists():
+            shutil.rmtree(self.path)
+
+
+# -- backends -----------------------------------------------------------------------
+
+
+def _mlx_distributed() -> Any:
+    import mlx.core as mx
+
+    return mx.distributed
+
+
+def check_backend_available(backend: str) -> None:
+    """Raise :class:`BackendUnavailable` if MLX cannot run ``backend`` here."""
+    try:
+        dist = _mlx_distributed()
+    except ImportError as exc:
+        raise BackendUnavailable(backend, f"mlx cannot be imported: {exc}") from exc
+    if backend == "jaccl" and sys.platform != "darwin":
+        raise BackendUnavailable(
+            "jaccl",
+            f"jaccl needs macOS 26.2+ with Thunderbolt RDMA; this is {sys.platform}, "
+            "where MLX compiles jaccl out (use --backend ring)",
+        )
+    if not dist.is_available(backend):
+        missing = ("librdma.dylib (MLX's jaccl backend is only in macOS 26.2+ wheels)"
+                   if backend == "jaccl" else f"the {backend} backend in this MLX build")
+        raise BackendUnavailable(backend, missing)
+
+
+def resolve_backend(requested: str) -> str:
+    """``any`` becomes the best available backend; MLX never sees ``any``."""
+    if requested != "any":
+        return requested
+    try:
+        check_backend_available("jaccl")
+    except BackendUnavailable:
+        return "ring"
+    return "jaccl"
+
+
+def backend_env(plan: InitPlan, files: TopologyDir) -> tuple[dict[str, str], tuple[str, ...]]:
+    """The env vars to set and to clear for ``plan``; writes the topology file."""
+    if plan.backend == "ring":
+        hostfile = files.write(f"hostfile-{plan.session_id.hex()[:8]}.json",
+                               [list(entry) for entry in plan.topology])
+        return {"MLX_RANK": str(plan.rank), "MLX_HOSTFILE": str(hostfile)}, ()
+    if plan.backend == "jaccl":
+        devices = files.write(f"devices-{plan.session_id.hex()[:8]}.json",
+                              [list(row) for row in plan.topology])
+        env = {"MLX_RANK": str(plan.rank), "MLX_IBV_DEVICES": str(devices)}
+        if plan.coordinator:
+            env["MLX_JACCL_COORDINATOR"] = plan.coordinator
+        return env, (*JACCL_TWINS, "MLX_JACCL_RING")
+    raise BackendUnavailable(plan.backend, "unknown backend")
+
+
+def release_delay(backend: str, rank: int, world_size: int, base_delay: float) -> float:
+    """How long ``rank`` waits after the go signal before calling init.
+
+    ring: every rank but the last listens first; the last connects first. If its
+    connect reaches rank 0 before rank 0 listens, MLX sleeps 1 s (then 2, 4, ...), so
+    the last rank starts ``base_delay`` after the others.
+    """
+    if backend == "ring" and world_size > 1 and rank == world_size - 1:
+        return base_delay
+    return 0.0
+
+
+# -- the call -----------------------------------------------------------------------
+
+InitFn = Callable[[str], Group]
+BlockingRunner = Callable[[Callable[[], Group]], Any]
+
+
+def mlx_init(backend: str) -> Group:
+    group: Group = _mlx_distributed().init(strict=False, backend=backend)
+    return group
+
+
+async def _in_worker_thread(fn: Callable[[], Group]) -> Group:
+    return await trio.to_thread.run_sync(fn)
+
+
+class GroupInitializer:
+    """Runs ``init`` for a plan. Tests inject ``init_fn`` and ``run_blocking``.
+
+    The default calls the real ``mx.distributed.init`` in a trio worker thread.
+    Under a ``MockClock`` tests pass a direct call instead of a thread (virtual time
+    would otherwise jump while the thread runs).
+    """
+
+    def __init__(
+        self,
+        init_fn: InitFn = mlx_init,
+        run_blocking: Callable[[Callable[[], Group]], Any] = _in_worker_thread,
+        precheck: Callable[[str], None] = check_backend_available,
+        prepare: Callable[[], None] = lambda: None if _mlx_distributed() else None,
+    ) -> None:
+        self.init_fn = init_fn
+        self.run_blocking = run_blocking
+        self.precheck = precheck
+        self.prepare = prepare
+        """Called in ``idle``: imports MLX (~80 ms) long before the timed init."""
+
+    async def initialize(self, plan: InitPlan, files: TopologyDir) -> Group:
+        env, clear = backend_env(plan, files)
+        with patched_env(env, clear):
+            try:
+                group: Group = await self.run_blocking(lambda: self.init_fn(plan.backend))
+            except RuntimeError as exc:
+                raise GroupInitFailed(plan.backend, str(exc)) from exc
+        if group.size() != plan.world_size:
+            raise GroupSizeMismatch(plan.world_size, group.size())
+        return group
+
+
+@attrs.frozen
+class FakeGroup:
+    """A stand-in group for deterministic tests and the scale benchmark."""
+
+    _rank: int
+    _size: int
+
+    def rank(self) -> int:
+        return self._rank
+
+    def size(self) -> int:
+        return self._size
+
+
+def fake_initializer(
+    *,
+    size: int | None = None,
+    error: str | None = None,
+    unavailable: str | None = None,
+) -> GroupInitializer:
+    """A :class:`GroupInitializer` that takes the real path up to the MLX call.
+
+    It reads back the env the real call would see (``MLX_RANK``, the topology file)
+    and returns a :class:`FakeGroup`; ``error`` makes it raise like a failed init,
+    ``size`` overrides the group size, ``unavailable`` fails the backend check.
+    """
+
+    def init_fn(backend: str) -> Group:
+        if error is not None:
+            raise RuntimeError(error)
+        rank = int(os.environ["MLX_RANK"])
+        path = os.environ["MLX_HOSTFILE" if backend == "ring" else "MLX_IBV_DEVICES"]
+        with open(path) as f:
+            world = len(json.load(f))
+        return FakeGroup(rank, world if size is None else size)
+
+    async def direct(fn: Callable[[], Group]) -> Group:
+        await trio.lowlevel.checkpoint()
+        return fn()
+
+    def precheck(backend: str) -> None:
+        if unavailable is not None:
+            raise BackendUnavailable(backend, unavailable)
+
+    return GroupInitializer(init_fn, direct, precheck, prepare=lambda: None)

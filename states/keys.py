@@ -1,0 +1,66 @@
+"""The pre-shared cluster key: generated, stored 0600, checked on load, never printed."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import stat
+from pathlib import Path
+
+import attrs
+
+KEY_BYTES = 32
+
+
+@attrs.frozen(auto_exc=True)
+class KeyFileError(Exception):
+    """The key file is missing, unreadable, malformed or readable by others."""
+
+    path: str
+    problem: str
+
+    def __str__(self) -> str:
+        return f"key file {self.path}: {self.problem}"
+
+
+def generate_key() -> bytes:
+    return secrets.token_bytes(KEY_BYTES)
+
+
+def write_key(path: str | os.PathLike[str], key: bytes | None = None) -> Path:
+    """Create ``path`` exclusively, mode 0600, holding a new key as hex.
+
+    Refuses to overwrite an existing file: replacing a cluster key by accident
+    locks every other rank out.
+    """
+    key = generate_key() if key is None else key
+    target = Path(path)
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError as exc:
+        raise KeyFileError(str(target), "already exists; refusing to overwrite") from exc
+    except OSError as exc:
+        raise KeyFileError(str(target), exc.strerror or str(exc)) from exc
+    with os.fdopen(fd, "w") as f:
+        f.write(key.hex() + "\n")
+    return target
+
+
+def load_key(path: str | os.PathLike[str]) -> bytes:
+    """Read a key written by :func:`write_key`; refuse one others can read."""
+    target = Path(path)
+    try:
+        mode = target.stat().st_mode
+        text = target.read_text().strip()
+    except OSError as exc:
+        raise KeyFileError(str(target), exc.strerror or str(exc)) from exc
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise KeyFileError(str(target), f"mode {stat.S_IMODE(mode):o} lets others read it; "
+                                        "chmod 600 it")
+    try:
+        key = bytes.fromhex(text)
+    except ValueError as exc:
+        raise KeyFileError(str(target), "is not a hex key") from exc
+    if len(key) < 16:
+        raise KeyFileError(str(target), "key is shorter than 16 bytes")
+    return key

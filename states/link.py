@@ -1,0 +1,203 @@
+"""The control link: framed messages over one connection, heartbeats, typed failure.
+
+A link has two phases.
+
+1. **Handshake** (no background tasks): the state's activity calls :meth:`send` and
+   :meth:`receive` directly; every read is bounded by the caller's deadline.
+2. **Session** (after :meth:`start`): a reader task owns the stream's receive side. It
+   answers pings, records pongs (health), turns an ``ABORT`` frame into
+   :class:`~states.errors.PeerAborted`, and queues every other message in a small
+   bounded inbox that activities read with :meth:`next_message`. A heartbeat task
+   pings every ``interval``.
+
+Any failure (EOF, malformed frame, abort, broken stream, or a bug) is stored once as
+:attr:`failure`, the link is marked failed (:attr:`failed`, an event), and every later
+:meth:`next_message` raises it. The tasks themselves never raise into their nursery:
+the failure reaches the machine through the activity that is waiting on the link, so
+it lands in the right error state.
+"""
+
+from __future__ import annotations
+
+import math
+
+import trio
+
+from states.codec import (
+    Abort,
+    FrameDecoder,
+    Message,
+    Ping,
+    Pong,
+    decode_message,
+    encode_message,
+)
+from states.errors import FrameError, FrameErrorKind, PeerAborted, PeerDisconnected
+from states.transport import Conn
+
+_READ_CHUNK = 65536
+_INBOX = 32
+
+
+class ControlLink:
+    """One control connection to one peer (rank ``peer_rank`` once known)."""
+
+    def __init__(self, conn: Conn, *, peer_rank: int = -1) -> None:
+        self.conn = conn
+        self.peer_rank = peer_rank
+        self._decoder = FrameDecoder()
+        self._pending: list[Message] = []
+        self._send_lock = trio.StrictFIFOLock()
+        self._inbox_send, self._inbox = trio.open_memory_channel[Message](_INBOX)
+        self.failed = trio.Event()
+        self.failure: BaseException | None = None
+        self.first_pong = trio.Event()
+        self.last_heard = -math.inf
+        self.last_pong = -math.inf
+        self.pings_sent = 0
+        self._started = False
+        self._closed = False
+        self.state = "handshaking"  # which machine state a failure is reported in
+
+    @property
+    def peer(self) -> str:
+        return self.conn.remote
+
+    # -- sending ---------------------------------------------------------------------
+
+    async def send(self, msg: Message) -> None:
+        """Send one message; a broken stream becomes :class:`PeerDisconnected`."""
+        data = encode_message(msg)
+        async with self._send_lock:
+            try:
+                await self.conn.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                raise self._fail(PeerDisconnected(self.peer, self.state, f"send: {exc}")) from exc
+
+    # -- handshake phase -------------------------------------------------------------
+
+    async def receive(self) -> Message:
+        """Read the next message directly (handshake phase only)."""
+        if self._started:
+            raise RuntimeError("the reader task owns the stream; use next_message()")
+        while not self._pending:
+            data = await self._read()
+            try:
+                frames = self._decoder.feed(data)
+                self._pending.extend(decode_message(f) for f in frames)
+            except FrameError as exc:
+                raise self._fail(_with_peer(exc, self.peer)) from None
+        self.last_heard = trio.current_time()
+        return self._pending.pop(0)
+
+    async def _read(self) -> bytes:
+        try:
+            data = bytes(await self.conn.stream.receive_some(_READ_CHUNK))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise self._fail(PeerDisconnected(self.peer, self.state, str(exc))) from exc
+        if not data:
+            try:
+                self._decoder.close()
+            except FrameError as exc:
+                raise self._fail(_with_peer(exc, self.peer)) from None
+            raise self._fail(PeerDisconnected(self.peer, self.state, "EOF"))
+        return data
+
+    # -- session phase ---------------------------------------------------------------
+
+    def start(self, nursery: trio.Nursery, *, heartbeat_interval: float) -> None:
+        """Hand the stream to a reader task and start heartbeats (in ``nursery``)."""
+        if self._started:
+            raise RuntimeError("link already started")
+        self._started = True
+        nursery.start_soon(self._guarded, self._reader, name=f"link-reader[{self.peer}]")
+        nursery.start_soon(self._guarded, self._heartbeat, heartbeat_interval,
+                           name=f"link-heartbeat[{self.peer}]")
+
+    async def next_message(self) -> Message:
+        """The next queued message; raises the link's failure once it has failed."""
+        try:
+            return await self._inbox.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            assert self.failure is not None
+            raise self.failure from None
+
+    async def ping_now(self) -> None:
+        """Send a ping immediately (used to learn health without waiting a period)."""
+        self.pings_sent += 1
+        await self.send(Ping(self.pings_sent))
+
+    async def _guarded(self, task: object, *args: object) -> None:
+        try:
+            await task(*args)  # type: ignore[operator]
+        except (PeerDisconnected, PeerAborted, FrameError):
+            pass  # already recorded by _fail(); the waiting activity raises it
+        except Exception as exc:  # noqa: BLE001 - stored, re-raised by next_message()
+            self._fail(exc)
+
+    async def _reader(self) -> None:
+        # Messages that arrived in the same read as the handshake's last one.
+        pending, self._pending = self._pending, []
+        for msg in pending:
+            await self._dispatch(msg)
+        while True:
+            data = await self._read()
+            try:
+                frames = self._decoder.feed(data)
+            except FrameError as exc:
+                raise self._fail(_with_peer(exc, self.peer)) from None
+            for frame in frames:
+                try:
+                    msg = decode_message(frame)
+                except FrameError as exc:
+                    raise self._fail(_with_peer(exc, self.peer)) from None
+                await self._dispatch(msg)
+
+    async def _dispatch(self, msg: Message) -> None:
+        now = trio.current_time()
+        self.last_heard = now
+        if isinstance(msg, Ping):
+            await self.send(Pong(msg.seq))
+        elif isinstance(msg, Pong):
+            self.last_pong = now
+            self.first_pong.set()
+        elif isinstance(msg, Abort):
+            raise self._fail(PeerAborted(self.peer_rank, msg.error,
+                                         f"{msg.state}: {msg.detail}"))
+        else:
+            await self._inbox_send.send(msg)
+
+    async def _heartbeat(self, interval: float) -> None:
+        while True:
+            await self.ping_now()
+            await trio.sleep(interval)
+
+    # -- failure and close -----------------------------------------------------------
+
+    def _fail(self, exc: BaseException) -> BaseException:
+        """Record the first failure; return the failure to raise (the first one wins)."""
+        if self.failure is None:
+            self.failure = exc
+            self.failed.set()
+            self._inbox_send.close()
+        return self.failure
+
+    async def aclose(self) -> None:
+        """Close the stream (idempotent); pending sends fail, the reader sees EOF."""
+        if not self._closed:
+            self._closed = True
+            self._fail(PeerDisconnected(self.peer, self.state, "closed locally"))
+            with trio.move_on_after(0.5) as scope:
+                scope.shield = True
+                await self.conn.stream.aclose()
+
+
+def _with_peer(exc: FrameError, peer: str) -> FrameError:
+    if exc.peer:
+        return exc
+    return FrameError(exc.kind, exc.detail, peer)
+
+
+def unexpected_message(msg: Message, where: str, peer: str) -> FrameError:
+    """A well-formed message that is not allowed here (closes the link)."""
+    return FrameError(FrameErrorKind.UNEXPECTED, f"{type(msg).__name__} during {where}", peer)

@@ -1,0 +1,157 @@
+"""The cluster bootstrap machine: one declared table.
+
+Theory of operation
+-------------------
+Rule 1: everything that decides *which state comes next* lives in this file, in the
+table below. Activities (:mod:`states.activities`) only do the work of a state and
+return a trigger or raise a typed error; the table says where that leads. The runner
+(:mod:`fsm.runner`) compiles the table to a ``transitions.Machine`` and refuses any
+move the table does not allow, so the diagram (``diagrams/bootstrap.mmd``, drawn from
+this table) is exactly what can happen.
+
+Every rank runs this same machine::
+
+    idle -> discovering -> handshaking -> awaiting_session -> exchanging_bootstrap
+         -> initializing_group -> confirming_group -> ready -> closed
+
+Rank 0 is the coordinator (it listens, creates the session, decides the topology and
+releases the barrier); the others join it. Every state but ``ready`` has a deadline
+whose expiry has its own error type and error state; ``ready`` lasts until the app
+closes the cluster or a peer is lost. Every failure is a named error state carrying a
+frozen attrs error value; nothing ends in a silent size-1 group.
+"""
+
+from __future__ import annotations
+
+from fsm import ErrorState, MachineSpec, State, Transition, machine_spec
+from states import activities as act
+from states.config import DEFAULT_DEADLINES
+from states.errors import (
+    BackendUnavailable,
+    BootstrapRejected,
+    BootstrapTimeout,
+    ConfirmationTimeout,
+    DiscoveryTimeout,
+    FrameError,
+    GroupInitFailed,
+    GroupInitTimeout,
+    GroupSizeMismatch,
+    HandshakeRejected,
+    HandshakeTimeout,
+    PeerAborted,
+    PeerDisconnected,
+    PeerLost,
+    SessionUnavailable,
+)
+from states.transport import BindFailed
+
+D = DEFAULT_DEADLINES
+LINK_ERRORS = (FrameError, PeerDisconnected, PeerAborted)
+
+BOOTSTRAP: MachineSpec = machine_spec(
+    "bootstrap",
+    initial="idle",
+    doc="Brings N ranks from nothing to one ready MLX distributed group.",
+    states=[
+        State("idle", act.idle, deadline=D["idle"], on_timeout=DiscoveryTimeout,
+              raises=(BindFailed,),
+              doc="Start the init watchdog; rank 0 opens its control listener."),
+        State("discovering", act.discovering, deadline=D["discovering"],
+              on_timeout=DiscoveryTimeout,
+              doc="Find the peers (static list; interface beacons plug in here)."),
+        State("handshaking", act.handshaking, deadline=D["handshaking"],
+              on_timeout=HandshakeTimeout, raises=(HandshakeRejected, *LINK_ERRORS),
+              doc="Mutual HMAC handshake with every rank; rank 0 creates the session id."),
+        State("awaiting_session", act.awaiting_session, deadline=D["awaiting_session"],
+              on_timeout=SessionUnavailable, raises=LINK_ERRORS,
+              doc="Wait, on events, until every link answered a heartbeat."),
+        State("exchanging_bootstrap", act.exchanging_bootstrap,
+              deadline=D["exchanging_bootstrap"], on_timeout=BootstrapTimeout,
+              raises=(BootstrapRejected, *LINK_ERRORS),
+              doc="Rank 0 sends the 0x07 bootstrap frame; every rank acknowledges."),
+        State("initializing_group", act.initializing_group,
+              deadline=D["initializing_group"], on_timeout=GroupInitTimeout,
+              raises=(BackendUnavailable, GroupInitFailed, GroupSizeMismatch,
+                      BootstrapRejected, *LINK_ERRORS),
+              doc="Barrier, staggered release, mx.distributed.init under a hard deadline."),
+        State("confirming_group", act.confirming_group, deadline=D["confirming_group"],
+              on_timeout=ConfirmationTimeout, raises=(BootstrapRejected, *LINK_ERRORS),
+              doc="Every rank reports its group to rank 0, which confirms to all."),
+        State("ready", act.ready, steady=True, raises=(PeerLost,),
+              doc="The group is the app's; heartbeats watch the peers."),
+        State("closed", doc="The app closed the cluster."),
+    ],
+    transitions=[
+        Transition("idle", "start", "discovering"),
+        Transition("discovering", "peers_found", "handshaking"),
+        Transition("handshaking", "authenticated", "awaiting_session"),
+        Transition("awaiting_session", "session_ready", "exchanging_bootstrap"),
+        Transition("exchanging_bootstrap", "bootstrap_agreed", "initializing_group"),
+        Transition("initializing_group", "group_initialized", "confirming_group"),
+        Transition("confirming_group", "group_confirmed", "ready"),
+        Transition("ready", "close", "closed"),
+    ],
+    errors=[
+        ErrorState("listen_failed", BindFailed,
+                   doc="Rank 0 could not open its control port (in use, bad address).",
+                   remedy="Pick a free --listen port or stop the process holding it."),
+        ErrorState("discovery_timeout", DiscoveryTimeout,
+                   doc="No peers were found in time.",
+                   remedy="Check that the peers run and the addresses/interfaces are right."),
+        ErrorState("handshake_rejected", HandshakeRejected,
+                   doc="A handshake was refused: wrong key, version, world size or "
+                       "duplicate rank/node id (the reason says which, and who refused).",
+                   remedy="Give every rank the same key file, version and --world-size, "
+                          "and distinct ranks."),
+        ErrorState("handshake_timeout", HandshakeTimeout,
+                   doc="Not every rank completed the handshake in time; the detail lists "
+                       "who is missing and which connections were refused.",
+                   remedy="Start the missing ranks; check keys and firewalls."),
+        ErrorState("protocol_error", FrameError,
+                   doc="A peer sent bytes that are not a valid frame, or a message that "
+                       "is not allowed at that point.",
+                   remedy="Check that the peer is a clusterfsm rank of the same version."),
+        ErrorState("peer_disconnected", PeerDisconnected,
+                   doc="A peer's control link closed before the group was ready.",
+                   remedy="Look at that rank's log; restart the cluster."),
+        ErrorState("peer_aborted", PeerAborted,
+                   doc="A peer failed and said so (ABORT frame or failed confirmation).",
+                   remedy="The error named is the peer's; fix that rank."),
+        ErrorState("session_unavailable", SessionUnavailable,
+                   doc="No heartbeat answer from every peer before the deadline.",
+                   remedy="Check the network between the ranks."),
+        ErrorState("bootstrap_rejected", BootstrapRejected,
+                   doc="The bootstrap frame, its ack, the go signal or the confirmation "
+                       "belonged to another session or did not fit this rank.",
+                   remedy="A stale rank from an earlier session is around; restart it."),
+        ErrorState("bootstrap_timeout", BootstrapTimeout,
+                   doc="The bootstrap frame or an acknowledgement did not arrive in time.",
+                   remedy="Check the peer named in the detail."),
+        ErrorState("backend_unavailable", BackendUnavailable,
+                   doc="MLX cannot run the chosen backend here (e.g. jaccl on Linux or "
+                       "without RDMA); checked before init.",
+                   remedy="Use --backend ring, or enable RDMA (see docs/thunderbolt.md)."),
+        ErrorState("group_init_failed", GroupInitFailed,
+                   doc="mx.distributed.init raised (connection refused, RDMA error).",
+                   remedy="Read the cause; check the data-plane addresses and ports."),
+        ErrorState("group_size_mismatch", GroupSizeMismatch,
+                   doc="MLX returned a group of the wrong size (its silent size-1 answer "
+                       "to a bad configuration).",
+                   remedy="A bug or a broken MLX install; report it with the trace."),
+        ErrorState("group_init_timeout", GroupInitTimeout,
+                   doc="Group init did not finish in time: the barrier stalled, or "
+                       "mx.distributed.init hung (then the watchdog killed the rank and "
+                       "wrote this state into its trace).",
+                   remedy="A peer never called init; restart all ranks (a hung init "
+                          "needs a new process)."),
+        ErrorState("confirmation_timeout", ConfirmationTimeout,
+                   doc="Not every rank confirmed its group in time.",
+                   remedy="A rank failed or hung after init; check its trace."),
+        ErrorState("peer_lost", PeerLost,
+                   doc="After ready, a peer's heartbeats stopped or its link closed.",
+                   remedy="The group is unusable; restart the cluster (new session)."),
+    ],
+)
+
+#: Error state name for each error type, for generated docs and the CLI.
+ERROR_STATES = {e.name: e for e in BOOTSTRAP.errors}

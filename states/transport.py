@@ -1,0 +1,178 @@
+"""How ranks reach each other: TCP for real, an in-memory network for tests.
+
+Both give a :class:`Conn`: a trio stream plus the addresses the connection was made
+between. The addresses matter: the ring hostfile is built from what the handshake
+connections actually used (the peer's address as rank 0 saw it), never from
+configuration that may name a different interface.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import socket
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Protocol
+
+import attrs
+import trio
+import trio.testing
+
+from states.config import Address
+
+
+@attrs.frozen(auto_exc=True)
+class BindFailed(Exception):
+    """The control listener could not be opened (address in use, no such address)."""
+
+    address: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"cannot listen on {self.address}: {self.reason}"
+
+
+@attrs.frozen
+class Conn:
+    """An established connection: its stream and both ends' hosts."""
+
+    stream: trio.abc.Stream = attrs.field(eq=False)
+    local_host: str
+    remote: str  # "host:port" of the other end, for messages and the hostfile
+
+    @property
+    def remote_host(self) -> str:
+        return Address.parse(self.remote).host
+
+
+class Listener(Protocol):
+    address: Address
+
+    async def accept(self) -> Conn: ...
+
+    async def aclose(self) -> None: ...
+
+
+class Transport(Protocol):
+    """What the machine needs from the network."""
+
+    def listen(self, address: Address) -> AbstractAsyncContextManager[Listener]: ...
+
+    async def connect(self, address: Address) -> Conn: ...
+
+
+# -- TCP ----------------------------------------------------------------------------
+
+
+class TcpListener:
+    def __init__(self, listener: trio.SocketListener, address: Address) -> None:
+        self._listener = listener
+        self.address = address
+
+    async def accept(self) -> Conn:
+        stream = await self._listener.accept()
+        return _tcp_conn(stream)
+
+    async def aclose(self) -> None:
+        await self._listener.aclose()
+
+
+def _tcp_conn(stream: trio.SocketStream) -> Conn:
+    stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+    local = stream.socket.getsockname()
+    remote = stream.socket.getpeername()
+    return Conn(stream, str(local[0]), str(Address(str(remote[0]), int(remote[1]))))
+
+
+class TcpTransport:
+    """Real TCP. Connection attempts are bounded by the caller's cancel scope."""
+
+    @asynccontextmanager
+    async def listen(self, address: Address) -> AsyncIterator[TcpListener]:
+        try:
+            listeners = await trio.open_tcp_listeners(address.port, host=address.host)
+        except OSError as exc:
+            raise BindFailed(str(address), exc.strerror or str(exc)) from exc
+        listener = listeners[0]
+        for extra in listeners[1:]:
+            await extra.aclose()
+        sockname = listener.socket.getsockname()
+        bound = TcpListener(listener, Address(str(sockname[0]), int(sockname[1])))
+        try:
+            yield bound
+        finally:
+            await bound.aclose()
+
+    async def connect(self, address: Address) -> Conn:
+        stream = await trio.open_tcp_stream(address.host, address.port)
+        return _tcp_conn(stream)
+
+
+def connection_refused(exc: BaseException) -> bool:
+    """True for the errors that mean "nobody listens there yet" (worth retrying)."""
+    return isinstance(exc, OSError) and (
+        exc.errno in (errno.ECONNREFUSED, errno.ECONNRESET, errno.EHOSTUNREACH)
+        or "all attempts to connect" in str(exc).lower()
+    )
+
+
+# -- in memory ----------------------------------------------------------------------
+
+
+class MemoryListener:
+    def __init__(self, network: MemoryNetwork, address: Address) -> None:
+        self.address = address
+        self._network = network
+        self._send, self._receive = trio.open_memory_channel[Conn](math.inf)
+
+    async def accept(self) -> Conn:
+        return await self._receive.receive()
+
+    async def aclose(self) -> None:
+        self._network._listeners.pop(self.address, None)
+        self._send.close()
+        self._receive.close()
+
+
+class MemoryNetwork:
+    """A loopback network in one process: deterministic under ``MockClock``.
+
+    Each node has its own host name; ``connect`` to an address nobody listens on
+    raises ``ConnectionRefusedError`` like TCP does.
+    """
+
+    def __init__(self) -> None:
+        self._listeners: dict[Address, MemoryListener] = {}
+        self._next_port = 40000
+
+    def transport(self, host: str) -> MemoryTransport:
+        return MemoryTransport(self, host)
+
+
+class MemoryTransport:
+    def __init__(self, network: MemoryNetwork, host: str) -> None:
+        self.network = network
+        self.host = host
+
+    @asynccontextmanager
+    async def listen(self, address: Address) -> AsyncIterator[MemoryListener]:
+        if address in self.network._listeners:
+            raise BindFailed(str(address), "address already in use")
+        listener = MemoryListener(self.network, address)
+        self.network._listeners[address] = listener
+        try:
+            yield listener
+        finally:
+            await listener.aclose()
+
+    async def connect(self, address: Address) -> Conn:
+        await trio.lowlevel.checkpoint()
+        listener = self.network._listeners.get(address)
+        if listener is None:
+            raise ConnectionRefusedError(errno.ECONNREFUSED, f"nobody listens on {address}")
+        self.network._next_port += 1
+        mine = Address(self.host, self.network._next_port)
+        a, b = trio.testing.memory_stream_pair()
+        listener._send.send_nowait(Conn(b, address.host, str(mine)))
+        return Conn(a, self.host, str(address))

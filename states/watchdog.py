@@ -1,0 +1,146 @@
+"""A hard deadline on ``mx.distributed.init`` that does not need the GIL.
+
+``init`` holds the GIL for its whole duration: while it blocks (a peer that never
+calls init, a connect back-off, an RDMA hang) no Python code of this process runs,
+trio deadlines included. The only clocks that still tick are outside the interpreter.
+
+So each rank starts a tiny watchdog *process* early in the run (its ~20 ms start-up
+overlaps discovery). Just before init the rank *arms* it with the deadline and the
+exact trace lines that describe a ``GroupInitTimeout``; just after, it *disarms* it.
+If the deadline passes while armed, the watchdog appends those lines to the trace,
+prints the error state and type on stderr, and SIGKILLs the rank (SIGTERM handlers
+would need the GIL too). A hung init cannot be recovered inside the process anyway
+(DESIGN.md section 3): a new process and session is the only way back.
+
+If the rank exits first, the watchdog sees EOF on its stdin and exits.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+import trio
+
+# The watchdog's whole program. Kept dependency-free and started with -I -S so it
+# starts fast and cannot be affected by the rank's environment or site-packages.
+WATCHDOG_SOURCE = r"""
+import json, os, select, signal, sys, time
+parent = os.getppid()
+armed_at = None
+deadline = None
+payload = None
+buf = b""
+fd = sys.stdin.fileno()
+while True:
+    timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+    ready, _, _ = select.select([fd], [], [], timeout)
+    if not ready:
+        if deadline is not None and time.monotonic() >= deadline:
+            elapsed = time.monotonic() - armed_at
+            trace = payload.get("trace")
+            if trace:
+                rec = dict(payload["record"])
+                rec["t"] = round(payload["t_armed"] + elapsed, 6)
+                rec["elapsed_ms"] = round(payload["elapsed_before_ms"] + elapsed * 1000, 3)
+                with open(trace, "a") as f:
+                    f.write(json.dumps(rec, separators=(",", ":")) + "\n")
+                    f.write(json.dumps(payload["end"], separators=(",", ":")) + "\n")
+            sys.stderr.write(payload["message"] + "\n")
+            sys.stderr.flush()
+            try:
+                os.kill(parent, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            sys.exit(0)
+        continue
+    chunk = os.read(fd, 65536)
+    if not chunk:
+        sys.exit(0)
+    buf += chunk
+    while b"\n" in buf:
+        line, buf = buf.split(b"\n", 1)
+        if line.startswith(b"ARM "):
+            payload = json.loads(line[4:])
+            armed_at = time.monotonic()
+            deadline = armed_at + float(payload["seconds"])
+        elif line == b"DISARM":
+            deadline = None
+            payload = None
+"""
+
+
+class InitWatchdog:
+    """Handle on the watchdog process of one run (start, arm, disarm, stop)."""
+
+    def __init__(self) -> None:
+        self._process: trio.Process | None = None
+
+    async def start(self) -> None:
+        self._process = await trio.lowlevel.open_process(
+            [sys.executable, "-I", "-S", "-c", WATCHDOG_SOURCE],
+            stdin=subprocess.PIPE,
+        )
+
+    @property
+    def started(self) -> bool:
+        return self._process is not None
+
+    async def arm(
+        self,
+        seconds: float,
+        *,
+        message: str,
+        trace: str | None,
+        record: dict[str, Any],
+        end: dict[str, Any],
+        t_armed: float,
+        elapsed_before_ms: float,
+    ) -> None:
+        payload = {
+            "seconds": seconds, "message": message, "trace": trace, "record": record,
+            "end": end, "t_armed": t_armed, "elapsed_before_ms": elapsed_before_ms,
+        }
+        await self._write(b"ARM " + json.dumps(payload).encode() + b"\n")
+
+    async def disarm(self) -> None:
+        await self._write(b"DISARM\n")
+
+    async def _write(self, data: bytes) -> None:
+        if self._process is None or self._process.stdin is None:
+            raise RuntimeError("watchdog not started")
+        await self._process.stdin.send_all(data)
+
+    async def aclose(self) -> None:
+        """Close its stdin (it exits on EOF) and reap it; kill it if it lingers."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        with trio.CancelScope(shield=True):
+            if process.stdin is not None:
+                await process.stdin.aclose()
+            with trio.move_on_after(2.0):
+                await process.wait()
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+
+
+class NoWatchdog:
+    """For tests under a MockClock and for callers that supervise init themselves."""
+
+    started = True
+
+    async def start(self) -> None:
+        return None
+
+    async def arm(self, seconds: float, **_: Any) -> None:
+        return None
+
+    async def disarm(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
