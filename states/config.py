@@ -83,7 +83,7 @@ class ClusterConfig:
     deadlines: Mapping[str, float] = attrs.field(factory=dict)
     heartbeat_interval: float = 0.1
     #: After ``ready``, a peer silent for this long is lost (``peer_lost``).
-    peer_lost_after: float = 1.0
+    peer_lost_after: float = 3.0
     #: How long the ring's last rank waits after the go signal (see states.groupinit).
     release_delay_s: float = 0.005
     #: Hard deadline on ``mx.distributed.init`` itself, enforced outside the GIL.

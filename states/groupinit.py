@@ -181,6 +181,10 @@ InitFn = Callable[[str], Group]
 BlockingRunner = Callable[[Callable[[], Group]], Any]
 
 
+def _import_mlx() -> None:
+    _mlx_distributed()
+
+
 def mlx_init(backend: str) -> Group:
     group: Group = _mlx_distributed().init(strict=False, backend=backend)
     return group
@@ -203,13 +207,13 @@ class GroupInitializer:
         init_fn: InitFn = mlx_init,
         run_blocking: Callable[[Callable[[], Group]], Any] = _in_worker_thread,
         precheck: Callable[[str], None] = check_backend_available,
-        prepare: Callable[[], None] = lambda: None if _mlx_distributed() else None,
+        prepare: Callable[[], None] | None = None,
     ) -> None:
         self.init_fn = init_fn
         self.run_blocking = run_blocking
         self.precheck = precheck
-        self.prepare = prepare
-        """Called in ``idle``: imports MLX (~80 ms) long before the timed init."""
+        #: Called in ``idle``: imports MLX (~80 ms) long before the timed init.
+        self.prepare: Callable[[], None] = prepare or _import_mlx
 
     async def initialize(self, plan: InitPlan, files: TopologyDir) -> Group:
         env, clear = backend_env(plan, files)
