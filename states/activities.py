@@ -29,6 +29,7 @@ from states.codec import (
 )
 from states.context import ClusterContext
 from states.errors import (
+    BackendUnavailable,
     BootstrapRejected,
     FrameError,
     HandshakeRejected,
@@ -46,6 +47,8 @@ CONNECT_RETRY_FIRST = 0.01
 CONNECT_RETRY_MAX = 0.2
 #: Upper bound on one joiner connection's handshake at rank 0 (slow clients).
 PER_CONNECTION_HANDSHAKE = 5.0
+#: How long after the soft init deadline the watchdog kills a rank frozen in init.
+HARD_DEADLINE_GRACE = 0.5
 #: Handshakes rank 0 runs at once; further connections wait for a slot.
 MAX_PENDING_HANDSHAKES = 32
 
@@ -263,6 +266,11 @@ async def exchanging_bootstrap(ctx: ClusterContext) -> str:
     assert ctx.session_id is not None
     if ctx.config.is_coordinator:
         backend = resolve_backend(ctx.config.backend)
+        # Rank 0 decides the backend: check it can run before anyone builds on it.
+        ctx.initializer.precheck(backend)
+        if backend != "ring":
+            raise BackendUnavailable(backend, "the jaccl device matrix needs interface "
+                                     "discovery (--interface), which is not built yet")
         topology = tuple(
             (f"{ctx.hosts[r]}:{ctx.data_ports[r]}",) for r in range(ctx.world_size)
         )
@@ -357,9 +365,16 @@ async def initializing_group(ctx: ClusterContext) -> str:
 
 
 async def _arm_watchdog(ctx: ClusterContext) -> None:
-    seconds = ctx.config.init_hard_deadline
+    """Arm the hard deadline: what is left of this state's deadline, plus a grace.
+
+    A rank whose trio loop still runs ends at the state's own (soft) deadline, with a
+    normal trace; only a rank frozen inside init is killed, ``HARD_DEADLINE_GRACE``
+    later.
+    """
     now = trio.current_time()
     entered = ctx.state_entered_at.get("initializing_group", now)
+    budget = ctx.config.effective_deadlines()["initializing_group"]
+    seconds = max(0.1, budget - (now - entered)) + HARD_DEADLINE_GRACE
     message = (f"clusterfsm rank {ctx.rank}: state group_init_timeout, error GroupInitTimeout: "
                f"mx.distributed.init did not return within {seconds:g} s "
                "(hard deadline; the rank was killed)")
@@ -372,6 +387,7 @@ async def _arm_watchdog(ctx: ClusterContext) -> None:
         end={"state": "group_init_timeout", "error": "GroupInitTimeout", "message": message},
         t_armed=now,
         elapsed_before_ms=(now - entered) * 1000,
+        cleanup=[str(ctx.files.path)] if ctx.files is not None else [],
     )
 
 

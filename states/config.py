@@ -86,8 +86,6 @@ class ClusterConfig:
     peer_lost_after: float = 3.0
     #: How long the ring's last rank waits after the go signal (see states.groupinit).
     release_delay_s: float = 0.005
-    #: Hard deadline on ``mx.distributed.init`` itself, enforced outside the GIL.
-    init_hard_deadline: float = 30.0
     #: Do an ``all_sum`` over the group before reporting ready (``--verify``).
     verify: bool = False
 
@@ -111,8 +109,7 @@ class ClusterConfig:
         if self.rank > 0 and not self.peers:
             raise ValueError(f"rank {self.rank} needs at least one peer (rank 0's address)")
         for name, value in (("heartbeat_interval", self.heartbeat_interval),
-                            ("peer_lost_after", self.peer_lost_after),
-                            ("init_hard_deadline", self.init_hard_deadline)):
+                            ("peer_lost_after", self.peer_lost_after)):
             if not value > 0:
                 raise ValueError(f"{name} must be positive, got {value}")
         if not 0 <= self.release_delay_s < 1:

@@ -38,6 +38,9 @@ from states.codec import Backend as WireBackend
 from states.codec import Topology
 from states.errors import BackendUnavailable, GroupInitFailed, GroupSizeMismatch
 
+#: Fault injection for tests (``never-init``): see GroupInitializer.initialize.
+FAULT_ENV = "CLUSTERFSM_FAULT"
+
 #: Env names each backend reads, and the twins that override them.
 RING_VARS = ("MLX_RANK", "MLX_HOSTFILE")
 JACCL_VARS = ("MLX_RANK", "MLX_IBV_DEVICES", "MLX_JACCL_COORDINATOR", "MLX_JACCL_RING")
@@ -216,6 +219,10 @@ class GroupInitializer:
         self.prepare: Callable[[], None] = prepare or _import_mlx
 
     async def initialize(self, plan: InitPlan, files: TopologyDir) -> Group:
+        if os.environ.get(FAULT_ENV) == "never-init":
+            # Fault injection for tests: pass the barrier, then never call init (the
+            # peer that hangs everyone else's init). Documented in docs/states.md.
+            await trio.sleep_forever()
         env, clear = backend_env(plan, files)
         with patched_env(env, clear):
             try:
@@ -264,8 +271,11 @@ def fake_initializer(
         return FakeGroup(rank, world if size is None else size)
 
     async def direct(fn: Callable[[], Group]) -> Group:
+        # Like the real call, nothing else runs while it reads the process-global
+        # env: several fake ranks can share one process.
+        group = fn()
         await trio.lowlevel.checkpoint()
-        return fn()
+        return group
 
     def precheck(backend: str) -> None:
         if unavailable is not None:

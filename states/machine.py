@@ -67,8 +67,9 @@ BOOTSTRAP: MachineSpec = machine_spec(
               doc="Wait, on events, until every link answered a heartbeat."),
         State("exchanging_bootstrap", act.exchanging_bootstrap,
               deadline=D["exchanging_bootstrap"], on_timeout=BootstrapTimeout,
-              raises=(BootstrapRejected, *LINK_ERRORS),
-              doc="Rank 0 sends the 0x07 bootstrap frame; every rank acknowledges."),
+              raises=(BootstrapRejected, BackendUnavailable, *LINK_ERRORS),
+              doc="Rank 0 checks the backend, sends the 0x07 bootstrap frame; "
+                  "every rank acknowledges."),
         State("initializing_group", act.initializing_group,
               deadline=D["initializing_group"], on_timeout=GroupInitTimeout,
               raises=(BackendUnavailable, GroupInitFailed, GroupSizeMismatch,

@@ -12,6 +12,7 @@ prints the error state and type on stderr, and SIGKILLs the rank (SIGTERM handle
 would need the GIL too). A hung init cannot be recovered inside the process anyway
 (DESIGN.md section 3): a new process and session is the only way back.
 
+It also removes the rank's private topology directory, which the killed rank cannot.
 If the rank exits first, the watchdog sees EOF on its stdin and exits.
 """
 
@@ -54,6 +55,13 @@ while True:
                 os.kill(parent, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+            for path in payload.get("cleanup", []):
+                for root, dirs, files in os.walk(path, topdown=False):
+                    for name in files:
+                        os.unlink(os.path.join(root, name))
+                    for name in dirs:
+                        os.rmdir(os.path.join(root, name))
+                os.rmdir(path)
             sys.exit(0)
         continue
     chunk = os.read(fd, 65536)
@@ -98,10 +106,13 @@ class InitWatchdog:
         end: dict[str, Any],
         t_armed: float,
         elapsed_before_ms: float,
+        cleanup: list[str] | None = None,
     ) -> None:
+        """Arm; on expiry: trace lines, stderr message, SIGKILL, remove ``cleanup`` dirs."""
         payload = {
             "seconds": seconds, "message": message, "trace": trace, "record": record,
             "end": end, "t_armed": t_armed, "elapsed_before_ms": elapsed_before_ms,
+            "cleanup": cleanup or [],
         }
         await self._write(b"ARM " + json.dumps(payload).encode() + b"\n")
 

@@ -40,7 +40,7 @@ async def test_two_ranks_reach_ready_then_close(autojump_clock: Any) -> None:
 
 async def test_four_ranks_reach_ready(autojump_clock: Any) -> None:
     results = await run_ranks([config(r, 4) for r in range(4)])
-    assert all(r.path == HAPPY for r in results)
+    assert [r.path for r in results] == [HAPPY] * 4, [(r.path, r.error) for r in results]
 
 
 async def test_joiner_started_before_coordinator_retries_until_it_listens(
