@@ -25,7 +25,7 @@ from states.errors import (
 )
 from states.groupinit import fake_initializer
 from states.transport import BindFailed, MemoryNetwork
-from tests.cluster_harness import COORD, config, run_rank, run_ranks, RankResult
+from tests.cluster_harness import COORD, RankResult, config, run_rank, run_ranks
 
 HAPPY = ["discovering", "handshaking", "awaiting_session", "exchanging_bootstrap",
          "initializing_group", "confirming_group", "ready", "closed"]
@@ -195,7 +195,7 @@ class ScriptedCoordinator:
         self.after = after_handshake
 
     async def run(self) -> None:
-        from states.codec import Pong, Ping
+        from states.codec import Ping, Pong
         from states.handshake import CoordinatorHandshake
         from states.link import ControlLink
 

@@ -1,0 +1,59 @@
+"""The CLI's contract: keygen, diagram --check, argument errors; README matches CI."""
+
+from __future__ import annotations
+
+import re
+import stat
+from pathlib import Path
+
+import pytest
+
+from states.cli import main
+from states.keys import KeyFileError, load_key
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_keygen_writes_a_private_key_and_refuses_to_overwrite(tmp_path: Path) -> None:
+    path = tmp_path / "k"
+    assert main(["keygen", str(path)]) == 0
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert len(load_key(path)) == 32
+    assert main(["keygen", str(path)]) == 2
+
+
+def test_a_key_readable_by_others_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "k"
+    main(["keygen", str(path)])
+    path.chmod(0o644)
+    with pytest.raises(KeyFileError, match="chmod 600"):
+        load_key(path)
+
+
+def test_diagram_check_passes_on_this_checkout_and_fails_on_a_stale_file(
+    tmp_path: Path,
+) -> None:
+    assert main(["diagram", "--check", "--root", str(ROOT)]) == 0
+    assert main(["diagram", "--root", str(tmp_path)]) == 0
+    (tmp_path / "diagrams" / "bootstrap.mmd").write_text("stale\n")
+    assert main(["diagram", "--check", "--root", str(tmp_path)]) == 1
+
+
+def test_serve_usage_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    key = tmp_path / "k"
+    main(["keygen", str(key)])
+    assert main(["serve", "--rank", "1", "--world-size", "2", "--key-file", str(key)]) == 2
+    assert "needs at least one peer" in capsys.readouterr().err
+    assert main(["serve", "--rank", "0", "--world-size", "2", "--key-file", str(key),
+                 "--listen", "127.0.0.1:1", "--deadline", "nope=1"]) == 2
+    assert "no such state" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["serve", "--rank", "0", "--world-size", "2", "--key-file", str(key),
+              "--deadline", "idle=-1"])
+
+
+def test_ci_runs_exactly_the_readme_test_command() -> None:
+    readme = (ROOT / "README.md").read_text()
+    commands = re.findall(r"```sh\n(.*?)\n```", readme, flags=re.S)
+    test_command = next(c for c in commands if c.endswith("pytest"))
+    assert test_command in (ROOT / ".ci" / "run").read_text().splitlines()
