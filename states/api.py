@@ -74,10 +74,28 @@ class Cluster:
     def trace(self) -> tuple[TraceRecord, ...]:
         return self._runner.records
 
+    def health(self) -> str:
+        """``healthy``, ``degraded`` (an answer older than 3 heartbeat intervals) or
+        ``unavailable`` (a link failed or never answered)."""
+        return session_health(self._ctx)
+
     async def wait_lost(self) -> BaseException | None:
         """Wait until the cluster leaves ``ready`` (peer lost, or closed)."""
         await self._runner.wait_for("closed", "peer_lost")
         return self._runner.error
+
+
+def session_health(ctx: ClusterContext) -> str:
+    """The worst health over the links, from their heartbeats."""
+    now = trio.current_time()
+    stale_after = 3 * ctx.config.heartbeat_interval
+    health = "healthy"
+    for link in ctx.links.values():
+        if link.failure is not None or not link.first_pong.is_set():
+            return "unavailable"
+        if now - link.last_heard > stale_after:
+            health = "degraded"
+    return health
 
 
 @asynccontextmanager
