@@ -11,14 +11,13 @@ job too: no activity here sleeps in a loop or waits without a bound of its own.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from typing import TypeVar
 
 import trio
 
 from fsm import report_progress
 from states.codec import (
-    NO_SESSION,
-    Backend,
     BootstrapAck,
     GroupConfirm,
     GroupConfirmed,
@@ -105,6 +104,25 @@ async def _join(ctx: ClusterContext) -> None:
     )
     report_progress(f"handshake with rank 0 at {conn.remote}")
     await link.send(hs.start())
+    try:
+        await _drive_handshake(link, hs)
+    except (HandshakeRejected, FrameError):
+        await link.aclose()
+        raise
+    ctx.session_id = hs.session_id
+
+
+async def _drive_handshake(
+    link: ControlLink,
+    hs: JoinerHandshake | CoordinatorHandshake,
+    on_done: Callable[[], None] = lambda: None,
+) -> None:
+    """Feed the sans-IO handshake from the link until done; send what it answers.
+
+    On refusal the ``Reject`` it owes the peer is sent before the error propagates.
+    ``on_done`` runs as soon as the handshake completes, before its last reply is
+    sent (rank 0 registers the admitted rank there, see CoordinatorHandshake).
+    """
     while not hs.done:
         msg = await link.receive()
         try:
@@ -112,12 +130,11 @@ async def _join(ctx: ClusterContext) -> None:
         except (HandshakeRejected, FrameError):
             for reply in hs.outbox_on_failure:
                 await link.send(reply)
-            await link.aclose()
             raise
+        if hs.done:
+            on_done()
         for reply in replies:
             await link.send(reply)
-    ctx.session_id = hs.session_id
-    ctx.peer_node_ids[0] = hs.peer_node_id
 
 
 async def _dial_coordinator(ctx: ClusterContext) -> Conn:
@@ -171,21 +188,13 @@ async def _admit_joiners(ctx: ClusterContext) -> None:
                 ctx.config.key, ctx.config.node_id, ctx.world_size, ctx.session_id,
                 taken_ranks, taken_nodes, peer=conn.remote,
             )
+            def register() -> None:
+                taken_ranks.add(hs.rank)
+                taken_nodes.add(hs.peer_node_id)
+
             try:
                 with trio.fail_after(PER_CONNECTION_HANDSHAKE):
-                    while not hs.done:
-                        msg = await link.receive()
-                        try:
-                            replies = hs.receive(msg)
-                        except (HandshakeRejected, FrameError):
-                            for reply in hs.outbox_on_failure:
-                                await link.send(reply)
-                            raise
-                        if hs.done:
-                            taken_ranks.add(hs.rank)
-                            taken_nodes.add(hs.peer_node_id)
-                        for reply in replies:
-                            await link.send(reply)
+                    await _drive_handshake(link, hs, register)
             except (HandshakeRejected, FrameError, PeerDisconnected, trio.TooSlowError) as exc:
                 refusal: BaseException = exc
                 if isinstance(exc, trio.TooSlowError):
@@ -199,7 +208,6 @@ async def _admit_joiners(ctx: ClusterContext) -> None:
             admitted[hs.rank] = link
             ctx.hosts[hs.rank] = conn.remote_host
             ctx.data_ports[hs.rank] = hs.data_port
-            ctx.peer_node_ids[hs.rank] = hs.peer_node_id
             if 0 not in ctx.hosts:
                 ctx.hosts[0] = conn.local_host
             progress()
@@ -274,9 +282,10 @@ async def exchanging_bootstrap(ctx: ClusterContext) -> str:
         topology = tuple(
             (f"{ctx.hosts[r]}:{ctx.data_ports[r]}",) for r in range(ctx.world_size)
         )
+        ctx.plan = InitPlan(backend, 0, ctx.world_size, topology, ctx.session_id)
         payload = JacclBootstrapPayload(
             coordinator_port=0, session_id=ctx.session_id,
-            backend=_wire_backend(backend), world_size=ctx.world_size, topology=topology,
+            backend=ctx.plan.wire_backend, world_size=ctx.world_size, topology=topology,
         )
         for link in ctx.links.values():
             await link.send(payload)
@@ -285,7 +294,6 @@ async def exchanging_bootstrap(ctx: ClusterContext) -> str:
             ack = await _expect(link, BootstrapAck, "exchanging_bootstrap")
             if ack.session_id != ctx.session_id:
                 raise BootstrapRejected("acknowledgement carries another session id", link.peer)
-        ctx.plan = InitPlan(backend, 0, ctx.world_size, topology, ctx.session_id)
     else:
         link = ctx.links[0]
         report_progress("waiting for rank 0's bootstrap frame (0x07)")
@@ -296,7 +304,7 @@ async def exchanging_bootstrap(ctx: ClusterContext) -> str:
         if frame.world_size != ctx.world_size:
             raise BootstrapRejected(
                 f"world size {frame.world_size}, expected {ctx.world_size}", link.peer)
-        backend = "ring" if frame.backend.name == "RING" else "jaccl"
+        backend = frame.backend.name.lower()
         if backend == "ring":
             mine = frame.topology[ctx.rank]
             assert ctx.reservation is not None
@@ -307,10 +315,6 @@ async def exchanging_bootstrap(ctx: ClusterContext) -> str:
         await link.send(BootstrapAck(ctx.session_id))
         ctx.plan = InitPlan(backend, ctx.rank, ctx.world_size, frame.topology, ctx.session_id)
     return "bootstrap_agreed"
-
-
-def _wire_backend(backend: str) -> Backend:
-    return Backend.RING if backend == "ring" else Backend.JACCL
 
 
 M = TypeVar("M", bound=Message)
@@ -444,10 +448,6 @@ async def _watch_peer(rank: int, link: ControlLink, lost_after: float) -> None:
         silence = trio.current_time() - link.last_heard
         if silence >= lost_after:
             raise PeerLost(rank, silence, f"no heartbeat for {silence:.3f} s")
-
-
-def abort_message_session(ctx: ClusterContext) -> bytes:
-    return ctx.session_id if ctx.session_id is not None else NO_SESSION
 
 
 __all__ = [

@@ -25,7 +25,7 @@ import trio
 
 from fsm import Outcome, Runner, TraceRecord, TraceWriter
 from fsm.runner import Observer
-from states.codec import Abort
+from states.codec import NO_SESSION, Abort
 from states.config import ClusterConfig
 from states.context import ClusterContext, PortAllocator, PortReservation
 from states.groupinit import Group, GroupInitializer
@@ -182,7 +182,7 @@ async def _tell_peers(ctx: ClusterContext, runner: Runner[ClusterContext]) -> No
     error = runner.error
     assert error is not None
     abort = Abort(
-        ctx.session_id or bytes(16),
+        ctx.session_id or NO_SESSION,
         runner.state[:64],
         type(error).__name__[:64],
         str(error)[:1000],

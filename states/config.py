@@ -7,7 +7,6 @@ message naming the field, not three states later as a timeout.
 
 from __future__ import annotations
 
-import ipaddress
 import secrets
 from collections.abc import Mapping
 from typing import Literal
@@ -126,9 +125,3 @@ class ClusterConfig:
         merged.update(self.deadlines)
         return merged
 
-
-def is_ipv4(host: str) -> bool:
-    try:
-        return isinstance(ipaddress.ip_address(host), ipaddress.IPv4Address)
-    except ValueError:
-        return False

@@ -12,7 +12,6 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable
 from contextlib import AsyncExitStack
-from typing import Any
 
 import attrs
 import trio
@@ -85,10 +84,8 @@ class ClusterContext:
     plan: InitPlan | None = None
     files: TopologyDir | None = None
     group: Group | None = None
-    peer_node_ids: dict[int, bytes] = attrs.field(factory=dict)
     close_requested: trio.Event = attrs.field(factory=trio.Event)
     state_entered_at: dict[str, float] = attrs.field(factory=dict)
-    extra: dict[str, Any] = attrs.field(factory=dict)
 
     @property
     def rank(self) -> int:
