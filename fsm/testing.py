@@ -12,7 +12,7 @@ Deterministic machine tests need three things the framework gives here:
   test session took (through :data:`fsm.runner.GLOBAL_OBSERVERS`), and
   :meth:`TransitionCoverage.missing` lists declared edges no test took; a test fails
   on it. :func:`shortest_paths` gives, for every state, the shortest trigger sequence
-  that reaches it, to generate such tests.
+  that reaches it, and :func:`drive_edge` takes any one declared edge.
 """
 
 from __future__ import annotations
@@ -152,6 +152,20 @@ def script_for_edge(spec: MachineSpec, edge: Edge) -> dict[str, list[Outcomeish]
     for step in steps:
         script.setdefault(step.source, []).append(_outcome_for(spec, step))
     return script
+
+
+def drive_edge(spec: MachineSpec, edge: Edge, *, context: Any = None) -> Outcome:
+    """Run ``spec`` with scripted activities so that it takes ``edge``; return the outcome.
+
+    A ``cancel`` edge is taken by hanging in its source state and cancelling the run
+    from outside; every other kind goes through :func:`script_for_edge`.
+    """
+    if edge.kind != "cancel":
+        return run_scripted(spec, script_for_edge(spec, edge), context=context)
+    path = shortest_paths(spec)[edge.source]
+    script = script_for_edge(spec, path[-1]) if path else {}
+    script.setdefault(edge.source, []).append(HANG)
+    return run_scripted(spec, script, context=context, cancel_after=0.001)
 
 
 def _outcome_for(spec: MachineSpec, edge: Edge) -> Outcomeish:

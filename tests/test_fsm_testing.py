@@ -6,13 +6,12 @@ import pytest
 
 from fsm import Edge, Runner
 from fsm.testing import (
-    HANG,
     Script,
     ScriptExhausted,
     TransitionCoverage,
+    drive_edge,
     run_scripted,
     sample_error,
-    script_for_edge,
     shortest_paths,
 )
 from tests.toy_machine import TOY, WorkFailed
@@ -27,13 +26,7 @@ def test_shortest_paths_reach_every_state() -> None:
 
 @pytest.mark.parametrize("edge", TOY.edges(), ids=lambda e: f"{e.source}-{e.trigger}")
 def test_every_declared_toy_edge_can_be_driven(edge: Edge) -> None:
-    if edge.kind == "cancel":
-        script = script_for_edge(TOY, shortest_paths(TOY)[edge.source][-1]) if (
-            edge.source != TOY.initial) else {}
-        script.setdefault(edge.source, []).append(HANG)
-        out = run_scripted(TOY, script, cancel_after=0.001, context={"budget": 1})
-    else:
-        out = run_scripted(TOY, script_for_edge(TOY, edge), context={"budget": 1})
+    out = drive_edge(TOY, edge, context={"budget": 1})
     taken = [(r.source, r.event, r.dest) for r in out.records]
     assert (edge.source, edge.trigger, edge.dest) in taken
 
