@@ -466,26 +466,26 @@ class CoordinatorHandshake(_Handshake):
             data_port=data_port,
         )
 
+    def _admitted_hello(self, what: str) -> Hello:
+        """The joiner's Hello, readable only once the handshake is done."""
+        self._require_done(what)
+        assert self._hello is not None
+        return self._hello
+
     @property
     def rank(self) -> int:
         """The admitted joiner's rank (once done)."""
-        self._require_done("rank")
-        assert self._hello is not None
-        return self._hello.rank
+        return self._admitted_hello("rank").rank
 
     @property
     def peer_node_id(self) -> bytes:
         """The admitted joiner's node id (once done)."""
-        self._require_done("peer_node_id")
-        assert self._hello is not None
-        return self._hello.node_id
+        return self._admitted_hello("peer_node_id").node_id
 
     @property
     def software(self) -> str:
         """The joiner's software string (once done), for logs."""
-        self._require_done("software")
-        assert self._hello is not None
-        return self._hello.software
+        return self._admitted_hello("software").software
 
     @property
     def data_port(self) -> int:
