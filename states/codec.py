@@ -42,6 +42,8 @@ __all__ = [
     "ClusterMsgType",
     "Frame",
     "FrameDecoder",
+    "GatherPart",
+    "GatherResult",
     "GroupConfirm",
     "GroupConfirmed",
     "Hello",
@@ -49,6 +51,7 @@ __all__ = [
     "InitReady",
     "JacclBootstrapPayload",
     "JacclEntry",
+    "LinkReport",
     "Message",
     "Ping",
     "Pong",
@@ -96,6 +99,9 @@ class ClusterMsgType(enum.IntEnum):
     GROUP_CONFIRMED = 0x0C
     ABORT = 0x0D
     REJECT = 0x0E
+    LINK_REPORT = 0x0F
+    GATHER_PART = 0x10
+    GATHER_RESULT = 0x11
     STEP = 0x20
     TOKEN = 0x21
 
@@ -453,6 +459,26 @@ class _Str(_Field):
             raise r.fail(f"invalid UTF-8: {exc.reason}") from None
 
 
+class _LinkTable(_Field):
+    """u8 count, then per entry: 16-byte node id, u8 count, that many ``_Str(15)``."""
+
+    __slots__ = ()
+
+    def pack(self, value: Any) -> bytes:
+        out = [len(value).to_bytes(1, "big")]
+        for node_id, names in value:
+            out.append(bytes(node_id) + len(names).to_bytes(1, "big"))
+            out.extend(_IFNAME.pack(name) for name in names)
+        return b"".join(out)
+
+    def unpack(self, r: _Reader) -> Any:
+        entries = []
+        for _ in range(r.uint(1)):
+            node_id = r.take(16)
+            entries.append((node_id, tuple(_IFNAME.unpack(r) for _ in range(r.uint(1)))))
+        return tuple(entries)
+
+
 class _Rest(_Field):
     """The whole remaining payload, opaque."""
 
@@ -630,6 +656,9 @@ class _Message:
 
 
 _U8, _U16, _U64 = _UInt(1), _UInt(2), _UInt(8)
+#: Interface names are at most 15 bytes (IFNAMSIZ - 1 on Linux and macOS).
+MAX_INTERFACE_NAME: Final = 15
+_IFNAME = _Str(MAX_INTERFACE_NAME)
 _ID16, _MAC32 = _Raw(16), _Raw(32)
 
 
@@ -831,6 +860,62 @@ class Token(_Message):
     body: bytes = attrs.field(default=b"", validator=_body)
 
 
+def _link_table(_inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, tuple) or len(value) > 255:
+        raise ValueError(f"{attr.name} must be a tuple of at most 255 entries")
+    for entry in value:
+        if not (isinstance(entry, tuple) and len(entry) == 2):
+            raise TypeError(f"{attr.name}: entries are (node_id, interface names)")
+        node_id, names = entry
+        if not (isinstance(node_id, bytes) and len(node_id) == 16):
+            raise ValueError(f"{attr.name}: node id must be 16 bytes")
+        if not (isinstance(names, tuple) and 1 <= len(names) <= 4):
+            raise ValueError(f"{attr.name}: 1..4 interfaces per peer")
+        for name in names:
+            if not (isinstance(name, str) and 1 <= len(name) <= MAX_INTERFACE_NAME
+                    and name.isascii() and name.isprintable() and " " not in name):
+                raise ValueError(f"{attr.name}: bad interface name {name!r}")
+
+
+@attrs.frozen
+class LinkReport(_Message):
+    """Joiner -> rank 0, first thing after the session is healthy: which of my
+    interfaces reached which peer (by node id), so rank 0 can build the jaccl device
+    matrix. Empty with static discovery (``--peer``)."""
+
+    TYPE: ClassVar[ClusterMsgType] = ClusterMsgType.LINK_REPORT
+    _LAYOUT: ClassVar[tuple[_Field, ...]] = (_ID16, _LinkTable())
+
+    session_id: bytes = attrs.field(validator=_fixed_bytes(16))
+    links: tuple[tuple[bytes, tuple[str, ...]], ...] = attrs.field(
+        default=(), validator=_link_table)
+
+
+@attrs.frozen
+class GatherPart(_Message):
+    """Joiner -> rank 0 during group init: this rank's share of one all-gather round
+    of jaccl's side channel (``init(all_gather_factory=...)``)."""
+
+    TYPE: ClassVar[ClusterMsgType] = ClusterMsgType.GATHER_PART
+    _LAYOUT: ClassVar[tuple[_Field, ...]] = (_ID16, _U16, _Rest())
+
+    session_id: bytes = attrs.field(validator=_fixed_bytes(16))
+    round: int = attrs.field(validator=_uint(16))
+    data: bytes = attrs.field(default=b"", validator=_body)
+
+
+@attrs.frozen
+class GatherResult(_Message):
+    """Rank 0 -> joiner: every rank's share of one all-gather round, in rank order."""
+
+    TYPE: ClassVar[ClusterMsgType] = ClusterMsgType.GATHER_RESULT
+    _LAYOUT: ClassVar[tuple[_Field, ...]] = (_ID16, _U16, _Rest())
+
+    session_id: bytes = attrs.field(validator=_fixed_bytes(16))
+    round: int = attrs.field(validator=_uint(16))
+    data: bytes = attrs.field(default=b"", validator=_body)
+
+
 Message: TypeAlias = (
     Hello
     | Challenge
@@ -846,6 +931,9 @@ Message: TypeAlias = (
     | GroupConfirmed
     | Abort
     | Reject
+    | LinkReport
+    | GatherPart
+    | GatherResult
     | Step
     | Token
 )
@@ -867,6 +955,9 @@ MESSAGE_TYPES: Final[dict[ClusterMsgType, type[Message]]] = {
         GroupConfirmed,
         Abort,
         Reject,
+        LinkReport,
+        GatherPart,
+        GatherResult,
         Step,
         Token,
     )
