@@ -10,6 +10,7 @@ job too: no activity here sleeps in a loop or waits without a bound of its own.
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections.abc import Callable
 from typing import TypeVar
@@ -48,8 +49,15 @@ CONNECT_RETRY_MAX = 0.2
 PER_CONNECTION_HANDSHAKE = 5.0
 #: How long after the soft init deadline the watchdog kills a rank frozen in init.
 HARD_DEADLINE_GRACE = 0.5
-#: Handshakes rank 0 runs at once; further connections wait for a slot.
+#: Unauthenticated connections rank 0 holds at once. When one more arrives, the
+#: oldest pending one is evicted (closed, recorded): a flood of silent connections
+#: costs a bounded number of sockets and never queues the legitimate peer behind it.
 MAX_PENDING_HANDSHAKES = 32
+#: Refusals kept for the timeout error's detail and for the app (the count is exact).
+MAX_REJECTIONS_KEPT = 16
+
+#: Every refused connection is logged here (peer, error type, error), never the key.
+_admission_log = logging.getLogger("states.admission")
 
 
 # -- idle ---------------------------------------------------------------------------
@@ -159,9 +167,15 @@ async def _admit_joiners(ctx: ClusterContext) -> None:
     """Accept connections until every rank 1..N-1 has proved the key.
 
     A connection that fails its handshake (wrong key, version, duplicate rank,
-    garbage, silence) is refused and closed; the listener keeps serving, so a rogue
-    host cannot lock the legitimate peers out. Those refusals are remembered and
-    named in the timeout error if the legitimate peers never come.
+    garbage, silence) is refused, logged and closed; the listener keeps serving, so a
+    rogue host cannot lock the legitimate peers out. At most
+    ``MAX_PENDING_HANDSHAKES`` unauthenticated connections are held: one more evicts
+    the oldest, so a flood costs bounded memory and file descriptors and a peer that
+    completes its handshake promptly always gets in. Each connection has
+    ``PER_CONNECTION_HANDSHAKE`` seconds from its accept. The refusals are counted
+    and the last few kept (``ctx.rejections``), and named in the timeout error if the
+    legitimate peers never come. Every connection not admitted is closed, also when
+    the state is cancelled.
     """
     assert ctx.listener is not None
     ctx.session_id = secrets.token_bytes(16)
@@ -169,40 +183,62 @@ async def _admit_joiners(ctx: ClusterContext) -> None:
     taken_ranks: set[int] = set()
     taken_nodes: set[bytes] = set()
     everyone = trio.Event()
-    limiter = trio.CapacityLimiter(MAX_PENDING_HANDSHAKES)
+    # Pending handshakes, oldest first (dict order), and the ones evicted for room.
+    pending: dict[int, trio.CancelScope] = {}
+    evicted: set[int] = set()
+    refused = 0
     needed = ctx.world_size - 1
 
     def progress() -> None:
         waiting = sorted(set(range(1, ctx.world_size)) - set(admitted))
         text = f"admitted {len(admitted)} of {needed} ranks; waiting for ranks {waiting}"
-        if ctx.rejections:
+        if refused:
             last = ctx.rejections[-1]
-            text += f"; refused {len(ctx.rejections)} connection(s), last: {last}"
+            text += f"; refused {refused} connection(s), last: {last}"
         report_progress(text)
 
-    async def handshake_one(conn: Conn) -> None:
-        async with limiter:
-            link = ControlLink(conn)
-            assert ctx.session_id is not None
-            hs = CoordinatorHandshake(
-                ctx.config.key, ctx.config.node_id, ctx.world_size, ctx.session_id,
-                taken_ranks, taken_nodes, peer=conn.remote,
-            )
-            def register() -> None:
-                taken_ranks.add(hs.rank)
-                taken_nodes.add(hs.peer_node_id)
+    def refuse(conn: Conn, refusal: BaseException) -> None:
+        nonlocal refused
+        refused += 1
+        ctx.rejections.append(refusal)
+        del ctx.rejections[:-MAX_REJECTIONS_KEPT]
+        _admission_log.warning("refused connection from %s: %s: %s",
+                               conn.remote, type(refusal).__name__, refusal)
+        progress()
 
+    async def handshake_one(conn: Conn, token: int, scope: trio.CancelScope) -> None:
+        link = ControlLink(conn)
+        assert ctx.session_id is not None
+        hs = CoordinatorHandshake(
+            ctx.config.key, ctx.config.node_id, ctx.world_size, ctx.session_id,
+            taken_ranks, taken_nodes, peer=conn.remote,
+        )
+
+        def register() -> None:
+            taken_ranks.add(hs.rank)
+            taken_nodes.add(hs.peer_node_id)
+
+        refusal: BaseException | None = None
+        try:
             try:
-                with trio.fail_after(PER_CONNECTION_HANDSHAKE):
+                with scope:
                     await _drive_handshake(link, hs, register)
-            except (HandshakeRejected, FrameError, PeerDisconnected, trio.TooSlowError) as exc:
-                refusal: BaseException = exc
-                if isinstance(exc, trio.TooSlowError):
-                    refusal = PeerDisconnected(conn.remote, "handshaking",
-                                               f"no handshake within {PER_CONNECTION_HANDSHAKE} s")
-                ctx.rejections.append(refusal)
-                progress()
-                await link.aclose()
+            except (HandshakeRejected, FrameError, PeerDisconnected) as exc:
+                refusal = exc
+            finally:
+                pending.pop(token, None)
+            if refusal is None and scope.cancelled_caught:
+                # Our deadline or an eviction (never the state's own cancellation,
+                # which propagates): possibly after register(), mid-Welcome.
+                why = (f"evicted: {MAX_PENDING_HANDSHAKES} newer connections pending"
+                       if token in evicted
+                       else f"no handshake within {PER_CONNECTION_HANDSHAKE} s")
+                refusal = PeerDisconnected(conn.remote, "handshaking", why)
+            if refusal is not None:
+                if hs.done:
+                    taken_ranks.discard(hs.rank)
+                    taken_nodes.discard(hs.peer_node_id)
+                refuse(conn, refusal)
                 return
             link.peer_rank = hs.rank
             admitted[hs.rank] = link
@@ -213,14 +249,27 @@ async def _admit_joiners(ctx: ClusterContext) -> None:
             progress()
             if len(admitted) == needed:
                 everyone.set()
+        finally:
+            evicted.discard(token)
+            if link.peer_rank < 0:
+                await link.aclose()  # shielded; also on cancellation
 
     progress()
     async with trio.open_nursery() as nursery:
         async def accept_loop() -> None:
             assert ctx.listener is not None
+            token = 0
             while True:
                 conn = await ctx.listener.accept()
-                nursery.start_soon(handshake_one, conn)
+                if len(pending) >= MAX_PENDING_HANDSHAKES:
+                    oldest = next(iter(pending))
+                    evicted.add(oldest)
+                    pending.pop(oldest).cancel()
+                token += 1
+                scope = trio.CancelScope(
+                    deadline=trio.current_time() + PER_CONNECTION_HANDSHAKE)
+                pending[token] = scope
+                nursery.start_soon(handshake_one, conn, token, scope)
 
         nursery.start_soon(accept_loop)
         await everyone.wait()
