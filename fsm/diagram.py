@@ -15,7 +15,13 @@ Conventions on the picture:
   them all would hide the machine, so the two states say "from any state" instead.
 
 Given a run's path (``visited`` states and ``taken`` edges), the same drawing marks
-what happened: visited states blue, the final state bold, untaken parts grey.
+what happened: visited states blue, the state(s) the run ended in doubled (green if
+fine, red if an error state, orange if the run stopped without an end), untaken parts
+grey and untaken error states dashed rose, so "where could it have failed" stays
+visible. ``annotations`` add text under a state (time spent), ``edge_notes`` under a
+taken edge (its step number: Mermaid's state diagrams cannot colour one edge, so the
+note is what marks the path there). The overlay has its own palette and classes; with
+no overlay the output is exactly the plain diagram's, byte for byte.
 """
 
 from __future__ import annotations
@@ -63,17 +69,75 @@ class _SpecGraphMachine(GraphMachine):
     machine_attributes = {"directed": "true", "strict": "false", "rankdir": "TB"}
 
 
+# Overlay palettes, one per engine: Mermaid's classDef takes CSS (stroke, dashes),
+# Graphviz its own attributes. Kept apart from _STYLES so that the plain diagram, which
+# prints every classDef, does not change when the overlay grows a style.
+_OVERLAY_DOT: dict[str, dict[str, dict[str, str]]] = copy.deepcopy(_STYLES)
+_OVERLAY_DOT["node"].update({
+    "visited": {"fillcolor": "lightblue", "color": "navy", "penwidth": "2"},
+    "ended_ok": {"fillcolor": "palegreen", "color": "darkgreen", "peripheries": "2",
+                 "penwidth": "2"},
+    "ended_error": {"fillcolor": "salmon", "color": "darkred", "peripheries": "2",
+                    "penwidth": "2"},
+    "stopped": {"fillcolor": "orange", "color": "darkorange3", "peripheries": "2",
+                "penwidth": "2"},
+    "unvisited": {"fillcolor": "white", "color": "gray70", "fontcolor": "gray45"},
+    "unvisited_error": {"fillcolor": "white", "color": "rosybrown", "fontcolor": "rosybrown",
+                        "style": "rounded,filled,dashed"},
+})
+_OVERLAY_DOT["edge"].update({
+    "taken": {"color": "navy", "fontcolor": "navy", "penwidth": "2.5"},
+    "untaken": {"color": "gray75", "fontcolor": "gray55"},
+})
+_OVERLAY_MERMAID: dict[str, dict[str, dict[str, str]]] = {
+    "node": {
+        "default": {"fill": "white", "color": "black"},
+        "visited": {"fill": "lightblue", "stroke": "navy", "stroke-width": "2px",
+                    "color": "black"},
+        "ended_ok": {"fill": "palegreen", "stroke": "darkgreen", "stroke-width": "4px",
+                     "color": "black"},
+        "ended_error": {"fill": "salmon", "stroke": "darkred", "stroke-width": "4px",
+                        "color": "black"},
+        "stopped": {"fill": "orange", "stroke": "darkorange", "stroke-width": "4px",
+                    "color": "black"},
+        "unvisited": {"fill": "white", "stroke": "lightgray", "color": "gray"},
+        "unvisited_error": {"fill": "white", "stroke": "rosybrown",
+                            "stroke-dasharray": "4", "color": "rosybrown"},
+    },
+    "edge": {"default": {}},
+    "graph": {"default": {}},
+}
+
+
+class _OverlayDotMachine(_SpecGraphMachine):
+    style_attributes = copy.deepcopy(_OVERLAY_DOT)  # type: ignore[arg-type]
+
+
+class _OverlayMermaidMachine(_SpecGraphMachine):
+    style_attributes = copy.deepcopy(_OVERLAY_MERMAID)  # type: ignore[arg-type]
+
+
 class _Model:
     pass
 
 
-def _edge_label(edge: Edge, deadlines: Mapping[str, float | None]) -> str:
+def _edge_label(edge: Edge, deadlines: Mapping[str, float | None],
+                note: str | None = None) -> str:
     if edge.kind == "deadline":
         seconds = deadlines.get(edge.source)
-        return f"deadline {seconds:g} s" if seconds is not None else "deadline"
-    if edge.guarded:
-        return f"{edge.trigger} [guard]"
-    return edge.trigger
+        label = f"deadline {seconds:g} s" if seconds is not None else "deadline"
+    elif edge.guarded:
+        label = f"{edge.trigger} [guard]"
+    else:
+        label = edge.trigger
+    return f"{label} {note}" if note else label
+
+
+def _line_breaks(label: str, engine: str) -> str:
+    """A newline in a label as each engine spells a line break (left-aligned in DOT)."""
+    if "\n" not in label:
+        return label
+    return label.replace("\n", "<br>" if engine == "mermaid" else "\\l")
 
 
 def _build(
@@ -84,7 +148,15 @@ def _build(
     visited: Iterable[str] | None,
     taken: Iterable[tuple[str, str]] | None,
     annotations: Mapping[str, str] | None,
+    ended: Iterable[str] | None = None,
+    stopped: Iterable[str] | None = None,
+    edge_notes: Mapping[tuple[str, str], str] | None = None,
+    untaken_labels: bool = True,
 ) -> str:
+    overlay = visited is not None
+    # Iterables may be one-shot; each is read more than once below.
+    visited = list(visited) if visited is not None else None
+    taken = list(taken) if taken is not None else None
     effective = {s.name: s.deadline for s in spec.states}
     effective.update(deadlines or {})
     annotations = annotations or {}
@@ -95,15 +167,22 @@ def _build(
             label = f"{name} (from any state)"
         if name in annotations:
             label = f"{label} {annotations[name]}"
-        labels[name] = label
+        labels[name] = _line_breaks(label, engine)
     edges = [e for e in spec.edges() if e.trigger not in (CANCEL, UNEXPECTED)]
+    notes = edge_notes or {}
+    hide = set() if untaken_labels or taken is None else {
+        (e.source, e.dest) for e in edges} - set(taken)
     rows = [
         {"trigger": e.trigger, "source": e.source, "dest": e.dest,
-         "label": _edge_label(e, effective)}
+         "label": " " if (e.source, e.dest) in hide  # "" would mean "use the trigger"
+         else _edge_label(e, effective, notes.get((e.source, e.dest)))}
         for e in edges
     ]
     model = _Model()
-    machine = _SpecGraphMachine(
+    machine_cls: type[_SpecGraphMachine] = _SpecGraphMachine
+    if overlay:
+        machine_cls = _OverlayMermaidMachine if engine == "mermaid" else _OverlayDotMachine
+    machine = machine_cls(
         model=model,
         states=list(spec.state_names),
         transitions=rows,
@@ -122,12 +201,14 @@ def _build(
     graph.reset_styling()
     visited_set = set(visited) if visited is not None else None
     taken_set = set(taken) if taken is not None else None
-    last = None
-    if visited is not None:
+    ended_set: set[str] = set(ended) if ended is not None else set()
+    if visited is not None and ended is None:
         visited_list = list(visited)
-        last = visited_list[-1] if visited_list else None
+        if visited_list:
+            ended_set = {visited_list[-1]}
+    stopped_set = set(stopped or ())
     for name in spec.state_names:
-        graph.set_node_style(name, _node_style(spec, name, visited_set, last))
+        graph.set_node_style(name, _node_style(spec, name, visited_set, ended_set, stopped_set))
     for e in edges:
         if taken_set is not None:
             style = "taken" if (e.source, e.dest) in taken_set else "untaken"
@@ -140,14 +221,17 @@ def _build(
 
 
 def _node_style(
-    spec: MachineSpec, name: str, visited: set[str] | None, last: str | None
+    spec: MachineSpec, name: str, visited: set[str] | None, ended: set[str],
+    stopped: set[str],
 ) -> str:
     if visited is not None:
-        if name == last:
+        if name in stopped:
+            return "stopped"
+        if name in ended:
             return "ended_error" if spec.is_error_state(name) else "ended_ok"
         if name in visited:
             return "visited"
-        return "unvisited"
+        return "unvisited_error" if spec.is_error_state(name) else "unvisited"
     if spec.is_error_state(name):
         return "error"
     state = spec.state(name)
@@ -171,6 +255,8 @@ def _fix_mermaid(text: str) -> str:
             continue
         if stripped.startswith("Class "):
             line = line.replace("Class ", "class ", 1)
+        if " --> " in stripped and stripped.endswith(":"):
+            line = line.rstrip()[:-1]  # an edge drawn without a label
         out.append(line.rstrip())
     return "\n".join(out) + "\n"
 
@@ -182,10 +268,22 @@ def to_mermaid(
     visited: Iterable[str] | None = None,
     taken: Iterable[tuple[str, str]] | None = None,
     annotations: Mapping[str, str] | None = None,
+    ended: Iterable[str] | None = None,
+    stopped: Iterable[str] | None = None,
+    edge_notes: Mapping[tuple[str, str], str] | None = None,
+    untaken_labels: bool = True,
 ) -> str:
-    """Mermaid ``stateDiagram-v2`` source for ``spec`` (deterministic)."""
+    """Mermaid ``stateDiagram-v2`` source for ``spec`` (deterministic).
+
+    Overlay (all optional, see the module doc): ``visited`` states, ``taken`` edges,
+    ``ended`` states (default: the last visited), ``stopped`` states (a run cut off
+    there, no end line), ``annotations`` per state and ``edge_notes`` per taken edge;
+    ``untaken_labels=False`` drops the labels of edges not taken (a much narrower
+    picture). A newline in an annotation is a line break.
+    """
     raw = _build(spec, "mermaid", deadlines=deadlines, visited=visited, taken=taken,
-                 annotations=annotations)
+                 annotations=annotations, ended=ended, stopped=stopped,
+                 edge_notes=edge_notes, untaken_labels=untaken_labels)
     return _fix_mermaid(raw)
 
 
@@ -196,8 +294,20 @@ def to_dot(
     visited: Iterable[str] | None = None,
     taken: Iterable[tuple[str, str]] | None = None,
     annotations: Mapping[str, str] | None = None,
+    ended: Iterable[str] | None = None,
+    stopped: Iterable[str] | None = None,
+    edge_notes: Mapping[tuple[str, str], str] | None = None,
+    untaken_labels: bool = True,
 ) -> str:
-    """Graphviz DOT source for ``spec`` (deterministic)."""
+    """Graphviz DOT source for ``spec`` (deterministic).
+
+    Overlay (all optional, see the module doc): ``visited`` states, ``taken`` edges,
+    ``ended`` states (default: the last visited), ``stopped`` states (a run cut off
+    there, no end line), ``annotations`` per state and ``edge_notes`` per taken edge;
+    ``untaken_labels=False`` drops the labels of edges not taken (a much narrower
+    picture). A newline in an annotation is a line break.
+    """
     raw = _build(spec, "graphviz", deadlines=deadlines, visited=visited, taken=taken,
-                 annotations=annotations)
+                 annotations=annotations, ended=ended, stopped=stopped,
+                 edge_notes=edge_notes, untaken_labels=untaken_labels)
     return raw if raw.endswith("\n") else raw + "\n"

@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                       metavar="STATE=SECONDS")
     demo.add_argument("--timeout", type=float, default=120.0,
                       help="kill every rank after this many seconds (default 120)")
+    demo.add_argument("--report", metavar="OUT.html",
+                      help="also write the HTML report of the ranks' traces")
 
     serve = sub.add_parser("serve", help="run one rank")
     serve.add_argument("--rank", required=True)
@@ -67,6 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--deadline", type=_deadline, action="append", default=[],
                        metavar="STATE=SECONDS")
     serve.add_argument("--quiet", action="store_true", help="do not log transitions")
+    serve.add_argument("--supervise", action="store_true",
+                       help="run the rank in a child process and restart it (new session) "
+                            "after peer_lost, a group-init deadline or a crash "
+                            "(docs/operations.md)")
+    serve.add_argument("--max-restarts", type=int, default=5, metavar="N",
+                       help="with --supervise: consecutive restarts before giving up (5)")
+    serve.add_argument("--restart-backoff", default="0.2:5", metavar="MIN:MAX",
+                       help="with --supervise: jittered exponential back-off bounds (0.2:5 s)")
+    serve.add_argument("--stop-grace", type=float, default=2.0, metavar="SECONDS",
+                       help="with --supervise: SIGTERM to SIGKILL grace for a child (2 s)")
 
     diagram = sub.add_parser("diagram", help="write diagrams/ and generated docs")
     diagram.add_argument("--check", action="store_true",
@@ -75,6 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     keygen = sub.add_parser("keygen", help="write a new cluster key (mode 0600)")
     keygen.add_argument("path")
+
+    trace = sub.add_parser("trace", help="latency per state of traces; the path on the diagram")
+    trace.add_argument("files", nargs="+", metavar="FILE", help="JSON-lines trace, one per rank")
+    trace.add_argument("--diagram", metavar="OUT.mmd|OUT.svg|OUT.dot",
+                       help="draw the machine with the path taken (.svg needs Graphviz)")
+
+    report = sub.add_parser("report", help="one self-contained HTML report of traces")
+    report.add_argument("files", nargs="+", metavar="FILE", help="JSON-lines trace, one per rank")
+    report.add_argument("--html", metavar="OUT.html", required=True)
     return parser
 
 
@@ -87,12 +108,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         from states.serve import run_serve
 
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # --supervise re-runs it
         return run_serve(args)
     if args.command == "demo":
         from states.demo import run_demo
 
-        return run_demo(ranks=args.ranks, backend=args.backend, trace_json=args.trace_json,
-                        deadlines=dict(args.deadline), timeout=args.timeout)
+        def demo(trace_json: str | None) -> int:
+            return run_demo(ranks=args.ranks, backend=args.backend, trace_json=trace_json,
+                            deadlines=dict(args.deadline), timeout=args.timeout)
+
+        if args.report:
+            from states.htmlreport import run_demo_with_report
+
+            return run_demo_with_report(demo, ranks=args.ranks, trace_json=args.trace_json,
+                                        out=args.report)
+        return demo(args.trace_json)
+    if args.command == "trace":
+        from states.tracereport import run_trace
+
+        return run_trace(args.files, args.diagram)
+    if args.command == "report":
+        from states.htmlreport import run_report
+
+        return run_report(args.files, args.html)
     raise AssertionError(args.command)
 
 
