@@ -16,6 +16,7 @@ from pathlib import Path
 from fsm import MachineSpec
 from fsm.diagram import to_dot, to_mermaid
 from states.machine import BOOTSTRAP
+from states.supervisor_docs import expected_files as supervisor_files
 
 START = "<!-- generated: bootstrap diagram (clusterfsm diagram) -->"
 END = "<!-- end of generated diagram -->"
@@ -66,6 +67,7 @@ def with_diagram(text: str, spec: MachineSpec = BOOTSTRAP) -> str:
 def expected_files(root: Path) -> dict[Path, str]:
     out = {root / name: text for name, text in diagram_files().items()}
     out[root / "docs/errors.md"] = errors_doc()
+    out.update(supervisor_files(root))
     for doc in ("README.md", "docs/states.md"):
         path = root / doc
         if path.exists():

@@ -44,6 +44,10 @@ def _config_from(args: argparse.Namespace) -> ClusterConfig:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    if getattr(args, "supervise", False):
+        from states.supervisor_cli import run_supervised
+
+        return run_supervised(args)
     try:
         config = _config_from(args)
         from states.machine import BOOTSTRAP

@@ -1,0 +1,778 @@
+"""The rank supervisor: one declared machine that keeps a rank process coming back.
+
+Theory of operation
+-------------------
+MLX keeps one distributed group per process, and ``mx.distributed.init`` holds the
+GIL and cannot be cancelled from inside (DESIGN.md section 3). So after a lost peer
+or a hung init the only clean way back is a *new process* that bootstraps a *new
+session*. The supervisor is that outside party: a small process (or task, see
+:mod:`states.supervised`) that never imports MLX, runs the rank as a child, watches
+what the child reports, and replaces it::
+
+    launching -> bootstrapping -> running
+        ^             | failed/stuck   | lost
+        |             v                v
+        +-- backing_off <---------- stopping
+
+Rule 1 (as in :mod:`states.machine`): which state comes next is decided only by the
+table :data:`SUPERVISOR` below. Activities start, watch and stop the child and return
+a trigger; a child's failure is an *event* (it leads to a restart), not an error of
+the supervisor. The supervisor's own error states are for what a restart cannot fix:
+
+- ``restart_budget_exhausted``: more consecutive failed generations than allowed
+  (a generation that stayed ready for ``stable_after_s`` resets the count);
+- ``child_misconfigured``: the child exited with the usage exit code (bad flags, bad
+  key file): restarting it would fail the same way;
+- ``spawn_failed``: the child program could not be started at all;
+- ``child_unkillable``: a child survived SIGKILL past the deadline (a process stuck
+  in the kernel); nothing more can be done from user space;
+- ``supervisor_stalled``: a backstop deadline of the supervisor itself passed (a bug:
+  every wait in an activity has a tighter bound of its own).
+
+Every child gets a new *epoch* (nanoseconds since the epoch, strictly increasing per
+supervisor, in ``CLUSTERFSM_EPOCH``), so a coordinator can tell an old generation of a
+node from its current one (docs/protocol.md, HELLO; docs/operations.md).
+
+The child is watched through its output lines (the ``serve`` contract, DESIGN.md
+section 4): each transition ``rank R: SRC --EVENT--> DEST (T ms)``, the
+``DistributedGroup ready ...`` line, and on failure ``state STATE, error TYPE: ...``
+on stderr (the init watchdog prints the same shape when it kills a frozen rank).
+A ``peer_lost`` transition is acted on at once; the child's exit is seen by
+``wait()``, not by the pipes' EOF (the watchdog grandchild may hold them open).
+
+Cancellation: the supervisor's nursery owns the child and its reader tasks. Leaving
+:func:`run_supervisor` - normally, by error, or cancelled - kills and reaps the
+child (shielded), so no rank outlives its supervisor.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Protocol
+
+import attrs
+import trio
+
+from fsm import (
+    ErrorState,
+    MachineSpec,
+    Outcome,
+    Runner,
+    State,
+    StateTimeout,
+    TraceRecord,
+    Transition,
+    machine_spec,
+    report_progress,
+)
+from fsm.runner import Observer
+
+# -- errors -------------------------------------------------------------------------
+
+
+@attrs.frozen(auto_exc=True)
+class RestartBudgetExhausted(Exception):
+    """Too many consecutive generations failed; ``last_failure`` says how the last did."""
+
+    restarts: int
+    generations: int
+    last_failure: str
+
+    def __str__(self) -> str:
+        return (f"gave up after {self.restarts} restart(s) ({self.generations} "
+                f"generation(s)); last: {self.last_failure}")
+
+
+@attrs.frozen(auto_exc=True)
+class ChildSpawnFailed(Exception):
+    """The rank's child process could not be started (missing interpreter, ...)."""
+
+    generation: int
+    detail: str
+
+    def __str__(self) -> str:
+        return f"generation {self.generation} could not be started: {self.detail}"
+
+
+@attrs.frozen(auto_exc=True)
+class ChildMisconfigured(Exception):
+    """The child exited with the usage exit code: a restart would fail the same way."""
+
+    generation: int
+    returncode: int
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return (f"generation {self.generation} exited {self.returncode} (bad usage or "
+                f"configuration): {self.detail or 'see its stderr'}")
+
+
+@attrs.frozen(auto_exc=True)
+class ChildStopTimeout(StateTimeout):
+    """A child did not exit even after SIGKILL (stuck in the kernel)."""
+
+
+@attrs.frozen(auto_exc=True)
+class SupervisorStalled(StateTimeout):
+    """A backstop deadline of the supervisor itself passed (a supervisor bug)."""
+
+
+# -- what a child reports -----------------------------------------------------------
+
+
+@attrs.frozen
+class ChildTransition:
+    """The child's machine moved to ``dest`` (a transition log line)."""
+
+    generation: int
+    source: str
+    event: str
+    dest: str
+
+
+@attrs.frozen
+class ChildReady:
+    """The child printed ``DistributedGroup ready`` (after ``--verify``'s all_sum)."""
+
+    generation: int
+    session: str
+    line: str
+
+
+@attrs.frozen
+class ChildFailed:
+    """The child printed its error state and error type (stderr)."""
+
+    generation: int
+    state: str
+    error: str
+    detail: str
+
+
+@attrs.frozen
+class ChildExited:
+    """The child process ended and was reaped."""
+
+    generation: int
+    returncode: int
+
+
+@attrs.frozen
+class StopRequested:
+    """The operator (a signal) or the embedding app asked the supervisor to stop."""
+
+
+ChildEvent = ChildTransition | ChildReady | ChildFailed | ChildExited
+InboxItem = ChildEvent | StopRequested
+
+_TRANSITION = re.compile(r"^rank \S+: (\w+) --(\w+)--> (\w+) \(")
+_READY = re.compile(r"DistributedGroup ready\b.*?(?:session=(\w+))?\s*$")
+_FAILED = re.compile(r"\bstate (\w+), error (\w+): ?(.*)$")
+
+
+def parse_line(generation: int, line: str) -> ChildEvent | None:
+    """The event a child's output line reports, or None for any other line."""
+    m = _TRANSITION.match(line)
+    if m:
+        return ChildTransition(generation, m[1], m[2], m[3])
+    m = _READY.search(line)
+    if m:
+        return ChildReady(generation, m[1] or "", line)
+    m = _FAILED.search(line)
+    if m:
+        return ChildFailed(generation, m[1], m[2], m[3])
+    return None
+
+
+@attrs.frozen
+class ChildFailure:
+    """How one generation ended, for the log and the final error."""
+
+    generation: int
+    state: str
+    error: str
+    detail: str = ""
+    returncode: int | None = None
+
+    def __str__(self) -> str:
+        code = "" if self.returncode is None else f", exit {self.returncode}"
+        tail = f": {self.detail}" if self.detail else ""
+        return f"generation {self.generation} ended in {self.state} ({self.error}{code}){tail}"
+
+
+# -- the child process --------------------------------------------------------------
+
+
+class Child(Protocol):
+    """One running generation, as the supervisor sees it."""
+
+    generation: int
+    epoch: int
+
+    @property
+    def pid(self) -> int | None: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    def terminate(self) -> None: ...
+
+    def kill(self) -> None: ...
+
+    async def wait(self) -> int: ...
+
+
+class Launcher(Protocol):
+    """Starts generation ``generation`` with ``epoch``; events go to ``inbox``.
+
+    The launcher runs the child's reader tasks in ``nursery`` and sends a
+    :class:`ChildExited` when the child has been reaped.
+    """
+
+    async def launch(self, generation: int, epoch: int, nursery: trio.Nursery,
+                     inbox: trio.MemorySendChannel[InboxItem]) -> Child: ...
+
+
+class ProcessChild:
+    """A real child process (``trio.Process``) with its stdout/stderr watched."""
+
+    def __init__(self, process: trio.Process, generation: int, epoch: int) -> None:
+        self.process = process
+        self.generation = generation
+        self.epoch = epoch
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode
+
+    def terminate(self) -> None:
+        if self.process.returncode is None:
+            self.process.terminate()
+
+    def kill(self) -> None:
+        if self.process.returncode is None:
+            self.process.kill()
+
+    async def wait(self) -> int:
+        return await self.process.wait()
+
+
+#: The child's generation epoch is handed to it in this environment variable.
+EPOCH_ENV = "CLUSTERFSM_EPOCH"
+
+
+class ProcessLauncher:
+    """Starts ``command(generation, epoch)`` as a child and relays its lines.
+
+    The epoch is also in the child's environment (:data:`EPOCH_ENV`).
+
+    Every line is passed to ``echo(generation, stream, line)`` (the supervisor prints
+    them, prefixed, so the operator still sees the rank's own log) and parsed into
+    events with :func:`parse_line`.
+    """
+
+    def __init__(self, command: Callable[[int, int], Sequence[str]], *,
+                 env: Mapping[str, str] | None = None,
+                 echo: Callable[[int, str, str], None] = lambda g, s, line: None) -> None:
+        self.command = command
+        self.env = dict(os.environ if env is None else env)
+        self.echo = echo
+
+    async def launch(self, generation: int, epoch: int, nursery: trio.Nursery,
+                     inbox: trio.MemorySendChannel[InboxItem]) -> Child:
+        env = dict(self.env, **{EPOCH_ENV: str(epoch)})
+        process = await trio.lowlevel.open_process(
+            list(self.command(generation, epoch)), stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, env=env)
+        child = ProcessChild(process, generation, epoch)
+        assert process.stdout is not None and process.stderr is not None
+        for name, stream in (("stdout", process.stdout), ("stderr", process.stderr)):
+            nursery.start_soon(self._relay, generation, name, stream, inbox.clone())
+        nursery.start_soon(self._reap, child, inbox.clone())
+        return child
+
+    async def _relay(self, generation: int, name: str, stream: trio.abc.ReceiveStream,
+                     inbox: trio.MemorySendChannel[InboxItem]) -> None:
+        buffer = b""
+        async with inbox, stream:
+            while True:
+                try:
+                    chunk = await stream.receive_some(65536)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    chunk = b""
+                if not chunk:
+                    break
+                buffer += chunk
+                while b"\n" in buffer:
+                    raw, buffer = buffer.split(b"\n", 1)
+                    self._line(generation, name, raw, inbox)
+            if buffer:
+                self._line(generation, name, buffer, inbox)
+
+    def _line(self, generation: int, name: str, raw: bytes,
+              inbox: trio.MemorySendChannel[InboxItem]) -> None:
+        line = raw.decode(errors="replace").rstrip("\r")
+        self.echo(generation, name, line)
+        event = parse_line(generation, line)
+        if event is not None:
+            inbox.send_nowait(event)
+
+    async def _reap(self, child: ProcessChild,
+                    inbox: trio.MemorySendChannel[InboxItem]) -> None:
+        async with inbox:
+            code = await child.wait()
+            inbox.send_nowait(ChildExited(child.generation, code))
+
+
+# -- policy and context -------------------------------------------------------------
+
+#: Exit code of a child that refused its usage/configuration (states.exitcodes).
+EXIT_USAGE_CODE = 2
+
+
+def _positive(_inst: object, attr: attrs.Attribute[float], value: float) -> None:
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{attr.name} must be a positive number of seconds, got {value!r}")
+
+
+@attrs.frozen
+class RestartPolicy:
+    """How often and how fast to restart; validated where it is built.
+
+    ``max_restarts`` bounds *consecutive* restarts: a generation that stayed ready
+    for ``stable_after_s`` resets the count and the back-off. Back-off is
+    exponential from ``backoff_min_s`` to ``backoff_max_s`` with "equal jitter"
+    (half fixed, half random), so two nodes restarting together do not keep
+    colliding, yet every wait is at least half the nominal one.
+    """
+
+    max_restarts: int = 5
+    backoff_min_s: float = attrs.field(default=0.2, validator=_positive)
+    backoff_max_s: float = attrs.field(default=5.0, validator=_positive)
+    stop_grace_s: float = attrs.field(default=2.0, validator=_positive)
+    stable_after_s: float = attrs.field(default=10.0, validator=_positive)
+    #: Bound on a generation reaching ready (its own deadlines sum lower).
+    bootstrap_timeout_s: float = attrs.field(default=120.0, validator=_positive)
+    #: How long a reaped-after-SIGKILL wait may take before ``child_unkillable``.
+    kill_wait_s: float = attrs.field(default=5.0, validator=_positive)
+
+    def __attrs_post_init__(self) -> None:
+        if self.max_restarts < 0:
+            raise ValueError(f"max_restarts must be >= 0, got {self.max_restarts}")
+        if self.backoff_min_s > self.backoff_max_s:
+            raise ValueError("backoff_min_s must not exceed backoff_max_s")
+
+    def backoff(self, attempt: int, rng: random.Random) -> float:
+        """The wait before restart number ``attempt + 1`` (0-based attempt)."""
+        nominal = min(self.backoff_max_s, self.backoff_min_s * 2.0 ** min(attempt, 32))
+        return nominal / 2 + rng.uniform(0, nominal / 2)
+
+    def deadlines(self) -> dict[str, float]:
+        """The supervisor states' backstop deadlines, derived from this policy."""
+        stop = self.stop_grace_s + self.kill_wait_s
+        return {
+            "launching": 30.0,
+            "bootstrapping": self.bootstrap_timeout_s + 5.0,
+            "stopping": stop,
+            "backing_off": self.backoff_max_s + 5.0,
+            "shutting_down": stop,
+        }
+
+
+def epoch_clock() -> Callable[[], int]:
+    """Epochs from the wall clock in ns, strictly increasing even if the clock steps
+    back: a node's later generation always carries a larger epoch, also across a
+    restart of the supervisor itself (a counter would start again at 1)."""
+    last = 0
+
+    def next_epoch() -> int:
+        nonlocal last
+        last = max(time.time_ns(), last + 1)
+        return last
+
+    return next_epoch
+
+
+@attrs.define
+class SupervisorContext:
+    """What the supervisor's states share for one supervised rank."""
+
+    launcher: Launcher
+    policy: RestartPolicy
+    nursery: trio.Nursery
+    inbox: trio.MemorySendChannel[InboxItem]
+    events: trio.MemoryReceiveChannel[InboxItem]
+    rng: random.Random = attrs.field(factory=random.Random)
+    next_epoch: Callable[[], int] = attrs.field(factory=epoch_clock)
+    log: Callable[[str], None] = lambda _text: None
+    #: Called with each generation's story: ("ready"|"lost"|"failed", generation, detail).
+    on_generation: Callable[[str, int, str], None] = lambda _k, _g, _d: None
+
+    generation: int = 0
+    epoch: int = 0
+    restarts: int = 0
+    child: Child | None = None
+    failure: ChildFailure | None = None
+    ready_at: float | None = None
+    lost_at: float | None = None
+    session: str = ""
+    #: Seconds from each loss to the next generation's ready (time to recover).
+    recoveries: list[float] = attrs.field(factory=list)
+    stop_requested: bool = False
+
+    def request_stop(self) -> None:
+        """Ask the supervisor to stop the child and end in ``stopped``."""
+        if not self.stop_requested:
+            self.stop_requested = True
+            self.inbox.send_nowait(StopRequested())
+
+
+# -- activities ---------------------------------------------------------------------
+
+
+async def _next_event(ctx: SupervisorContext) -> InboxItem:
+    """The next stop request or event of the *current* generation (older ones dropped)."""
+    while True:
+        item = await ctx.events.receive()
+        if isinstance(item, StopRequested) or item.generation == ctx.generation:
+            return item
+
+
+async def launching(ctx: SupervisorContext) -> str:
+    """Start a new generation with a new epoch (it bootstraps a new session)."""
+    ctx.generation += 1
+    ctx.epoch = ctx.next_epoch()
+    ctx.failure = None
+    ctx.ready_at = None
+    ctx.session = ""
+    report_progress(f"starting generation {ctx.generation}")
+    try:
+        ctx.child = await ctx.launcher.launch(ctx.generation, ctx.epoch, ctx.nursery, ctx.inbox)
+    except OSError as exc:
+        raise ChildSpawnFailed(ctx.generation, str(exc)) from exc
+    ctx.log(f"generation {ctx.generation} started (pid {ctx.child.pid}, epoch {ctx.epoch})")
+    return "launched"
+
+
+def _misconfigured(ctx: SupervisorContext, code: int) -> ChildMisconfigured:
+    detail = ctx.failure.detail if ctx.failure is not None else ""
+    return ChildMisconfigured(ctx.generation, code, detail)
+
+
+async def bootstrapping(ctx: SupervisorContext) -> str:
+    """Wait for the child's ready line; its failure, exit or silence ends the generation."""
+    bound = ctx.policy.bootstrap_timeout_s
+    state = "started"
+    with trio.move_on_after(bound):
+        while True:
+            report_progress(f"generation {ctx.generation} in {state}")
+            item = await _next_event(ctx)
+            if isinstance(item, StopRequested):
+                return "shutdown"
+            if isinstance(item, ChildTransition):
+                state = item.dest
+            elif isinstance(item, ChildReady):
+                ctx.ready_at = trio.current_time()
+                ctx.session = item.session
+                return "child_ready"
+            elif isinstance(item, ChildFailed):
+                ctx.failure = ChildFailure(ctx.generation, item.state, item.error, item.detail)
+            else:
+                if item.returncode == EXIT_USAGE_CODE:
+                    raise _misconfigured(ctx, item.returncode)
+                ctx.failure = attrs.evolve(
+                    ctx.failure or ChildFailure(ctx.generation, state, "ChildExited"),
+                    returncode=item.returncode)
+                return "child_failed"
+    ctx.failure = ChildFailure(ctx.generation, state, "BootstrapStalled",
+                               f"not ready within {bound:g} s")
+    return "child_stuck"
+
+
+async def running(ctx: SupervisorContext) -> str:
+    """The child's group is up. Its ``peer_lost`` (or any exit) ends the generation."""
+    while True:
+        item = await _next_event(ctx)
+        if isinstance(item, StopRequested):
+            return "shutdown"
+        if isinstance(item, ChildTransition) and item.dest == "peer_lost":
+            ctx.failure = ChildFailure(ctx.generation, "peer_lost", "PeerLost")
+            return "child_lost"
+        if isinstance(item, ChildFailed):
+            ctx.failure = ChildFailure(ctx.generation, item.state, item.error, item.detail)
+            return "child_lost"
+        if isinstance(item, ChildExited):
+            if item.returncode == EXIT_USAGE_CODE:
+                raise _misconfigured(ctx, item.returncode)
+            ctx.failure = ChildFailure(ctx.generation, "ready", "ChildExited",
+                                       returncode=item.returncode)
+            return "child_lost"
+
+
+async def _stop_child(ctx: SupervisorContext) -> None:
+    """SIGTERM, ``stop_grace_s`` to exit, then SIGKILL; always reaped before returning."""
+    child = ctx.child
+    if child is None:
+        return
+    if child.returncode is None:
+        report_progress(f"SIGTERM to generation {child.generation} (pid {child.pid})")
+        child.terminate()
+        with trio.move_on_after(ctx.policy.stop_grace_s):
+            await child.wait()
+        if child.returncode is None:
+            ctx.log(f"generation {child.generation} ignored SIGTERM for "
+                    f"{ctx.policy.stop_grace_s:g} s: SIGKILL")
+            report_progress(f"SIGKILL to generation {child.generation} (pid {child.pid})")
+            child.kill()
+    await child.wait()
+    ctx.child = None
+
+
+async def stopping(ctx: SupervisorContext) -> str:
+    """End the failed generation (SIGTERM, grace, SIGKILL) and reap it."""
+    failed_at = trio.current_time()
+    await _stop_child(ctx)
+    if ctx.lost_at is None:
+        ctx.lost_at = failed_at
+    if ctx.ready_at is not None and failed_at - ctx.ready_at >= ctx.policy.stable_after_s:
+        ctx.restarts = 0  # it was stable: this is a fresh failure, not a flapping one
+    failure = ctx.failure or ChildFailure(ctx.generation, "unknown", "ChildExited")
+    ctx.log(f"{failure}")
+    ctx.on_generation("lost" if ctx.ready_at is not None else "failed", ctx.generation,
+                      str(failure))
+    return "stopped"
+
+
+async def backing_off(ctx: SupervisorContext) -> str:
+    """Wait the jittered back-off, or give up once the restart budget is spent."""
+    if ctx.restarts >= ctx.policy.max_restarts:
+        raise RestartBudgetExhausted(ctx.restarts, ctx.generation,
+                                     str(ctx.failure or "no failure recorded"))
+    delay = ctx.policy.backoff(ctx.restarts, ctx.rng)
+    ctx.restarts += 1
+    ctx.log(f"restart {ctx.restarts}/{ctx.policy.max_restarts} in {delay:.3f} s")
+    report_progress(f"back-off {delay:.3f} s before restart {ctx.restarts}")
+    with trio.move_on_after(delay):
+        while True:
+            item = await _next_event(ctx)
+            if isinstance(item, StopRequested):
+                return "shutdown"
+    return "relaunch"
+
+
+async def shutting_down(ctx: SupervisorContext) -> str:
+    """Asked to stop: end the current child (if any) the same careful way."""
+    await _stop_child(ctx)
+    return "stopped"
+
+
+SUPERVISOR: MachineSpec = machine_spec(
+    "supervisor",
+    initial="launching",
+    doc="Keeps one rank coming back: a new child process and session per generation.",
+    states=[
+        State("launching", launching, deadline=30.0, on_timeout=SupervisorStalled,
+              raises=(ChildSpawnFailed,),
+              doc="Start a child rank process with a new epoch."),
+        State("bootstrapping", bootstrapping, deadline=125.0, on_timeout=SupervisorStalled,
+              raises=(ChildMisconfigured,),
+              doc="Wait for the child's ready line; a failure, exit or bound ends it."),
+        State("running", running, steady=True, raises=(ChildMisconfigured,),
+              doc="The child's group is up; watch for peer_lost or an exit."),
+        State("stopping", stopping, deadline=7.0, on_timeout=ChildStopTimeout,
+              doc="SIGTERM, grace, SIGKILL; reap the child."),
+        State("backing_off", backing_off, deadline=10.0, on_timeout=SupervisorStalled,
+              raises=(RestartBudgetExhausted,),
+              doc="Jittered exponential back-off; give up when the budget is spent."),
+        State("shutting_down", shutting_down, deadline=7.0, on_timeout=ChildStopTimeout,
+              doc="Asked to stop: end the child the same way, then stop."),
+        State("stopped", doc="Stopped on request; no child is left."),
+    ],
+    transitions=[
+        Transition("launching", "launched", "bootstrapping"),
+        Transition("bootstrapping", "child_ready", "running"),
+        Transition("bootstrapping", "child_failed", "stopping"),
+        Transition("bootstrapping", "child_stuck", "stopping"),
+        Transition("running", "child_lost", "stopping"),
+        Transition("stopping", "stopped", "backing_off"),
+        Transition("backing_off", "relaunch", "launching"),
+        Transition("bootstrapping", "shutdown", "shutting_down"),
+        Transition("running", "shutdown", "shutting_down"),
+        Transition("backing_off", "shutdown", "shutting_down"),
+        Transition("shutting_down", "stopped", "stopped"),
+    ],
+    errors=[
+        ErrorState("spawn_failed", ChildSpawnFailed,
+                   doc="The child rank process could not be started.",
+                   remedy="Check the Python interpreter and the installation."),
+        ErrorState("child_misconfigured", ChildMisconfigured,
+                   doc="The child exited with the usage code (bad flags or key file); "
+                       "restarting cannot help.",
+                   remedy="Fix the serve flags / key file shown in the child's stderr."),
+        ErrorState("restart_budget_exhausted", RestartBudgetExhausted,
+                   doc="More consecutive generations failed than --max-restarts allows.",
+                   remedy="Read the last failure named; start the missing peer or fix "
+                          "the network, then start the supervisor again."),
+        ErrorState("child_unkillable", ChildStopTimeout,
+                   doc="A child did not exit even after SIGKILL (stuck in the kernel).",
+                   remedy="Inspect the process (D state, driver hang); reboot the node."),
+        ErrorState("supervisor_stalled", SupervisorStalled,
+                   doc="A backstop deadline of the supervisor itself passed (a bug).",
+                   remedy="Report it with the supervisor's trace."),
+    ],
+)
+
+
+# -- running it ---------------------------------------------------------------------
+
+
+async def run_supervisor(
+    launcher: Launcher,
+    policy: RestartPolicy,
+    *,
+    rng: random.Random | None = None,
+    next_epoch: Callable[[], int] | None = None,
+    log: Callable[[str], None] = lambda _text: None,
+    on_generation: Callable[[str, int, str], None] = lambda _k, _g, _d: None,
+    observers: Iterable[Observer] = (),
+    started: Callable[[SupervisorContext], None] = lambda _ctx: None,
+) -> Outcome:
+    """Run the supervisor machine until ``stopped`` or a final error; return the outcome.
+
+    ``started(ctx)`` is called once the context exists (signal handlers and the
+    embedding API call ``ctx.request_stop()`` through it). The child is killed and
+    reaped on every way out, cancellation included.
+    """
+    send, receive = trio.open_memory_channel[InboxItem](math.inf)
+    async with trio.open_nursery() as nursery:
+        ctx = SupervisorContext(
+            launcher=launcher, policy=policy, nursery=nursery, inbox=send, events=receive,
+            rng=rng or random.Random(), next_epoch=next_epoch or epoch_clock(), log=log,
+            on_generation=on_generation)
+
+        def note(record: TraceRecord) -> None:
+            if record.dest == "running" and ctx.lost_at is not None:
+                ctx.recoveries.append(record.t - ctx.lost_at)
+                ctx.log(f"generation {ctx.generation} ready (session {ctx.session or '?'}), "
+                        f"recovered {record.t - ctx.lost_at:.3f} s after the loss")
+            if record.dest == "running":
+                ctx.lost_at = None
+                ctx.on_generation("ready", ctx.generation, ctx.session)
+
+        runner: Runner[SupervisorContext] = Runner(
+            SUPERVISOR, ctx, deadlines=policy.deadlines(), observers=[note, *observers])
+        started(ctx)
+        try:
+            outcome = await runner.run()
+        finally:
+            with trio.CancelScope(shield=True):
+                await _kill_and_reap(ctx)
+            nursery.cancel_scope.cancel()
+    return outcome
+
+
+async def _kill_and_reap(ctx: SupervisorContext) -> None:
+    child = ctx.child
+    if child is not None:
+        child.kill()
+        with trio.move_on_after(ctx.policy.kill_wait_s):
+            await child.wait()
+        ctx.child = None
+
+
+# -- the CLI side: child command lines ----------------------------------------------
+
+#: Flags of ``serve`` that belong to the supervisor, with whether they take a value.
+SUPERVISOR_FLAGS: Mapping[str, bool] = {
+    "--supervise": False,
+    "--max-restarts": True,
+    "--restart-backoff": True,
+    "--stop-grace": True,
+    "--trace-json": True,
+    "--once": False,
+}
+
+
+def strip_flags(argv: Sequence[str], flags: Mapping[str, bool] = SUPERVISOR_FLAGS
+                ) -> list[str]:
+    """``argv`` without the supervisor's own flags (``--flag V`` and ``--flag=V``)."""
+    out: list[str] = []
+    skip = False
+    for token in argv:
+        if skip:
+            skip = False
+            continue
+        name = token.split("=", 1)[0]
+        if name in flags:
+            skip = flags[name] and "=" not in token
+            continue
+        out.append(token)
+    return out
+
+
+def generation_trace_path(base: str, generation: int) -> str:
+    """``run.jsonl`` -> ``run.gen3.jsonl``: one child trace per generation."""
+    root, dot, ext = base.rpartition(".")
+    if not dot or "/" in ext:
+        return f"{base}.gen{generation}"
+    return f"{root}.gen{generation}.{ext}"
+
+
+def child_command(serve_argv: Sequence[str], trace: str | None
+                  ) -> Callable[[int, int], list[str]]:
+    """The child's command line per generation: ``serve`` without supervision."""
+    base = strip_flags(serve_argv)
+
+    def command(generation: int, _epoch: int) -> list[str]:
+        cmd = [sys.executable, "-m", "states.cli", *base]
+        if trace:
+            cmd += ["--trace-json", generation_trace_path(trace, generation)]
+        return cmd
+
+    return command
+
+
+def parse_backoff(text: str) -> tuple[float, float]:
+    """``MIN:MAX`` seconds, e.g. ``0.2:5``."""
+    low, sep, high = text.partition(":")
+    try:
+        pair = (float(low), float(high if sep else low))
+    except ValueError:
+        raise ValueError(f"expected MIN:MAX seconds, got {text!r}") from None
+    if not all(v > 0 and math.isfinite(v) for v in pair) or pair[0] > pair[1]:
+        raise ValueError(f"expected 0 < MIN <= MAX seconds, got {text!r}")
+    return pair
+
+
+__all__ = [
+    "SUPERVISOR",
+    "Child",
+    "ChildExited",
+    "ChildFailed",
+    "ChildMisconfigured",
+    "ChildReady",
+    "ChildSpawnFailed",
+    "ChildStopTimeout",
+    "ChildTransition",
+    "Launcher",
+    "ProcessLauncher",
+    "RestartBudgetExhausted",
+    "RestartPolicy",
+    "SupervisorContext",
+    "SupervisorStalled",
+    "child_command",
+    "epoch_clock",
+    "parse_line",
+    "run_supervisor",
+]
