@@ -79,16 +79,6 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --supervise: jittered exponential back-off bounds (0.2:5 s)")
     serve.add_argument("--stop-grace", type=float, default=2.0, metavar="SECONDS",
                        help="with --supervise: SIGTERM to SIGKILL grace for a child (2 s)")
-    serve.add_argument("--supervise", action="store_true",
-                       help="run the rank in a child process and restart it (new session) "
-                            "after peer_lost, a group-init deadline or a crash "
-                            "(docs/operations.md)")
-    serve.add_argument("--max-restarts", type=int, default=5, metavar="N",
-                       help="with --supervise: consecutive restarts before giving up (5)")
-    serve.add_argument("--restart-backoff", default="0.2:5", metavar="MIN:MAX",
-                       help="with --supervise: jittered exponential back-off bounds (0.2:5 s)")
-    serve.add_argument("--stop-grace", type=float, default=2.0, metavar="SECONDS",
-                       help="with --supervise: SIGTERM to SIGKILL grace for a child (2 s)")
 
     diagram = sub.add_parser("diagram", help="write diagrams/ and generated docs")
     diagram.add_argument("--check", action="store_true",
