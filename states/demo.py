@@ -10,17 +10,25 @@ is removed.
 
 from __future__ import annotations
 
+import importlib
+import os
+import selectors
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
-import trio
+import attrs
 
 from fsm import read_trace, state_totals
 from states.keys import write_key
+
+#: After a timeout or an interrupt, how long ranks get to exit on SIGTERM before SIGKILL.
+STOP_GRACE = 1.0
 
 
 def free_port() -> int:
@@ -35,15 +43,15 @@ def rank_trace_path(base: str | Path, rank: int) -> Path:
     return base.with_name(f"{base.stem}.rank{rank}{base.suffix or '.jsonl'}")
 
 
-def serve_command(rank: int, ranks: int, port: int, key: Path, trace: Path, backend: str,
-                  deadlines: dict[str, float]) -> list[str]:
-    cmd = [sys.executable, "-m", "states.cli", "serve", "--rank", str(rank),
-           "--world-size", str(ranks), "--key-file", str(key), "--backend", backend,
-           "--trace-json", str(trace), "--once", "--verify", "--quiet"]
-    cmd += ["--listen", f"127.0.0.1:{port}"] if rank == 0 else ["--peer", f"127.0.0.1:{port}"]
+def serve_argv(rank: int, ranks: int, port: int, key: Path, trace: Path, backend: str,
+               deadlines: dict[str, float]) -> list[str]:
+    """The ``clusterfsm serve`` arguments of one rank (what ``serve --help`` documents)."""
+    argv = ["serve", "--rank", str(rank), "--world-size", str(ranks), "--key-file", str(key),
+            "--backend", backend, "--trace-json", str(trace), "--once", "--verify", "--quiet"]
+    argv += ["--listen", f"127.0.0.1:{port}"] if rank == 0 else ["--peer", f"127.0.0.1:{port}"]
     for state, seconds in deadlines.items():
-        cmd += ["--deadline", f"{state}={seconds:g}"]
-    return cmd
+        argv += ["--deadline", f"{state}={seconds:g}"]
+    return argv
 
 
 def run_demo(*, ranks: int, backend: str, trace_json: str | None,
@@ -56,27 +64,157 @@ def run_demo(*, ranks: int, backend: str, trace_json: str | None,
         traces = [rank_trace_path(trace_json or Path(tmp) / "trace.jsonl", r)
                   for r in range(ranks)]
         port = free_port()
-        commands = [serve_command(r, ranks, port, key, traces[r], backend, deadlines)
-                    for r in range(ranks)]
+        argvs = [serve_argv(r, ranks, port, key, traces[r], backend, deadlines)
+                 for r in range(ranks)]
         started = time.monotonic()
-        results = trio.run(_run_all, commands, timeout)
+        results = run_ranks(argvs, timeout)
         wall = time.monotonic() - started
         return _report(results, traces, ranks, wall)
 
 
-async def _run_all(commands: list[list[str]], limit_s: float
-                   ) -> list[subprocess.CompletedProcess[bytes] | None]:
-    results: list[subprocess.CompletedProcess[bytes] | None] = [None] * len(commands)
+# -- rank processes forked from this (warm) interpreter -------------------------------
 
-    async def one(i: int) -> None:
-        results[i] = await trio.run_process(commands[i], check=False,
-                                            capture_stdout=True, capture_stderr=True)
 
-    with trio.move_on_after(limit_s):
-        async with trio.open_nursery() as nursery:
-            for i in range(len(commands)):
-                nursery.start_soon(one, i)
-    return results  # a None entry was killed at the timeout (run_process reaps it)
+def preload() -> None:
+    """Import what every rank needs once, here, so forked ranks start warm.
+
+    Starting ``python -m states.cli serve`` per rank costs each rank an interpreter
+    and ~200 ms of imports (trio, attrs, the machine), on top of this process's own;
+    a fork of this process costs ~1 ms. MLX is preloaded only on Linux: on macOS a
+    forked child must not inherit Metal/Objective-C state, so ranks import it there.
+    """
+    modules = ["states.api", "states.serve", "states.machine", "states.errors"]
+    if sys.platform == "linux":
+        modules.append("mlx.core")
+    for name in modules:
+        importlib.import_module(name)
+
+
+@attrs.define
+class RankProcess:
+    """A forked rank: its pid and the read ends of its stdout and stderr pipes."""
+
+    argv: list[str]
+    pid: int
+    fds: dict[int, str]  # open read ends: fd -> "stdout" | "stderr"
+    out: dict[str, bytearray] = attrs.field(
+        factory=lambda: {"stdout": bytearray(), "stderr": bytearray()})
+    returncode: int | None = None
+    timed_out: bool = False
+
+    def close_fd(self, fd: int) -> None:
+        del self.fds[fd]
+        os.close(fd)
+
+    def reap(self, *, block: bool) -> None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, 0 if block else os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+
+
+def fork_rank(argv: list[str], close_in_child: list[int]) -> RankProcess:
+    """Fork one rank that runs ``clusterfsm <argv>`` in this already-warm interpreter.
+
+    Must be called before any ``trio.run`` or thread of this process. The child never
+    returns: it exits with the command's exit code via ``os._exit`` (no atexit
+    handlers, so this process's temp directory is not removed by a child).
+    """
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the rank
+        code = 1
+        try:
+            os.dup2(out_w, 1)
+            os.dup2(err_w, 2)
+            for fd in (out_r, out_w, err_r, err_w, *close_in_child):
+                os.close(fd)
+            from states.cli import main
+
+            code = main(argv)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:  # noqa: BLE001 - a crash is reported on stderr, exit 1
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    os.close(out_w)
+    os.close(err_w)
+    return RankProcess(argv, pid, {out_r: "stdout", err_r: "stderr"})
+
+
+def run_ranks(argvs: list[list[str]], limit_s: float
+              ) -> list[subprocess.CompletedProcess[bytes] | None]:
+    """Fork every rank (rank 0 first, so it listens first) and collect their output.
+
+    Every child is reaped before this returns: at ``limit_s`` or on an interrupt the
+    ones still running get SIGTERM, then SIGKILL after ``STOP_GRACE``. A ``None``
+    entry was still running at the timeout.
+    """
+    preload()
+    children: list[RankProcess] = []
+    try:
+        for argv in argvs:
+            children.append(fork_rank(argv, [fd for c in children for fd in c.fds]))
+        if not _drain(children, time.monotonic() + limit_s):
+            for child in children:
+                child.timed_out = child.returncode is None
+    finally:
+        _stop(children)
+    return [None if c.timed_out or c.returncode is None
+            else subprocess.CompletedProcess(c.argv, c.returncode, bytes(c.out["stdout"]),
+                                             bytes(c.out["stderr"]))
+            for c in children]
+
+
+def _drain(children: list[RankProcess], deadline: float) -> bool:
+    """Read the children's pipes until EOF (the rank and its watchdog have exited),
+    reaping each child whose pipes are closed. True if all were done by ``deadline``."""
+    owners = {fd: c for c in children for fd in c.fds}
+    with selectors.DefaultSelector() as sel:
+        for fd in owners:
+            sel.register(fd, selectors.EVENT_READ)
+        while owners:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            for key, _ in sel.select(remaining):
+                fd = int(key.fd)
+                child = owners[fd]
+                chunk = os.read(fd, 65536)
+                if chunk:
+                    child.out[child.fds[fd]] += chunk
+                    continue
+                sel.unregister(fd)
+                del owners[fd]
+                child.close_fd(fd)
+                if not child.fds:  # only os._exit or death closes them: it is exiting
+                    child.reap(block=True)
+    return True
+
+
+def _stop(children: list[RankProcess]) -> None:
+    """SIGTERM what still runs, SIGKILL it after ``STOP_GRACE``; reap every child."""
+    running = [c for c in children if c.returncode is None]
+    for child in running:
+        child.reap(block=False)
+        if child.returncode is None:
+            os.kill(child.pid, signal.SIGTERM)
+    still = [c for c in running if c.returncode is None]
+    if still:
+        _drain(still, time.monotonic() + STOP_GRACE)
+    for child in running:
+        child.reap(block=False)
+        if child.returncode is None:
+            os.kill(child.pid, signal.SIGKILL)
+            child.reap(block=True)
+        for fd in list(child.fds):
+            child.close_fd(fd)
 
 
 def read_summary(trace: Path) -> tuple[list[str], dict[str, float], str]:

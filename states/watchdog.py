@@ -4,13 +4,17 @@
 calls init, a connect back-off, an RDMA hang) no Python code of this process runs,
 trio deadlines included. The only clocks that still tick are outside the interpreter.
 
-So each rank starts a tiny watchdog *process* early in the run (its ~20 ms start-up
-overlaps discovery). Just before init the rank *arms* it with the deadline and the
-exact trace lines that describe a ``GroupInitTimeout``; just after, it *disarms* it.
-If the deadline passes while armed, the watchdog appends those lines to the trace,
-prints the error state and type on stderr, and SIGKILLs the rank (SIGTERM handlers
-would need the GIL too). A hung init cannot be recovered inside the process anyway
-(DESIGN.md section 3): a new process and session is the only way back.
+So each rank starts a tiny watchdog *process* early in the run. On Linux, while the
+rank is still single-threaded, it is a fork of the rank running the same small
+program (~1 ms, and no ~20 ms of interpreter start-up competing for the CPUs with the
+ranks' group init, where a descheduled ring rank costs MLX's 1 s connect back-off);
+elsewhere it is ``python -I -S -c`` with that program. Just before init the rank
+*arms* it with the deadline and the exact trace lines that describe a
+``GroupInitTimeout``; just after, it *disarms* it. If the deadline passes while
+armed, the watchdog appends those lines to the trace, prints the error state and
+type on stderr, and SIGKILLs the rank (SIGTERM handlers would need the GIL too). A
+hung init cannot be recovered inside the process anyway (DESIGN.md section 3): a new
+process and session is the only way back.
 
 It also removes the rank's private topology directory, which the killed rank cannot.
 If the rank exits first, the watchdog sees EOF on its stdin and exits.
@@ -18,7 +22,10 @@ If the rank exits first, the watchdog sees EOF on its stdin and exits.
 
 from __future__ import annotations
 
+import gc
 import json
+import os
+import signal
 import subprocess
 import sys
 from typing import Any
@@ -80,13 +87,91 @@ while True:
 """
 
 
+def _single_threaded_linux() -> bool:
+    """Forking is only safe while no other thread could hold a lock the child needs."""
+    return sys.platform == "linux" and len(os.listdir("/proc/self/task")) == 1
+
+
+class ForkedWatchdog:
+    """The watchdog as a fork of this process: the same program, no interpreter start.
+
+    The child keeps only the pipe (as stdin) and stdout/stderr, restores default
+    signal handling, runs :data:`WATCHDOG_SOURCE` and leaves with ``os._exit`` (none
+    of the rank's cleanup or buffers run twice). The parent waits on a pidfd, so
+    reaping it needs no polling and no thread.
+    """
+
+    def __init__(self, pid: int, pidfd: int, stdin: trio.lowlevel.FdStream) -> None:
+        self.pid = pid
+        self.stdin = stdin
+        self.returncode: int | None = None
+        self._pidfd = pidfd
+
+    @classmethod
+    def start(cls) -> ForkedWatchdog:
+        read_end, write_end = os.pipe()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            _run_forked_watchdog(read_end)  # never returns
+        os.close(read_end)
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            os.close(write_end)
+            raise
+        return cls(pid, pidfd, trio.lowlevel.FdStream(write_end))
+
+    async def wait(self) -> int:
+        if self.returncode is None:
+            await trio.lowlevel.wait_readable(self._pidfd)
+            # The pidfd is readable once it has exited: this returns at once.
+            _, status = os.waitpid(self.pid, os.WNOHANG)  # noqa: ASYNC222
+            self.returncode = os.waitstatus_to_exitcode(status)
+            os.close(self._pidfd)
+        return self.returncode
+
+    def kill(self) -> None:
+        if self.returncode is None:
+            signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+
+
+def _run_forked_watchdog(read_end: int) -> None:
+    code = 1
+    try:
+        gc.disable()
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+        os.dup2(read_end, 0)
+        keep = {0, 1, 2}
+        for name in os.listdir("/proc/self/fd"):
+            if int(name) not in keep:
+                try:
+                    os.close(int(name))
+                except OSError:  # the directory's own fd, already gone
+                    continue
+        exec(compile(WATCHDOG_SOURCE, "<clusterfsm watchdog>", "exec"), {"__name__": "__main__"})
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        os._exit(code)
+
+
 class InitWatchdog:
     """Handle on the watchdog process of one run (start, arm, disarm, stop)."""
 
     def __init__(self) -> None:
-        self._process: trio.Process | None = None
+        self._process: trio.Process | ForkedWatchdog | None = None
 
     async def start(self) -> None:
+        if _single_threaded_linux():
+            self._process = ForkedWatchdog.start()
+            return
         self._process = await trio.lowlevel.open_process(
             [sys.executable, "-I", "-S", "-c", WATCHDOG_SOURCE],
             stdin=subprocess.PIPE,
