@@ -192,7 +192,7 @@ def format_side_by_side(runs: Sequence[RankRun]) -> list[str]:
                 cells.append("(end)")
             else:
                 cells.append("")
-        lines.append(f"  {state:<24}" + "".join(f" {c:>{width}}" for c in cells))
+        lines.append((f"  {state:<24}" + "".join(f" {c:>{width}}" for c in cells)).rstrip())
     lines.append(f"  {'total':<24}" + "".join(f" {r.total_ms:>{width}.2f}" for r in runs))
     return lines
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -69,6 +70,9 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, An
         {"name": "bootstrap-mmd", "kind": "mermaid",
          "input": str(ROOT / "diagrams" / "bootstrap.mmd")},
         {"name": "failed-run-overlay-mmd", "kind": "mermaid", "input": str(tmp / "overlay.mmd")},
+        {"name": "docs-visualizing-mmd", "kind": "mermaid", "text": re.search(
+            r"```mermaid\n(.*?)```", (ROOT / "docs" / "visualizing.md").read_text(),
+            re.S).group(1)},
         {"name": "broken-mmd", "kind": "mermaid",
          "text": "stateDiagram-v2\n  idle --> : nowhere\n"},
         {"name": "failed-run-report", "kind": "html", "input": str(tmp / "failed-run.html"),
@@ -100,6 +104,7 @@ def test_checked_in_mermaid_renders_in_mermaid(rendered: dict[str, dict[str, Any
 
 def test_the_run_overlay_renders_in_mermaid(rendered: dict[str, dict[str, Any]]) -> None:
     _ok(rendered["failed-run-overlay-mmd"])
+    _ok(rendered["docs-visualizing-mmd"])  # the example in docs/visualizing.md
 
 
 def test_the_check_catches_a_mermaid_error(rendered: dict[str, dict[str, Any]]) -> None:

@@ -112,7 +112,7 @@ def test_a_failed_run_names_error_type_state_and_message_per_rank(
     out = capsys.readouterr().out
     assert "rank 0 (bad.rank0.jsonl): FAILED in handshake_timeout (HandshakeTimeout)" in out
     assert f"error: HandshakeRejected in handshake_rejected: {WRONG_KEY_MSG}" in out
-    assert re.search(r"handshake_timeout +\(end\) +\n", out)
+    assert re.search(r"handshake_timeout +\(end\)\n", out)
 
 
 def test_a_trace_without_end_line_is_a_stopped_run(tmp_path: Path) -> None:
@@ -157,12 +157,12 @@ def test_the_path_overlay_marks_visits_ends_and_steps(tmp_path: Path) -> None:
 
 
 def test_overlay_options_are_generic_and_leave_the_plain_diagram_alone() -> None:
-    assert to_mermaid(TOY) == to_mermaid(TOY, annotations=None, edge_notes=None)
-    plain = (ROOT / "diagrams" / "bootstrap.mmd").read_text()
-    from states.machine import BOOTSTRAP
-
-    assert to_mermaid(BOOTSTRAP) == plain
+    # Byte-identity of the plain diagrams with diagrams/ is `clusterfsm diagram --check`'s
+    # job (tests/test_cli.py); here: the overlay's classes never leak into them.
+    plain = to_mermaid(TOY)
+    assert plain == to_mermaid(TOY, annotations=None, edge_notes=None, untaken_labels=False)
     assert "s_unvisited_error" not in plain and "s_stopped" not in plain
+    assert "penwidth" not in to_dot(TOY)
     text = to_dot(TOY, visited=iter(["idle", "warming", "working"]),
                   taken=iter([("idle", "warming"), ("warming", "working")]),
                   ended=["working"])
@@ -226,3 +226,26 @@ def self_contained(page: str) -> None:
     assert not re.search(r"<(script|link|img|iframe)\b|@import|url\(", page, re.I)
     urls = set(re.findall(r"https?://[^\s\"'<>]+", page))
     assert urls <= {"http://www.w3.org/2000/svg", "http://www.w3.org/1999/xlink"}, urls
+
+
+def test_docs_example_is_what_the_command_prints(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    doc = (ROOT / "docs" / "visualizing.md").read_text()
+    traces = re.findall(r"`(wrong-key\.rank\d\.jsonl)`:\n```json\n(.*?)```", doc, re.S)
+    assert len(traces) == 2
+    for name, text in traces:
+        (tmp_path / name).write_text(text)
+    command, expected = re.search(r"```console\n\$ clusterfsm (.*?)\n(.*?)```", doc,
+                                  re.S).groups()
+    monkeypatch.chdir(tmp_path)
+    assert main(command.split()) == 0
+    assert capsys.readouterr().out == expected
+    drawn = (tmp_path / "wrong-key.mmd").read_text()
+    block = re.search(r"```mermaid\n(.*?)```", doc, re.S)
+    assert block is not None
+    shown = block.group(1)
+    # The doc's picture may predate a new error state; the path on it may not change.
+    path_lines = [ln for ln in drawn.splitlines() if "s_visited" in ln or "s_ended" in ln
+                  or re.search(r": .*\(\d", ln)]
+    assert path_lines and all(ln in shown.splitlines() for ln in path_lines)
