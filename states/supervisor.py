@@ -51,8 +51,10 @@ import math
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol
@@ -291,15 +293,23 @@ class ProcessLauncher:
 
     async def launch(self, generation: int, epoch: int, nursery: trio.Nursery,
                      inbox: trio.MemorySendChannel[InboxItem]) -> Child:
-        env = dict(self.env, **{EPOCH_ENV: str(epoch)})
-        process = await trio.lowlevel.open_process(
-            list(self.command(generation, epoch)), stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, env=env)
+        # A private TMPDIR per generation: a child killed by SIGKILL cannot remove its
+        # topology directory; removing this one after the reap leaves nothing behind.
+        tmpdir = tempfile.mkdtemp(prefix=f"clusterfsm-gen{generation}-",
+                                  dir=self.env.get("TMPDIR"))
+        env = dict(self.env, **{EPOCH_ENV: str(epoch), "TMPDIR": tmpdir})
+        try:
+            process = await trio.lowlevel.open_process(
+                list(self.command(generation, epoch)), stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, env=env)
+        except OSError:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+            raise
         child = ProcessChild(process, generation, epoch)
         assert process.stdout is not None and process.stderr is not None
         for name, stream in (("stdout", process.stdout), ("stderr", process.stderr)):
             nursery.start_soon(self._relay, generation, name, stream, inbox.clone())
-        nursery.start_soon(self._reap, child, inbox.clone())
+        nursery.start_soon(self._reap, child, inbox.clone(), tmpdir)
         return child
 
     async def _relay(self, generation: int, name: str, stream: trio.abc.ReceiveStream,
@@ -328,10 +338,14 @@ class ProcessLauncher:
         if event is not None:
             inbox.send_nowait(event)
 
-    async def _reap(self, child: ProcessChild,
-                    inbox: trio.MemorySendChannel[InboxItem]) -> None:
+    async def _reap(self, child: ProcessChild, inbox: trio.MemorySendChannel[InboxItem],
+                    tmpdir: str) -> None:
         async with inbox:
-            code = await child.wait()
+            try:
+                code = await child.wait()
+            finally:
+                # Our own directory; a file the watchdog is still removing is no error.
+                shutil.rmtree(tmpdir, ignore_errors=True)
             inbox.send_nowait(ChildExited(child.generation, code))
 
 

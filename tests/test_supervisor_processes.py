@@ -1,0 +1,186 @@
+"""``serve --supervise`` with real processes on loopback and the real MLX ring.
+
+Each supervisor runs in its own process group; whatever happens in the test, the
+fixture SIGTERMs the supervisors (they stop their children), then SIGKILLs each whole
+group and reaps, so no rank or watchdog outlives the test. Lines are read as they
+come (no sleeps); every wait is bounded by ``trio.fail_after``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from states.demo import free_port
+from states.keys import write_key
+
+pytestmark = pytest.mark.integration
+CLI = [sys.executable, "-m", "states.cli"]
+RECOVERED = re.compile(r"recovered ([0-9.]+) s after the loss")
+
+
+class Proc:
+    """One process whose stdout+stderr lines are collected as they arrive."""
+
+    def __init__(self, process: trio.Process, name: str) -> None:
+        self.process = process
+        self.name = name
+        self.lines: list[str] = []
+        self._changed = trio.Event()
+
+    async def pump(self, stream: trio.abc.ReceiveStream) -> None:
+        buffer = b""
+        async with stream:
+            while chunk := await stream.receive_some(65536):
+                buffer += chunk
+                *done, buffer = buffer.split(b"\n")
+                self.lines.extend(line.decode(errors="replace") for line in done)
+                self._changed.set()
+                self._changed = trio.Event()
+
+    def count(self, text: str) -> int:
+        return sum(text in line for line in self.lines)
+
+    async def wait_for(self, text: str, times: int = 1, limit_s: float = 15.0) -> str:
+        """The ``times``-th line containing ``text``; fails with the output so far."""
+        with trio.move_on_after(limit_s):
+            while True:
+                hits = [line for line in self.lines if text in line]
+                if len(hits) >= times:
+                    return hits[times - 1]
+                if self.process.returncode is not None:
+                    break
+                await self._changed.wait()
+        tail = "\n".join(self.lines[-40:])
+        raise AssertionError(f"{self.name}: no {times}x {text!r}; output:\n{tail}")
+
+
+class Cluster:
+    """Starts processes in their own process groups; :meth:`close` ends them all."""
+
+    def __init__(self, tmp: Path, nursery: trio.Nursery) -> None:
+        self.tmp = tmp
+        self.nursery = nursery
+        self.procs: list[Proc] = []
+        self.key = write_key(tmp / "cluster.key")
+        self.port = free_port()
+        self.env = dict(os.environ, TMPDIR=str(tmp))
+
+    def rank_args(self, rank: int) -> list[str]:
+        where = ["--listen", f"127.0.0.1:{self.port}"] if rank == 0 else [
+            "--peer", f"127.0.0.1:{self.port}"]
+        return ["serve", "--rank", str(rank), "--world-size", "2", "--key-file",
+                str(self.key), "--verify", *where]
+
+    async def start(self, name: str, args: list[str], env: dict[str, str] | None = None
+                    ) -> Proc:
+        process = await trio.lowlevel.open_process(
+            [*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            env=dict(self.env, **(env or {})), start_new_session=True)
+        proc = Proc(process, name)
+        self.procs.append(proc)
+        assert process.stdout is not None
+        self.nursery.start_soon(proc.pump, process.stdout)
+        return proc
+
+    async def supervised(self, rank: int, *extra: str) -> Proc:
+        return await self.start(f"supervisor {rank}", [
+            *self.rank_args(rank), "--supervise", "--restart-backoff", "0.1:1",
+            "--stop-grace", "1", *extra])
+
+    async def close(self) -> None:
+        with trio.CancelScope(shield=True):
+            for proc in self.procs:
+                if proc.process.returncode is None:
+                    proc.process.send_signal(signal.SIGTERM)
+            with trio.move_on_after(5):
+                for proc in self.procs:
+                    await proc.process.wait()
+            for proc in self.procs:
+                with contextlib.suppress(ProcessLookupError):  # the group is gone
+                    os.killpg(proc.process.pid, signal.SIGKILL)  # children, watchdogs
+                await proc.process.wait()
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
+    async with trio.open_nursery() as nursery:
+        c = Cluster(tmp_path, nursery)
+        try:
+            yield c
+        finally:
+            await c.close()
+            nursery.cancel_scope.cancel()
+    leftovers = list(await trio.Path(tmp_path).glob("clusterfsm-*"))
+    assert not leftovers, f"topology directories left behind: {leftovers}"
+
+
+def child_pid(proc: Proc, generation: int) -> int:
+    for line in proc.lines:
+        m = re.search(rf"generation {generation} started \(pid (\d+),", line)
+        if m:
+            return int(m[1])
+    raise AssertionError(f"{proc.name}: generation {generation} not started")
+
+
+def sessions(proc: Proc) -> list[str]:
+    return [line.rsplit("session=", 1)[1] for line in proc.lines
+            if "DistributedGroup ready" in line]
+
+
+async def test_killed_rank_1_both_come_back_in_a_new_session(cluster: Cluster) -> None:
+    s0, s1 = await cluster.supervised(0), await cluster.supervised(1)
+    for s in (s0, s1):
+        await s.wait_for("DistributedGroup ready")
+    os.kill(child_pid(s1, 1), signal.SIGKILL)
+    for s in (s0, s1):
+        await s.wait_for("recovered")  # logged once generation 2 is ready
+        assert "[gen 2]" in await s.wait_for("DistributedGroup ready", times=2)
+        assert s.count("all_sum = 3 (expected 3)") == 2
+    first, second = sessions(s0)
+    assert sessions(s1) == [first, second] and first != second
+    assert "generation 1 ended in peer_lost (PeerLost)" in "\n".join(s0.lines)
+    recovered = [float(RECOVERED.search(line)[1])  # type: ignore[index]
+                 for line in s0.lines + s1.lines if RECOVERED.search(line)]
+    assert len(recovered) == 2
+    print(f"time to recover after kill of rank 1: {max(recovered):.3f} s")
+
+
+async def test_rank_1_never_calls_init_rank_0_restarts_and_recovers(cluster: Cluster) -> None:
+    s0 = await cluster.supervised(0, "--deadline", "initializing_group=2")
+    bad = await cluster.start("rank 1 (never-init)", [
+        *cluster.rank_args(1), "--deadline", "initializing_group=3"],
+        env={"CLUSTERFSM_FAULT": "never-init"})
+    await s0.wait_for("state group_init_timeout, error GroupInitTimeout")
+    await s0.wait_for("generation 2 started")
+    with trio.fail_after(10):
+        await bad.process.wait()
+    t_return = trio.current_time()
+    s1 = await cluster.supervised(1)
+    await s0.wait_for("DistributedGroup ready")
+    t_ready = trio.current_time()
+    await s1.wait_for("all_sum = 3 (expected 3)")
+    assert "[gen 2] DistributedGroup ready" in await s0.wait_for("DistributedGroup ready")
+    recovered = await s0.wait_for("recovered")
+    print(f"rank 0 ready {t_ready - t_return:.3f} s after rank 1 returned; {recovered}")
+
+
+async def test_restart_budget_exhausted_is_the_typed_final_error(cluster: Cluster) -> None:
+    s0 = await cluster.supervised(0, "--deadline", "handshaking=1", "--max-restarts", "1")
+    with trio.fail_after(15):
+        code = await s0.process.wait()
+    await s0.wait_for("error RestartBudgetExhausted")
+    assert code == 1
+    final = await s0.wait_for("state restart_budget_exhausted")
+    assert "gave up after 1 restart(s) (2 generation(s))" in final
+    assert "handshake_timeout (HandshakeTimeout, exit 1)" in final
+    assert s0.count("--relaunch--> launching") == 1
