@@ -30,6 +30,7 @@ from states.config import ClusterConfig
 from states.context import ClusterContext, PortAllocator, PortReservation
 from states.groupinit import Group, GroupInitializer
 from states.machine import BOOTSTRAP
+from states.supervised import GenerationEvent, supervise_ranks
 from states.transport import TcpTransport, Transport
 from states.watchdog import InitWatchdog, NoWatchdog
 
@@ -210,4 +211,4 @@ async def _teardown(ctx: ClusterContext) -> None:
         ctx.files = None
 
 
-__all__ = ["Cluster", "ClusterConfig", "bootstrap_cluster"]
+__all__ = ["Cluster", "ClusterConfig", "GenerationEvent", "bootstrap_cluster", "supervise_ranks"]

@@ -184,3 +184,24 @@ async def test_restart_budget_exhausted_is_the_typed_final_error(cluster: Cluste
     assert "gave up after 1 restart(s) (2 generation(s))" in final
     assert "handshake_timeout (HandshakeTimeout, exit 1)" in final
     assert s0.count("--relaunch--> launching") == 1
+
+
+async def test_embedding_iterator_yields_ready_generations(tmp_path: Path) -> None:
+    from states.supervised import supervise_ranks
+
+    key, port = write_key(tmp_path / "k"), free_port()
+    common = ["--world-size", "2", "--key-file", str(key), "--verify"]
+    ready: dict[int, str] = {}
+
+    async def rank(r: int, where: list[str]) -> None:
+        async with supervise_ranks(["--rank", str(r), *common, *where]) as generations:
+            async for event in generations:
+                assert event.kind == "ready" and event.generation == 1
+                ready[r] = event.detail
+                break
+
+    with trio.fail_after(15):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(rank, 0, ["--listen", f"127.0.0.1:{port}"])
+            nursery.start_soon(rank, 1, ["--peer", f"127.0.0.1:{port}"])
+    assert ready[0] == ready[1] and len(ready[0]) == 32
