@@ -99,7 +99,11 @@ def _verdict(runs: Sequence[RankRun]) -> str:
         title = f"OK: all {len(runs)} rank(s) ran to the end"
     else:
         bad = sum(r.failed for r in runs)
-        title = f"FAILED: {bad} of {len(runs)} rank(s) did not get there"
+        if all(r.reached for r in runs):
+            title = (f"FAILED after ready: {bad} of {len(runs)} rank(s) ended in an error "
+                     "state, but every rank reached ready")
+        else:
+            title = f"FAILED: {bad} of {len(runs)} rank(s) did not get there"
     lines = "".join(
         f"<p>{html.escape(r.label)}: {html.escape(r.verdict())} after "
         f"{_duration(r.ended_after_ms)}</p>" for r in runs)

@@ -102,12 +102,23 @@ class RankRun:
                 out[v.state] = out.get(v.state, 0.0) + v.spent_ms
         return out
 
+    @property
+    def reached(self) -> str | None:
+        """The last steady state (``ready``) this rank got to before it ended, if any."""
+        steady = [v.state for v in self.visits if v.state in BOOTSTRAP.state_names
+                  and not BOOTSTRAP.is_error_state(v.state)
+                  and BOOTSTRAP.state(v.state).steady]
+        return steady[-1] if steady else None
+
     def verdict(self) -> str:
         end = self.trace.end
+        # A rank that got to ready and failed after (peer lost while closing) did bring
+        # the group up: say so, or the reviewer hunts for a bootstrap bug that is not there.
+        then = f"reached {self.reached}, then " if self.reached else ""
         if end is None:
-            return f"stopped in {self.final_state} (no end line: killed or still running)"
+            return f"{then}stopped in {self.final_state} (no end line: killed or still running)"
         if end.error:
-            return f"FAILED in {end.state} ({end.error})"
+            return f"{then}FAILED in {end.state} ({end.error})"
         return f"ended in {end.state}"
 
 

@@ -249,3 +249,51 @@ def test_docs_example_is_what_the_command_prints(
     path_lines = [ln for ln in drawn.splitlines() if "s_visited" in ln or "s_ended" in ln
                   or re.search(r": .*\(\d", ln)]
     assert path_lines and all(ln in shown.splitlines() for ln in path_lines)
+
+
+def test_a_failed_demo_still_writes_its_report_and_keeps_its_exit_code(
+        tmp_path: Path) -> None:
+    need_dot()
+
+    def failing_demo(base: str | None) -> int:
+        assert base is not None
+        for path in wrong_key(tmp_path):
+            path.rename(Path(base).with_name(path.name.replace("bad", Path(base).stem)))
+        return 1
+
+    out = tmp_path / "failed.html"
+    base = str(tmp_path / "t.jsonl")
+    assert run_demo_with_report(failing_demo, ranks=2, trace_json=base, out=str(out)) == 1
+    assert '<body data-verdict="failed">' in out.read_text()
+    assert (tmp_path / "t.rank0.jsonl").exists()  # --trace-json files are the user's: kept
+
+
+@pytest.mark.integration
+def test_demo_report_end_to_end(tmp_path: Path) -> None:
+    """The real thing: `clusterfsm demo --report` over two loopback ranks."""
+    import subprocess
+    import sys
+
+    need_dot()
+    out = tmp_path / "demo.html"
+    done = subprocess.run([sys.executable, "-m", "states.cli", "demo", "--report", str(out)],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"report: {out} (" in done.stdout
+    page = out.read_text()
+    # Every rank got to ready (the demo says so); how each one ended after that is the
+    # traces' business: under load a `serve --once` rank may see its peer close first.
+    for rank in (0, 1):
+        assert re.search(rf"<p>rank {rank}: (ended in closed|reached ready, then )", page)
+    self_contained(page)
+
+
+def test_a_rank_that_failed_after_ready_is_told_apart(tmp_path: Path) -> None:
+    steps = [(s, e, d, 1.0, None) for s, e, d in zip(HAPPY[:7], EVENTS[:7], HAPPY[1:8],
+                                                      strict=True)]
+    steps.append(("ready", "PeerLost", "peer_lost", 3.0, "PeerLost"))
+    path = write_trace(tmp_path / "lost.rank0.jsonl", steps,
+                       {"state": "peer_lost", "error": "PeerLost", "message": "EOF"})
+    (run,) = load_runs([path])
+    assert run.failed and run.reached == "ready"
+    assert run.verdict() == "reached ready, then FAILED in peer_lost (PeerLost)"
