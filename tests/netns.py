@@ -1,0 +1,169 @@
+"""Two network namespaces joined by a veth pair: a private "Thunderbolt bridge" for tests.
+
+Why: pulling a cable (or a peer on another host) cannot be faked on loopback, where a
+"link" never goes down. A namespace pair gives each rank its own network stack and one
+point-to-point link between them that a test can set down and up, and nothing in it
+can reach the host's real network.
+
+Usage (a pytest fixture, ``netns_pair``, wraps it)::
+
+    with NetnsPair.create() as pair:           # skips the test if namespaces can't be made
+        proc = pair.a.popen(["python", "-m", "states.cli", "serve", ...])
+        pair.link_down()                       # both ends; link_down("b") for one end
+        pair.link_up()
+
+Guarantees: names are unique per pair (pid + counter + random), so parallel or leftover
+runs never collide; :meth:`NetnsPair.close` (also run by the context manager and the
+fixture, on failure too) kills and reaps every process started through the pair, then
+deletes both namespaces, which removes the veth pair with them. Traffic stays inside
+the two namespaces: the addresses are a /30 from TEST-NET-2 (198.51.100.0/24, RFC 5737)
+with no route anywhere else.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import secrets
+import shutil
+import subprocess
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import attrs
+import pytest
+
+_counter = itertools.count()
+SUBNET_PREFIX = "198.51.100."
+PREFIX_LEN = 30
+
+
+class NetnsUnavailable(Exception):
+    """Namespaces cannot be made here (not root, no ``ip``, no CAP_SYS_ADMIN...)."""
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check,
+                          timeout=10)
+
+
+@attrs.define
+class Namespace:
+    """One end: the namespace, its veth interface and address."""
+
+    name: str
+    interface: str
+    address: str
+    procs: list[subprocess.Popen[Any]] = attrs.field(factory=list)
+
+    def command(self, argv: Sequence[str]) -> list[str]:
+        """``argv`` run inside this namespace."""
+        return ["ip", "netns", "exec", self.name, *argv]
+
+    def run(self, argv: Sequence[str], **kw: Any) -> subprocess.CompletedProcess[str]:
+        """Run ``argv`` inside the namespace to completion (bounded, default 30 s)."""
+        kw.setdefault("capture_output", True)
+        kw.setdefault("text", True)
+        kw.setdefault("timeout", 30)
+        return subprocess.run(self.command(argv), check=False, **kw)
+
+    def popen(self, argv: Sequence[str], **kw: Any) -> subprocess.Popen[Any]:
+        """Start ``argv`` inside the namespace; it is killed and reaped on close."""
+        proc: subprocess.Popen[Any] = subprocess.Popen(self.command(argv), **kw)
+        self.procs.append(proc)
+        return proc
+
+    def _reap(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=10)
+            for stream in (proc.stdin, proc.stdout, proc.stderr):
+                if stream is not None:
+                    stream.close()
+        self.procs.clear()
+
+
+@attrs.define
+class NetnsPair:
+    """Namespaces ``a`` and ``b`` joined by one veth link."""
+
+    a: Namespace
+    b: Namespace
+    _closed: bool = False
+
+    @classmethod
+    def create(cls) -> NetnsPair:
+        """Make the pair; raise :class:`NetnsUnavailable` (with why) if this host can't."""
+        if shutil.which("ip") is None:
+            raise NetnsUnavailable("the `ip` command (iproute2) is not installed")
+        if os.geteuid() != 0:
+            raise NetnsUnavailable("network namespaces need root")
+        tag = f"{os.getpid() % 100000}{next(_counter)}{secrets.token_hex(2)}"
+        a = Namespace(f"cfsm-a{tag}", f"cfa{tag}"[:15], f"{SUBNET_PREFIX}1")
+        b = Namespace(f"cfsm-b{tag}", f"cfb{tag}"[:15], f"{SUBNET_PREFIX}2")
+        pair = cls(a, b)
+        try:
+            for ns in (a, b):
+                _ip("netns", "add", ns.name)
+            _ip("link", "add", a.interface, "type", "veth", "peer", "name", b.interface)
+            for ns in (a, b):
+                _ip("link", "set", ns.interface, "netns", ns.name)
+                _ip("-n", ns.name, "addr", "add", f"{ns.address}/{PREFIX_LEN}",
+                    "dev", ns.interface)
+                _ip("-n", ns.name, "link", "set", "lo", "up")
+            pair.link_up()
+        except (subprocess.CalledProcessError, OSError, subprocess.TimeoutExpired) as exc:
+            pair.close()
+            detail = getattr(exc, "stderr", "") or str(exc)
+            raise NetnsUnavailable(f"cannot create namespaces: {detail.strip()}") from exc
+        return pair
+
+    def _ends(self, which: str) -> list[Namespace]:
+        return {"a": [self.a], "b": [self.b], "both": [self.a, self.b]}[which]
+
+    def link_down(self, which: str = "both") -> None:
+        """Pull the cable: set the veth end(s) down (``a``, ``b`` or ``both``)."""
+        for ns in self._ends(which):
+            _ip("-n", ns.name, "link", "set", ns.interface, "down")
+
+    def link_up(self, which: str = "both") -> None:
+        for ns in self._ends(which):
+            _ip("-n", ns.name, "link", "set", ns.interface, "up")
+
+    def close(self) -> None:
+        """Kill and reap processes started in the pair; delete both namespaces (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        for ns in (self.a, self.b):
+            ns._reap()
+        for ns in (self.a, self.b):
+            _ip("netns", "del", ns.name, check=False)
+        # Deleting a namespace destroys its veth end, and with it the peer end; if the
+        # pair was never moved into a namespace, remove it here.
+        _ip("link", "del", self.a.interface, check=False)
+
+    def exists(self) -> bool:
+        names = _ip("netns", "list", check=False).stdout
+        return self.a.name in names or self.b.name in names
+
+    def __enter__(self) -> NetnsPair:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@pytest.fixture
+def netns_pair() -> Iterator[NetnsPair]:
+    """A fresh namespace pair for one test; skipped with the reason where impossible."""
+    try:
+        pair = NetnsPair.create()
+    except NetnsUnavailable as exc:
+        pytest.skip(f"network namespaces unavailable: {exc}")
+    try:
+        yield pair
+    finally:
+        pair.close()
+        assert not pair.exists(), "namespaces left behind"
