@@ -1,0 +1,181 @@
+"""Fuzz the whole receive path, bytes -> FrameDecoder -> decode_message -> handshake.
+
+tests/test_codec.py fuzzes the decoder alone and tests/test_handshake.py feeds the
+handshake typed messages; here mutated *genuine* handshake byte streams, cut into
+random chunks, go through the same path the link uses, for both roles. Properties:
+
+- only ``FrameError`` and ``HandshakeRejected`` ever come out (nothing else escapes);
+- the decoder never holds more than one frame (``8 + MAX_PAYLOAD`` bytes);
+- no forged admission: when rank 0's handshake completes, the Auth it accepted is
+  byte-for-byte the genuine joiner's and so are the Hello's MAC'd fields (a mutation
+  that changes one of them, or the MAC, is always refused). The Hello's ``software``
+  string is not MAC'd: a mutation there goes through (it is only logged).
+
+Examples (``HYPOTHESIS_PROFILE``, as in test_codec): ``ci`` (default) 10,000,
+derandomized; ``dev``/``long`` 100,000.
+"""
+
+from __future__ import annotations
+
+import os
+import tracemalloc
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from states.codec import (
+    HEADER_SIZE,
+    MAX_PAYLOAD,
+    Auth,
+    FrameDecoder,
+    Hello,
+    Message,
+    decode_message,
+    encode_message,
+)
+from states.errors import FrameError, FrameErrorKind, HandshakeRejected
+from states.handshake import CoordinatorHandshake, JoinerHandshake
+
+KEY = bytes(range(32))
+J_ID, C_ID = b"J" * 16, b"C" * 16
+J_NONCE, C_NONCE = b"n" * 16, b"N" * 16
+SID = b"S" * 16
+BOUND = HEADER_SIZE + MAX_PAYLOAD
+
+_PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
+EXAMPLES = 10_000 if _PROFILE not in ("dev", "long") else 100_000
+FUZZ = settings(max_examples=EXAMPLES, derandomize=_PROFILE not in ("dev", "long"),
+                deadline=None, database=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+def _genuine() -> tuple[list[Message], list[Message]]:
+    """One genuine exchange: (joiner -> rank 0 messages, rank 0 -> joiner messages)."""
+    joiner = JoinerHandshake(KEY, J_ID, 1, 2, 6000, nonce=J_NONCE)
+    coord = CoordinatorHandshake(KEY, C_ID, 2, SID, set(), set(), nonce=C_NONCE)
+    hello = joiner.start()
+    [challenge] = coord.receive(hello)
+    [auth] = joiner.receive(challenge)
+    [welcome] = coord.receive(auth)
+    return [hello, auth], [challenge, welcome]
+
+
+TO_COORD, TO_JOINER = _genuine()
+GENUINE_HELLO, GENUINE_AUTH = TO_COORD
+STREAMS = {
+    "coordinator": b"".join(encode_message(m) for m in TO_COORD),
+    "joiner": b"".join(encode_message(m) for m in TO_JOINER),
+}
+
+
+#: One mutation: (operation, position, value, inserted bytes); positions wrap around.
+mutations = st.lists(
+    st.tuples(st.integers(0, 5), st.integers(0, 1 << 16), st.integers(0, 255),
+              st.binary(min_size=1, max_size=12)),
+    max_size=4,
+)
+
+
+def mutate(data: bytes, ops: list[tuple[int, int, int, bytes]]) -> bytes:
+    """Flip a bit, set a byte, cut, insert, duplicate a tail, or swap two bytes."""
+    buf = bytearray(data)
+    for op, where, value, extra in ops:
+        if not buf:
+            break
+        i = where % len(buf)
+        if op == 0:
+            buf[i] ^= 1 << (value % 8)
+        elif op == 1:
+            buf[i] = value
+        elif op == 2:
+            del buf[i:]
+        elif op == 3:
+            buf[i:i] = extra
+        elif op == 4:
+            buf += buf[i:]
+        else:
+            j = value % len(buf)
+            buf[i], buf[j] = buf[j], buf[i]
+    return bytes(buf)
+
+
+def _feed(role: str, data: bytes, cuts: list[int]) -> CoordinatorHandshake | JoinerHandshake:
+    """The link's receive path; raises only what the link would turn into an error."""
+    hs: CoordinatorHandshake | JoinerHandshake
+    if role == "coordinator":
+        hs = CoordinatorHandshake(KEY, C_ID, 2, SID, set(), set(), nonce=C_NONCE)
+    else:
+        hs = JoinerHandshake(KEY, J_ID, 1, 2, 6000, nonce=J_NONCE)
+        hs.start()
+    decoder = FrameDecoder()
+    pos = 0
+    for size in [*cuts, len(data)]:
+        for frame in decoder.feed(data[pos : pos + size]):
+            if hs.done:
+                return hs  # the link hands later frames to the session phase
+            hs.receive(decode_message(frame))
+        assert decoder.buffered <= BOUND
+        pos += size
+    if not hs.done:
+        decoder.close()
+    return hs
+
+
+@FUZZ
+@given(st.sampled_from(["coordinator", "joiner"]), mutations,
+       st.lists(st.integers(0, 40), max_size=6))
+def test_fuzz_handshake_byte_stream(
+    role: str, ops: list[tuple[int, int, int, bytes]], cuts: list[int],
+) -> None:
+    data = mutate(STREAMS[role], ops)
+    try:
+        hs = _feed(role, data, cuts)
+    except (FrameError, HandshakeRejected):
+        return
+    if role == "coordinator" and hs.done:
+        # no forged admission: exactly the genuine joiner's Hello and Auth got through
+        assert isinstance(hs, CoordinatorHandshake)
+        assert hs.peer_node_id == GENUINE_HELLO.node_id and hs.rank == 1
+        assert isinstance(GENUINE_AUTH, Auth) and hs.data_port == GENUINE_AUTH.data_port
+        assert encode_message(GENUINE_AUTH) in data
+        # The Hello's ``software`` string is the one field no MAC covers (it is only
+        # logged; docs/security.md says so): everything else is the genuine Hello's.
+    if role == "joiner" and hs.done:
+        assert isinstance(hs, JoinerHandshake) and hs.peer_node_id == C_ID
+
+
+def test_decoder_memory_is_bounded_by_the_declared_limit() -> None:
+    """Traced memory for a maximal frame trickled in, then a 4 GiB header: one frame."""
+    decoder = FrameDecoder()
+    header = b"CF\x01\x20" + MAX_PAYLOAD.to_bytes(4, "big")  # STEP, largest payload
+    chunk = b"\xaa" * 4096
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        decoder.feed(header)
+        for _ in range(MAX_PAYLOAD // len(chunk) - 1):
+            decoder.feed(chunk)
+            assert decoder.buffered <= BOUND
+        [frame] = decoder.feed(chunk)
+        assert len(frame.payload) == MAX_PAYLOAD and decoder.buffered == 0
+        huge = FrameDecoder()
+        try:
+            huge.feed(b"CF\x01\x20" + (2**32 - 1).to_bytes(4, "big") + chunk)
+        except FrameError as exc:
+            assert exc.kind is FrameErrorKind.OVERSIZE
+        else:
+            raise AssertionError("a 4 GiB header was accepted")
+        assert huge.buffered == 0
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    # the buffer, the finished payload and the chunk: a few frames' worth, never 4 GiB
+    assert peak < 4 * BOUND, peak
+
+
+def test_the_unmutated_streams_complete_both_handshakes() -> None:
+    """Sanity for the fuzz above: the genuine streams do reach ``done``."""
+    assert _feed("coordinator", STREAMS["coordinator"], []).done
+    assert _feed("joiner", STREAMS["joiner"], [3, 5]).done
+    assert isinstance(GENUINE_HELLO, Hello)
