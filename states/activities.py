@@ -25,22 +25,28 @@ from states.codec import (
     InitGo,
     InitReady,
     JacclBootstrapPayload,
+    LinkReport,
     Message,
+    Topology,
 )
+from states.config import Address
 from states.context import ClusterContext
+from states.discovery import AUTO_RANK, Beacon, BeaconSocket, discover, keep_beaconing
 from states.errors import (
-    BackendUnavailable,
     BootstrapRejected,
     FrameError,
     HandshakeRejected,
     PeerAborted,
     PeerDisconnected,
     PeerLost,
+    PrecheckFailed,
 )
 from states.groupinit import InitPlan, TopologyDir, release_delay, resolve_backend
-from states.handshake import CoordinatorHandshake, JoinerHandshake
+from states.handshake import PROTOCOL_VERSION, CoordinatorHandshake, JoinerHandshake
 from states.link import ControlLink, unexpected_message
-from states.transport import Conn, connection_refused
+from states.sidechannel import JacclSideChannel
+from states.topology import build_device_matrix
+from states.transport import Conn, MultiListener, connection_refused
 
 #: A joiner retries a refused connect (rank 0 not listening yet) with this back-off.
 #: A refused connect costs ~0.1 ms; ranks started together (``demo``) are usually a
@@ -66,10 +72,21 @@ _admission_log = logging.getLogger("states.admission")
 
 
 async def idle(ctx: ClusterContext) -> str:
-    """Start the init watchdog (its start-up overlaps the next states) and listen."""
+    """Start the init watchdog (its start-up overlaps the next states) and listen.
+
+    With ``--interface`` every node listens, one listener bound to each interface
+    (any node may be elected rank 0); the interfaces are checked first.
+    """
     ctx.nursery.start_soon(_start_watchdog, ctx)
     ctx.initializer.prepare()
-    if ctx.config.is_coordinator and ctx.config.listen is not None:
+    if ctx.config.interfaces:
+        port = ctx.config.listen.port if ctx.config.listen is not None else 0
+        for name in ctx.config.interfaces:
+            info = ctx.discovery_net.probe(name)
+            ctx.listeners_by_interface[name] = await ctx.exits.enter_async_context(
+                ctx.transport.listen(Address(info.ipv4, port), interface=name))
+        ctx.listener = MultiListener(list(ctx.listeners_by_interface.values()))
+    elif ctx.config.is_coordinator and ctx.config.listen is not None:
         ctx.listener = await ctx.exits.enter_async_context(
             ctx.transport.listen(ctx.config.listen))
     return "start"
@@ -85,19 +102,52 @@ async def _start_watchdog(ctx: ClusterContext) -> None:
 
 async def discovering(ctx: ClusterContext) -> str:
     """Find the peers. Static discovery: rank 0 waits to be dialled, joiners have
-    ``peers``. (Interface beacons and rank election plug in here.)"""
-    await trio.lowlevel.checkpoint()
+    ``peers``. Interface discovery: beacons on every interface until every peer is
+    heard, then the election (:mod:`states.discovery`); rank 0 keeps its listeners,
+    the others close theirs and dial rank 0 where they heard it."""
+    if not ctx.config.interfaces:
+        await trio.lowlevel.checkpoint()
+        return "peers_found"
+    claim = AUTO_RANK if ctx.config.rank is None else ctx.config.rank
+    sockets: list[tuple[BeaconSocket, Beacon]] = []
+    for name, listener in ctx.listeners_by_interface.items():
+        sock = await ctx.exits.enter_async_context(
+            ctx.discovery_net.beacon_socket(name, ctx.config.beacon_port))
+        sockets.append((sock, Beacon(PROTOCOL_VERSION, ctx.config.node_id, ctx.instance,
+                                     ctx.world_size, claim, listener.address.port)))
+    heard, election = await discover(sockets, ctx.config.key, sockets[0][1])
+    ctx.elected_rank = election.my_rank
+    ctx.node_ranks = dict(election.ranks)
+    ctx.peer_interfaces = {node: peer.interfaces for node, peer in heard.peers.items()}
+    ctx.beacons = trio.CancelScope()
+    ctx.nursery.start_soon(_announce, ctx.beacons, sockets, ctx.config.key)
+    if not ctx.is_coordinator:
+        coordinator = next(p for p in heard.peers.values() if election.ranks[p.node_id] == 0)
+        ctx.dial_targets = [(Address(coordinator.host, coordinator.control_port),
+                             coordinator.interfaces[0])]
+        if ctx.listener is not None:
+            await ctx.listener.aclose()
+            ctx.listener = None
+    report_progress(f"elected rank {ctx.rank} of {ctx.world_size}; {heard.summary()}")
     return "peers_found"
+
+
+async def _announce(scope: trio.CancelScope, sockets: list[tuple[BeaconSocket, Beacon]],
+                    key: bytes) -> None:
+    with scope:
+        await keep_beaconing(sockets, key)
 
 
 # -- handshaking --------------------------------------------------------------------
 
 
 async def handshaking(ctx: ClusterContext) -> str:
-    if ctx.config.is_coordinator:
+    if ctx.is_coordinator:
         await _admit_joiners(ctx)
     else:
         await _join(ctx)
+    if ctx.beacons is not None:
+        ctx.beacons.cancel()  # everyone is in: stop announcing
     for link in ctx.links.values():
         link.start(ctx.nursery, heartbeat_interval=ctx.config.heartbeat_interval)
     return "authenticated"
@@ -152,10 +202,10 @@ async def _dial_coordinator(ctx: ClusterContext) -> Conn:
     delay = CONNECT_RETRY_FIRST
     attempt = 0
     while True:
-        for address in ctx.config.peers:
+        for address, interface in ctx.dial_targets or [(a, None) for a in ctx.config.peers]:
             attempt += 1
             try:
-                return await ctx.transport.connect(address)
+                return await ctx.transport.connect(address, interface=interface)
             except OSError as exc:
                 if not connection_refused(exc):
                     raise PeerDisconnected(str(address), "handshaking",
@@ -321,22 +371,27 @@ async def _wait_or_fail(link: ControlLink, event: trio.Event) -> None:
 
 
 async def exchanging_bootstrap(ctx: ClusterContext) -> str:
+    """Joiners report their links; rank 0 decides backend and topology and sends the
+    0x07 frame; every joiner checks it is for this session and acknowledges."""
     ctx.mark_links("exchanging_bootstrap")
     assert ctx.session_id is not None
-    if ctx.config.is_coordinator:
+    if ctx.is_coordinator:
         backend = resolve_backend(ctx.config.backend)
         # Rank 0 decides the backend: check it can run before anyone builds on it.
         ctx.initializer.precheck(backend)
-        if backend != "ring":
-            raise BackendUnavailable(backend, "the jaccl device matrix needs interface "
-                                     "discovery (--interface), which is not built yet")
-        topology = tuple(
-            (f"{ctx.hosts[r]}:{ctx.data_ports[r]}",) for r in range(ctx.world_size)
-        )
-        ctx.plan = InitPlan(backend, 0, ctx.world_size, topology, ctx.session_id)
+        for rank, link in ctx.links.items():
+            report_progress(f"waiting for rank {rank}'s link report")
+            report = await _expect(link, LinkReport, "exchanging_bootstrap")
+            if report.session_id != ctx.session_id:
+                raise BootstrapRejected("link report carries another session id", link.peer)
+            ctx.link_reports[rank] = dict(report.links)
+        topology, coordinator = _decide_topology(ctx, backend)
+        ctx.plan = InitPlan(backend, 0, ctx.world_size, topology, ctx.session_id,
+                            coordinator)
         payload = JacclBootstrapPayload(
-            coordinator_port=0, session_id=ctx.session_id,
-            backend=ctx.plan.wire_backend, world_size=ctx.world_size, topology=topology,
+            coordinator_port=Address.parse(coordinator).port if coordinator else 0,
+            session_id=ctx.session_id, backend=ctx.plan.wire_backend,
+            world_size=ctx.world_size, topology=topology,
         )
         for link in ctx.links.values():
             await link.send(payload)
@@ -347,6 +402,7 @@ async def exchanging_bootstrap(ctx: ClusterContext) -> str:
                 raise BootstrapRejected("acknowledgement carries another session id", link.peer)
     else:
         link = ctx.links[0]
+        await link.send(LinkReport(ctx.session_id, tuple(sorted(ctx.peer_interfaces.items()))))
         report_progress("waiting for rank 0's bootstrap frame (0x07)")
         frame = await _expect(link, JacclBootstrapPayload, "exchanging_bootstrap")
         if frame.session_id != ctx.session_id:
@@ -356,6 +412,7 @@ async def exchanging_bootstrap(ctx: ClusterContext) -> str:
             raise BootstrapRejected(
                 f"world size {frame.world_size}, expected {ctx.world_size}", link.peer)
         backend = frame.backend.name.lower()
+        coordinator = None
         if backend == "ring":
             mine = frame.topology[ctx.rank]
             assert ctx.reservation is not None
@@ -363,9 +420,36 @@ async def exchanging_bootstrap(ctx: ClusterContext) -> str:
                 raise BootstrapRejected(
                     f"topology gives rank {ctx.rank} {list(mine)}, not our port "
                     f"{ctx.reservation.port}", link.peer)
+        elif frame.coordinator_port:
+            coordinator = f"{Address.parse(link.peer).host}:{frame.coordinator_port}"
+        elif not ctx.initializer.side_channel_supported():
+            raise PrecheckFailed(
+                "side_channel", "rank 0 runs jaccl's metadata exchange over the control "
+                "link (init(all_gather_factory=...)), which this rank's mlx lacks: "
+                "install mlx >= 0.32.1 on every rank")
         await link.send(BootstrapAck(ctx.session_id))
-        ctx.plan = InitPlan(backend, ctx.rank, ctx.world_size, frame.topology, ctx.session_id)
+        ctx.plan = InitPlan(backend, ctx.rank, ctx.world_size, frame.topology, ctx.session_id,
+                            coordinator)
     return "bootstrap_agreed"
+
+
+def _decide_topology(ctx: ClusterContext, backend: str) -> tuple[Topology, str | None]:
+    """Rank 0's choice: the ring hostfile, or the jaccl device matrix and, only for an
+    mlx without ``all_gather_factory``, jaccl's own coordinator address."""
+    if backend == "ring":
+        return tuple((f"{ctx.hosts[r]}:{ctx.data_ports[r]}",)
+                     for r in range(ctx.world_size)), None
+    if not ctx.node_ranks:
+        raise PrecheckFailed("matrix_incomplete", "the jaccl device matrix is built from "
+                             "interface discovery: run every rank with --interface")
+    ranks = ctx.node_ranks
+    reach = {0: {ranks[n]: names for n, names in ctx.peer_interfaces.items()}}
+    for rank, report in ctx.link_reports.items():
+        reach[rank] = {ranks[n]: names for n, names in report.items() if n in ranks}
+    matrix = build_device_matrix(ctx.world_size, reach)
+    if ctx.initializer.side_channel_supported():
+        return matrix, None
+    return matrix, f"{ctx.hosts[0]}:{ctx.data_ports[0]}"
 
 
 M = TypeVar("M", bound=Message)
@@ -392,8 +476,9 @@ async def initializing_group(ctx: ClusterContext) -> str:
     plan = ctx.plan
     assert plan is not None and ctx.session_id is not None
     ctx.initializer.precheck(plan.backend)
+    await ctx.initializer.plan_check(plan)  # before the barrier: peers hear of it
     ctx.files = TopologyDir()
-    if ctx.config.is_coordinator:
+    if ctx.is_coordinator:
         for rank, link in ctx.links.items():
             report_progress(f"barrier: waiting for rank {rank} to be ready for init")
             await _expect(link, InitReady, "initializing_group")
@@ -411,8 +496,14 @@ async def initializing_group(ctx: ClusterContext) -> str:
             await trio.sleep(go.delay_ms / 1000)
     report_progress(f"in mx.distributed.init ({plan.backend}, rank {ctx.rank})")
     await _arm_watchdog(ctx)
+    side_channel = None
+    if plan.backend == "jaccl":
+        ctx.release_port()  # jaccl binds its own sockets; ours must not be in the way
+        if plan.coordinator is None:
+            side_channel = JacclSideChannel(ctx.rank, ctx.world_size, ctx.session_id,
+                                            ctx.links)
     try:
-        ctx.group = await ctx.initializer.initialize(plan, ctx.files)
+        ctx.group = await ctx.initializer.initialize(plan, ctx.files, side_channel)
     finally:
         await ctx.watchdog.disarm()
         ctx.release_port()
@@ -453,7 +544,7 @@ async def confirming_group(ctx: ClusterContext) -> str:
     """No rank is ``ready`` while another failed: rank 0 collects every rank's OK."""
     ctx.mark_links("confirming_group")
     assert ctx.session_id is not None and ctx.group is not None
-    if ctx.config.is_coordinator:
+    if ctx.is_coordinator:
         for rank, link in ctx.links.items():
             report_progress(f"waiting for rank {rank}'s group confirmation")
             confirm = await _expect(link, GroupConfirm, "confirming_group")

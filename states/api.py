@@ -28,6 +28,7 @@ from fsm.runner import Observer
 from states.codec import NO_SESSION, Abort
 from states.config import ClusterConfig
 from states.context import ClusterContext, PortAllocator, PortReservation
+from states.discovery import DiscoveryNet, UdpDiscoveryNet
 from states.groupinit import Group, GroupInitializer
 from states.machine import BOOTSTRAP
 from states.supervised import GenerationEvent, supervise_ranks
@@ -109,6 +110,7 @@ async def bootstrap_cluster(
     allocate_port: PortAllocator = PortReservation,
     observers: Iterable[Observer] = (),
     trace_path: str | None = None,
+    discovery_net: DiscoveryNet | None = None,
 ) -> AsyncIterator[Cluster]:
     """Run the bootstrap machine for one rank; yield the cluster once it is ready.
 
@@ -128,6 +130,7 @@ async def bootstrap_cluster(
                 watchdog=watchdog if watchdog is not None else InitWatchdog(),
                 allocate_port=allocate_port,
                 trace_path=trace_path,
+                discovery_net=discovery_net or UdpDiscoveryNet(),
             )
 
             def note_entry(record: TraceRecord) -> None:

@@ -54,12 +54,20 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also write the HTML report of the ranks' traces")
 
     serve = sub.add_parser("serve", help="run one rank")
-    serve.add_argument("--rank", required=True)
+    serve.add_argument("--rank", required=True, help="N, or auto (elected from node ids; "
+                       "needs --interface)")
     serve.add_argument("--world-size", type=int, required=True)
     serve.add_argument("--listen", type=_address, metavar="HOST:PORT")
     serve.add_argument("--peer", type=_address, action="append", default=[],
                        metavar="HOST:PORT")
-    serve.add_argument("--interface", action="append", default=[], metavar="IF")
+    serve.add_argument("--interface", action="append", default=[], metavar="IF",
+                       help="discover the peers by UDP beacons on this interface "
+                            "(repeatable; instead of --peer)")
+    serve.add_argument("--node-id-file", metavar="F",
+                       help="this machine's node id (created on first use; default "
+                            "~/.config/clusterfsm/node-id)")
+    serve.add_argument("--beacon-port", type=int, default=52417, metavar="PORT",
+                       help="UDP port of the discovery beacons (default 52417)")
     serve.add_argument("--backend", choices=BACKENDS, default="ring")
     serve.add_argument("--key-file", metavar="F", required=True)
     serve.add_argument("--trace-json", metavar="PATH")

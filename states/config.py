@@ -68,11 +68,13 @@ class ClusterConfig:
     """One rank's configuration.
 
     Rank 0 is the coordinator: it listens on ``listen`` and the other ranks dial one
-    of ``peers`` (static discovery). ``key`` is the pre-shared cluster key; it never
-    crosses the wire and is never printed (``repr`` hides it).
+    of ``peers`` (static discovery). With ``interfaces`` the ranks find each other by
+    UDP beacons on those links instead (:mod:`states.discovery`), and ``rank=None``
+    (``--rank auto``) elects the ranks from the node ids. ``key`` is the pre-shared
+    cluster key; it never crosses the wire and is never printed (``repr`` hides it).
     """
 
-    rank: int
+    rank: int | None
     world_size: int = attrs.field()
     key: bytes = attrs.field(repr=False, validator=_key)
     listen: Address | None = None
@@ -87,12 +89,16 @@ class ClusterConfig:
     release_delay_s: float = 0.005
     #: Do an ``all_sum`` over the group before reporting ready (``--verify``).
     verify: bool = False
+    #: Discover the peers by beacons on these interfaces (``--interface``).
+    interfaces: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    #: UDP port of the discovery beacons (the same on every rank).
+    beacon_port: int = 52417
 
     @world_size.validator
     def _world(self, _attr: object, value: int) -> None:
         if not 1 <= value <= 255:
             raise ValueError(f"world_size must be 1..255, got {value}")
-        if not 0 <= self.rank < value:
+        if self.rank is not None and not 0 <= self.rank < value:
             raise ValueError(f"rank must be in 0..{value - 1}, got {self.rank}")
 
     @backend.validator
@@ -103,9 +109,20 @@ class ClusterConfig:
             raise ValueError("jaccl supports at most 8 ranks (full mesh)")
 
     def __attrs_post_init__(self) -> None:
-        if self.rank == 0 and self.world_size > 1 and self.listen is None:
+        if self.interfaces:
+            if self.peers:
+                raise ValueError("give either interfaces (beacon discovery) or peers "
+                                 "(static addresses), not both")
+            if len(set(self.interfaces)) != len(self.interfaces):
+                raise ValueError(f"interface listed twice: {list(self.interfaces)}")
+            if not 1 <= self.beacon_port <= 65535:
+                raise ValueError(f"beacon_port {self.beacon_port} is out of range")
+        elif self.rank is None:
+            raise ValueError("rank auto (election) needs interface discovery: give "
+                             "interfaces, or an explicit rank")
+        elif self.rank == 0 and self.world_size > 1 and self.listen is None:
             raise ValueError("rank 0 is the coordinator and needs a listen address")
-        if self.rank > 0 and not self.peers:
+        elif self.rank > 0 and not self.peers:
             raise ValueError(f"rank {self.rank} needs at least one peer (rank 0's address)")
         for name, value in (("heartbeat_interval", self.heartbeat_interval),
                             ("peer_lost_after", self.peer_lost_after)):
@@ -118,6 +135,7 @@ class ClusterConfig:
 
     @property
     def is_coordinator(self) -> bool:
+        """True for a configured rank 0 (an elected rank is known to the context)."""
         return self.rank == 0
 
     def effective_deadlines(self) -> dict[str, float]:

@@ -9,6 +9,7 @@ Background tasks (link readers, heartbeats) live in :attr:`nursery`, owned by
 
 from __future__ import annotations
 
+import secrets
 import socket
 from collections.abc import Callable
 from contextlib import AsyncExitStack
@@ -16,7 +17,8 @@ from contextlib import AsyncExitStack
 import attrs
 import trio
 
-from states.config import ClusterConfig
+from states.config import Address, ClusterConfig
+from states.discovery import DiscoveryNet, UdpDiscoveryNet
 from states.groupinit import Group, GroupInitializer, InitPlan, TopologyDir
 from states.link import ControlLink
 from states.transport import Listener, Transport
@@ -72,6 +74,9 @@ class ClusterContext:
     allocate_port: PortAllocator = PortReservation
     trace_path: str | None = None
     exits: AsyncExitStack = attrs.field(factory=AsyncExitStack)
+    discovery_net: DiscoveryNet = attrs.field(factory=UdpDiscoveryNet)
+    #: Random per run: tells our own looped-back beacons from a copied node id's.
+    instance: bytes = attrs.field(factory=lambda: secrets.token_bytes(8))
 
     # learned along the way
     listener: Listener | None = None
@@ -86,10 +91,30 @@ class ClusterContext:
     group: Group | None = None
     close_requested: trio.Event = attrs.field(factory=trio.Event)
     state_entered_at: dict[str, float] = attrs.field(factory=dict)
+    #: Interface discovery: the elected rank, every node's rank, where to dial rank
+    #: 0, which of our interfaces reached which peer, and the beacons' cancel scope.
+    elected_rank: int | None = None
+    node_ranks: dict[bytes, int] = attrs.field(factory=dict)
+    dial_targets: list[tuple[Address, str | None]] = attrs.field(factory=list)
+    peer_interfaces: dict[bytes, tuple[str, ...]] = attrs.field(factory=dict)
+    listeners_by_interface: dict[str, Listener] = attrs.field(factory=dict)
+    beacons: trio.CancelScope | None = None
+    #: Rank 0: every joiner's LinkReport, by rank (for the jaccl device matrix).
+    link_reports: dict[int, dict[bytes, tuple[str, ...]]] = attrs.field(factory=dict)
+    node_ids: dict[int, bytes] = attrs.field(factory=dict)
 
     @property
     def rank(self) -> int:
-        return self.config.rank
+        """The configured rank, or the elected one once discovery decided it."""
+        if self.config.rank is not None:
+            return self.config.rank
+        if self.elected_rank is None:
+            raise RuntimeError("the rank is not elected yet (still discovering)")
+        return self.elected_rank
+
+    @property
+    def is_coordinator(self) -> bool:
+        return self.rank == 0
 
     @property
     def world_size(self) -> int:

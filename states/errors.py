@@ -151,6 +151,55 @@ class PeerLost(Exception):
         return f"rank {self.rank} lost after {self.silence_s:.3f} s of silence: {self.detail}"
 
 
+@attrs.frozen(auto_exc=True)
+class InterfaceUnavailable(Exception):
+    """A ``--interface`` cannot carry the cluster: missing, down, no carrier, no IPv4
+    address, or sockets cannot be bound to it on this platform."""
+
+    interface: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"interface {self.interface!r} unavailable: {self.reason}"
+
+
+@attrs.frozen(auto_exc=True)
+class DuplicateNodeId(Exception):
+    """Two running nodes share one node id (a copied config or node-id file). A
+    silent split would follow; we stop instead."""
+
+    node_id: str  # hex
+    sources: str  # where each claimant was heard
+
+    def __str__(self) -> str:
+        return (f"node id {self.node_id} is used by two nodes ({self.sources}); "
+                "give one of them a new node id (delete its node-id file)")
+
+
+@attrs.frozen(auto_exc=True)
+class ElectionFailed(Exception):
+    """Discovery found peers, but no single rank assignment follows from them (two
+    nodes claim one rank, explicit and ``auto`` ranks mixed, too many nodes)."""
+
+    reason: str
+
+    def __str__(self) -> str:
+        return f"rank election failed: {self.reason}"
+
+
+@attrs.frozen(auto_exc=True)
+class PrecheckFailed(Exception):
+    """A check that runs before ``mx.distributed.init`` failed, so MLX is never asked
+    to crash or hang on it. ``check`` names it (``rdma_disabled``, ``device_missing``,
+    ``matrix_shape``, ``interface_down``, ``side_channel``, ...)."""
+
+    check: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"pre-init check {self.check!r} failed: {self.detail}"
+
+
 # One timeout type per state, so each state's deadline has its own error state.
 
 

@@ -26,7 +26,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
@@ -37,6 +37,7 @@ import trio
 from states.codec import Backend as WireBackend
 from states.codec import Topology
 from states.errors import BackendUnavailable, GroupInitFailed, GroupSizeMismatch
+from states.sidechannel import AllGatherFactory, JacclSideChannel
 
 #: Fault injection for tests (``never-init``): see GroupInitializer.initialize.
 FAULT_ENV = "CLUSTERFSM_FAULT"
@@ -178,9 +179,31 @@ def release_delay(backend: str, rank: int, world_size: int, base_delay: float) -
     return 0.0
 
 
+async def check_plan(plan: InitPlan) -> None:
+    """Checks of the plan that need the system (jaccl: RDMA on, devices present)."""
+    if plan.backend == "jaccl":
+        from states.rdma import check_jaccl_plan
+
+        await check_jaccl_plan(plan.topology, plan.rank, plan.world_size)
+
+
+def supports_all_gather_factory() -> bool:
+    """Whether this MLX's ``init`` takes ``all_gather_factory`` (mlx >= 0.32.1).
+
+    Read from the binding's signature (nanobind puts it in ``__doc__``), never
+    assumed from a version number.
+    """
+    try:
+        init = _mlx_distributed().init
+    except ImportError:
+        return False
+    return "all_gather_factory" in (getattr(init, "__doc__", "") or "")
+
+
 # -- the call -----------------------------------------------------------------------
 
-InitFn = Callable[[str], Group]
+#: ``init_fn(backend, all_gather_factory)``; the factory is only given for jaccl.
+InitFn = Callable[[str, AllGatherFactory | None], Group]
 BlockingRunner = Callable[[Callable[[], Group]], Any]
 
 
@@ -188,8 +211,13 @@ def _import_mlx() -> None:
     _mlx_distributed()
 
 
-def mlx_init(backend: str) -> Group:
-    group: Group = _mlx_distributed().init(strict=False, backend=backend)
+def mlx_init(backend: str, all_gather_factory: AllGatherFactory | None = None) -> Group:
+    dist = _mlx_distributed()
+    if all_gather_factory is not None:
+        group: Group = dist.init(strict=False, backend=backend,
+                                 all_gather_factory=all_gather_factory)
+    else:
+        group = dist.init(strict=False, backend=backend)
     return group
 
 
@@ -211,23 +239,33 @@ class GroupInitializer:
         run_blocking: Callable[[Callable[[], Group]], Any] = _in_worker_thread,
         precheck: Callable[[str], None] = check_backend_available,
         prepare: Callable[[], None] | None = None,
+        plan_check: Callable[[InitPlan], Awaitable[None]] = check_plan,
+        side_channel_supported: Callable[[], bool] = supports_all_gather_factory,
     ) -> None:
         self.init_fn = init_fn
         self.run_blocking = run_blocking
         self.precheck = precheck
+        #: Runs on every rank before init (jaccl: rdma_ctl, ibv_devices, the matrix).
+        self.plan_check = plan_check
+        self.side_channel_supported = side_channel_supported
         #: Called in ``idle``: imports MLX (~80 ms) long before the timed init.
         self.prepare: Callable[[], None] = prepare or _import_mlx
 
-    async def initialize(self, plan: InitPlan, files: TopologyDir) -> Group:
+    async def initialize(self, plan: InitPlan, files: TopologyDir,
+                         side_channel: JacclSideChannel | None = None) -> Group:
         if os.environ.get(FAULT_ENV) == "never-init":
             # Fault injection for tests: pass the barrier, then never call init (the
             # peer that hangs everyone else's init). Documented in docs/states.md.
             await trio.sleep_forever()
         env, clear = backend_env(plan, files)
+        factory = side_channel.factory if side_channel is not None else None
         with patched_env(env, clear):
             try:
-                group: Group = await self.run_blocking(lambda: self.init_fn(plan.backend))
+                group: Group = await self.run_blocking(
+                    lambda: self.init_fn(plan.backend, factory))
             except RuntimeError as exc:
+                if side_channel is not None and side_channel.failure is not None:
+                    raise side_channel.failure from exc
                 raise GroupInitFailed(plan.backend, str(exc)) from exc
         if group.size() != plan.world_size:
             raise GroupSizeMismatch(plan.world_size, group.size())
@@ -253,17 +291,28 @@ def fake_initializer(
     size: int | None = None,
     error: str | None = None,
     unavailable: str | None = None,
+    plan_check: Callable[[InitPlan], Awaitable[None]] | None = None,
+    side_channel_rounds: int = 0,
+    side_channel_supported: bool = True,
 ) -> GroupInitializer:
     """A :class:`GroupInitializer` that takes the real path up to the MLX call.
 
     It reads back the env the real call would see (``MLX_RANK``, the topology file)
     and returns a :class:`FakeGroup`; ``error`` makes it raise like a failed init,
     ``size`` overrides the group size, ``unavailable`` fails the backend check.
+    ``plan_check`` replaces the system checks (default: the matrix rules only).
+
+    With ``side_channel_rounds`` (jaccl) it behaves like jaccl's init instead: it runs
+    in a real worker thread and does that many all-gather rounds through the factory
+    it is given, checking every answer, as MLX would. Several such ranks in one
+    process share the process env, so it takes its rank from the side channel.
     """
 
-    def init_fn(backend: str) -> Group:
+    def init_fn(backend: str, factory: AllGatherFactory | None) -> Group:
         if error is not None:
             raise RuntimeError(error)
+        if side_channel_rounds and factory is not None:
+            return _fake_jaccl_rounds(factory, side_channel_rounds)
         rank = int(os.environ["MLX_RANK"])
         path = os.environ["MLX_HOSTFILE" if backend == "ring" else "MLX_IBV_DEVICES"]
         with open(path) as f:
@@ -281,4 +330,29 @@ def fake_initializer(
         if unavailable is not None:
             raise BackendUnavailable(backend, unavailable)
 
-    return GroupInitializer(init_fn, direct, precheck, prepare=lambda: None)
+    async def matrix_only(plan: InitPlan) -> None:
+        if plan.backend == "jaccl":
+            from states.topology import check_matrix
+
+            check_matrix(plan.topology, plan.world_size)
+        await trio.lowlevel.checkpoint()
+
+    return GroupInitializer(init_fn, _in_worker_thread if side_channel_rounds else direct,
+                            precheck, prepare=lambda: None,
+                            plan_check=plan_check or matrix_only,
+                            side_channel_supported=lambda: side_channel_supported)
+
+
+def _fake_jaccl_rounds(factory: AllGatherFactory, rounds: int) -> Group:
+    """What jaccl's init does with the factory: all-gathers of growing size."""
+    channel = factory.__self__  # type: ignore[attr-defined]  # a bound JacclSideChannel method
+    rank, size = channel.rank, channel.world_size
+    gather = factory(rank, size)
+    for r in range(rounds):
+        n = 1 + 37 * r
+        mine = bytes([rank]) * n
+        got = gather(mine, n)
+        expected = b"".join(bytes([i]) * n for i in range(size))
+        if got != expected:
+            raise RuntimeError(f"all-gather round {r} returned the wrong bytes")
+    return FakeGroup(rank, size)

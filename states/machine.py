@@ -32,15 +32,19 @@ from states.errors import (
     BootstrapTimeout,
     ConfirmationTimeout,
     DiscoveryTimeout,
+    DuplicateNodeId,
+    ElectionFailed,
     FrameError,
     GroupInitFailed,
     GroupInitTimeout,
     GroupSizeMismatch,
     HandshakeRejected,
     HandshakeTimeout,
+    InterfaceUnavailable,
     PeerAborted,
     PeerDisconnected,
     PeerLost,
+    PrecheckFailed,
     SessionUnavailable,
 )
 from states.transport import BindFailed
@@ -54,11 +58,14 @@ BOOTSTRAP: MachineSpec = machine_spec(
     doc="Brings N ranks from nothing to one ready MLX distributed group.",
     states=[
         State("idle", act.idle, deadline=D["idle"], on_timeout=DiscoveryTimeout,
-              raises=(BindFailed,),
-              doc="Start the init watchdog; rank 0 opens its control listener."),
+              raises=(BindFailed, InterfaceUnavailable),
+              doc="Start the init watchdog; check the interfaces; open the control "
+                  "listener(s)."),
         State("discovering", act.discovering, deadline=D["discovering"],
               on_timeout=DiscoveryTimeout,
-              doc="Find the peers (static list; interface beacons plug in here)."),
+              raises=(InterfaceUnavailable, DuplicateNodeId, ElectionFailed),
+              doc="Find the peers: a static list, or beacons on each --interface, "
+                  "then the rank election."),
         State("handshaking", act.handshaking, deadline=D["handshaking"],
               on_timeout=HandshakeTimeout, raises=(HandshakeRejected, *LINK_ERRORS),
               doc="Mutual HMAC handshake with every rank; rank 0 creates the session id."),
@@ -67,13 +74,13 @@ BOOTSTRAP: MachineSpec = machine_spec(
               doc="Wait, on events, until every link answered a heartbeat."),
         State("exchanging_bootstrap", act.exchanging_bootstrap,
               deadline=D["exchanging_bootstrap"], on_timeout=BootstrapTimeout,
-              raises=(BootstrapRejected, BackendUnavailable, *LINK_ERRORS),
+              raises=(BootstrapRejected, BackendUnavailable, PrecheckFailed, *LINK_ERRORS),
               doc="Rank 0 checks the backend, sends the 0x07 bootstrap frame; "
                   "every rank acknowledges."),
         State("initializing_group", act.initializing_group,
               deadline=D["initializing_group"], on_timeout=GroupInitTimeout,
-              raises=(BackendUnavailable, GroupInitFailed, GroupSizeMismatch,
-                      BootstrapRejected, *LINK_ERRORS),
+              raises=(BackendUnavailable, PrecheckFailed, GroupInitFailed,
+                      GroupSizeMismatch, BootstrapRejected, *LINK_ERRORS),
               doc="Barrier, staggered release, mx.distributed.init under a hard deadline."),
         State("confirming_group", act.confirming_group, deadline=D["confirming_group"],
               on_timeout=ConfirmationTimeout, raises=(BootstrapRejected, *LINK_ERRORS),
@@ -96,9 +103,23 @@ BOOTSTRAP: MachineSpec = machine_spec(
         ErrorState("listen_failed", BindFailed,
                    doc="Rank 0 could not open its control port (in use, bad address).",
                    remedy="Pick a free --listen port or stop the process holding it."),
+        ErrorState("interface_unavailable", InterfaceUnavailable,
+                   doc="An --interface is missing, down, has no carrier or no IPv4 "
+                       "address, or sockets cannot be bound to it.",
+                   remedy="Check the cable and `ifconfig IF`; see docs/thunderbolt.md."),
         ErrorState("discovery_timeout", DiscoveryTimeout,
-                   doc="No peers were found in time.",
+                   doc="Not every peer was found in time; the detail lists who was heard "
+                       "and which beacons were ignored (other key, version, world size).",
                    remedy="Check that the peers run and the addresses/interfaces are right."),
+        ErrorState("duplicate_node_id", DuplicateNodeId,
+                   doc="Two running nodes share a node id (a copied config).",
+                   remedy="Delete the node-id file on one of them and restart it."),
+        ErrorState("election_failed", ElectionFailed,
+                   doc="No single rank assignment follows from the nodes heard: two "
+                       "claim one rank, auto and explicit ranks are mixed, or too many "
+                       "nodes answered.",
+                   remedy="Use --rank auto on every node (or distinct explicit ranks) and "
+                          "the same --world-size."),
         ErrorState("handshake_rejected", HandshakeRejected,
                    doc="A handshake was refused: wrong key, version, world size or "
                        "duplicate rank/node id (the reason says which, and who refused).",
@@ -132,6 +153,12 @@ BOOTSTRAP: MachineSpec = machine_spec(
                    doc="MLX cannot run the chosen backend here (e.g. jaccl on Linux or "
                        "without RDMA); checked before init.",
                    remedy="Use --backend ring, or enable RDMA (see docs/thunderbolt.md)."),
+        ErrorState("precheck_failed", PrecheckFailed,
+                   doc="A check before mx.distributed.init failed (RDMA disabled, RDMA "
+                       "device missing or down, device matrix incomplete or malformed, "
+                       "no all_gather_factory in this mlx); MLX was never called.",
+                   remedy="The detail names the check and the command to run; see "
+                          "docs/thunderbolt.md."),
         ErrorState("group_init_failed", GroupInitFailed,
                    doc="mx.distributed.init raised (connection refused, RDMA error).",
                    remedy="Read the cause; check the data-plane addresses and ports."),

@@ -19,18 +19,27 @@ from fsm import TraceRecord
 from states.config import ClusterConfig
 from states.exitcodes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from states.keys import KeyFileError, load_key
+from states.nodeid import load_or_create_node_id
 
 
 def _config_from(args: argparse.Namespace) -> ClusterConfig:
-    if args.rank == "auto":
-        raise ValueError("--rank auto needs interface discovery, which is not built yet; "
-                         "give --rank N")
+    rank: int | None = None
+    if args.rank != "auto":
+        try:
+            rank = int(args.rank)
+        except ValueError as exc:
+            raise ValueError(f"--rank must be an integer or 'auto', got {args.rank!r}") from exc
+    extra: dict[str, object] = {}
     if args.interface:
-        raise ValueError("--interface discovery is not built yet; use --peer HOST:PORT")
-    try:
-        rank = int(args.rank)
-    except ValueError as exc:
-        raise ValueError(f"--rank must be an integer or 'auto', got {args.rank!r}") from exc
+        # Elections need a stable id per machine; static peers get one per run.
+        try:
+            extra["node_id"] = load_or_create_node_id(args.node_id_file)
+        except OSError as exc:
+            raise ValueError(f"cannot read or create the node-id file: {exc}") from exc
+        extra["beacon_port"] = args.beacon_port
+    elif args.rank == "auto":
+        raise ValueError("--rank auto elects ranks among the nodes heard on --interface; "
+                         "give --interface IF, or an explicit --rank N")
     return ClusterConfig(
         rank=rank,
         world_size=args.world_size,
@@ -40,6 +49,8 @@ def _config_from(args: argparse.Namespace) -> ClusterConfig:
         backend=args.backend,
         deadlines=dict(args.deadline),
         verify=args.verify,
+        interfaces=tuple(args.interface),
+        **extra,  # type: ignore[arg-type]
     )
 
 

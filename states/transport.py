@@ -20,6 +20,7 @@ import trio
 import trio.testing
 
 from states.config import Address
+from states.netif import bind_to_interface
 
 
 @attrs.frozen(auto_exc=True)
@@ -57,9 +58,10 @@ class Listener(Protocol):
 class Transport(Protocol):
     """What the machine needs from the network."""
 
-    def listen(self, address: Address) -> AbstractAsyncContextManager[Listener]: ...
+    def listen(self, address: Address, interface: str | None = None
+               ) -> AbstractAsyncContextManager[Listener]: ...
 
-    async def connect(self, address: Address) -> Conn: ...
+    async def connect(self, address: Address, interface: str | None = None) -> Conn: ...
 
 
 # -- TCP ----------------------------------------------------------------------------
@@ -89,9 +91,13 @@ class TcpTransport:
     """Real TCP. Connection attempts are bounded by the caller's cancel scope."""
 
     @asynccontextmanager
-    async def listen(self, address: Address) -> AsyncIterator[TcpListener]:
+    async def listen(self, address: Address, interface: str | None = None
+                     ) -> AsyncIterator[TcpListener]:
         try:
-            listeners = await trio.open_tcp_listeners(address.port, host=address.host)
+            if interface is None:
+                listeners = await trio.open_tcp_listeners(address.port, host=address.host)
+            else:
+                listeners = [await _listener_on_interface(address, interface)]
         except OSError as exc:
             raise BindFailed(str(address), exc.strerror or str(exc)) from exc
         listener = listeners[0]
@@ -104,9 +110,32 @@ class TcpTransport:
         finally:
             await bound.aclose()
 
-    async def connect(self, address: Address) -> Conn:
-        stream = await trio.open_tcp_stream(address.host, address.port)
-        return _tcp_conn(stream)
+    async def connect(self, address: Address, interface: str | None = None) -> Conn:
+        if interface is None:
+            stream = await trio.open_tcp_stream(address.host, address.port)
+            return _tcp_conn(stream)
+        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            bind_to_interface(sock, interface)  # type: ignore[arg-type]
+            await sock.connect((address.host, address.port))
+        except BaseException:
+            sock.close()
+            raise
+        return _tcp_conn(trio.SocketStream(sock))
+
+
+async def _listener_on_interface(address: Address, interface: str) -> trio.SocketListener:
+    """A listener whose accepted connections stay on ``interface`` (see states.netif)."""
+    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        bind_to_interface(sock, interface)  # type: ignore[arg-type]
+        await sock.bind((address.host, address.port))
+        sock.listen(64)
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketListener(sock)
 
 
 def connection_refused(exc: BaseException) -> bool:
@@ -156,7 +185,11 @@ class MemoryTransport:
         self.host = host
 
     @asynccontextmanager
-    async def listen(self, address: Address) -> AsyncIterator[MemoryListener]:
+    async def listen(self, address: Address, interface: str | None = None
+                     ) -> AsyncIterator[MemoryListener]:
+        if address.port == 0:
+            self.network._next_port += 1
+            address = Address(address.host, self.network._next_port)
         if address in self.network._listeners:
             raise BindFailed(str(address), "address already in use")
         listener = MemoryListener(self.network, address)
@@ -166,7 +199,7 @@ class MemoryTransport:
         finally:
             await listener.aclose()
 
-    async def connect(self, address: Address) -> Conn:
+    async def connect(self, address: Address, interface: str | None = None) -> Conn:
         await trio.lowlevel.checkpoint()
         listener = self.network._listeners.get(address)
         if listener is None:
@@ -176,3 +209,38 @@ class MemoryTransport:
         a, b = trio.testing.memory_stream_pair()
         listener._send.send_nowait(Conn(b, address.host, str(mine)))
         return Conn(a, self.host, str(address))
+
+
+class MultiListener:
+    """Several listeners (one per interface) seen as one: ``accept`` returns the next
+    connection from any of them. Connections that arrive together are queued, never
+    dropped."""
+
+    def __init__(self, listeners: list[Listener]) -> None:
+        if not listeners:
+            raise ValueError("MultiListener needs at least one listener")
+        self.listeners = listeners
+        self.address = listeners[0].address
+        self._ready: list[Conn] = []
+
+    async def accept(self) -> Conn:
+        if len(self.listeners) == 1:
+            return await self.listeners[0].accept()
+        if not self._ready:
+            async with trio.open_nursery() as nursery:
+                async def one(listener: Listener) -> None:
+                    self._ready.append(await listener.accept())
+                    nursery.cancel_scope.cancel()
+
+                for listener in self.listeners:
+                    nursery.start_soon(one, listener)
+        else:
+            await trio.lowlevel.checkpoint()
+        return self._ready.pop(0)
+
+    async def aclose(self) -> None:
+        for conn in self._ready:
+            await conn.stream.aclose()
+        self._ready.clear()
+        for listener in self.listeners:
+            await listener.aclose()

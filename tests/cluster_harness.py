@@ -16,6 +16,7 @@ import trio
 from states.api import bootstrap_cluster
 from states.config import Address, ClusterConfig
 from states.context import FakePortReservation
+from states.discovery import DiscoveryNet
 from states.groupinit import GroupInitializer, fake_initializer
 from states.transport import MemoryNetwork
 from states.watchdog import NoWatchdog
@@ -50,6 +51,8 @@ async def run_rank(
     *,
     initializer: GroupInitializer | None = None,
     in_ready: Callable[[Any], Awaitable[None]] | None = None,
+    host: str | None = None,
+    discovery_net: DiscoveryNet | None = None,
 ) -> None:
     """Bootstrap one rank; record where it ended. ``in_ready`` runs while ready."""
     def observe(rec: Any) -> None:
@@ -59,11 +62,12 @@ async def run_rank(
     try:
         async with bootstrap_cluster(
             cfg,
-            transport=network.transport(f"node{cfg.rank}"),
+            transport=network.transport(host or f"node{cfg.rank}"),
             initializer=initializer or fake_initializer(),
             watchdog=NoWatchdog(),
             allocate_port=FakePortReservation,
             observers=[observe],
+            discovery_net=discovery_net,
         ) as cluster:
             result.group_size = cluster.group.size()
             if in_ready is not None:

@@ -1,0 +1,377 @@
+"""Interface discovery, rank election and the jaccl path, deterministically.
+
+Beacons travel on in-memory links (``MemoryLinks``), the control links on the
+in-memory network, under pytest-trio's MockClock: every scenario is exact and costs
+no real time. The real UDP/TCP path is in tests/test_netns_discovery.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from states.codec import Topology
+from states.config import ClusterConfig
+from states.discovery import (
+    AUTO_RANK,
+    Beacon,
+    BeaconIgnored,
+    DiscoveryState,
+    MemoryLinks,
+    Peer,
+    decode_beacon,
+    elect,
+)
+from states.errors import (
+    BackendUnavailable,
+    DiscoveryTimeout,
+    DuplicateNodeId,
+    ElectionFailed,
+    InterfaceUnavailable,
+    PrecheckFailed,
+)
+from states.groupinit import GroupInitializer, InitPlan, fake_initializer
+from states.nodeid import load_or_create_node_id
+from states.rdma import check_jaccl_plan
+from states.transport import MemoryNetwork
+from tests.cluster_harness import KEY, RankResult, run_rank
+
+SAMPLES = Path(__file__).parent / "samples"
+
+
+def node(i: int) -> bytes:
+    return bytes([i]) * 16
+
+
+def beacon(i: int, *, claim: int = AUTO_RANK, world: int = 2, version: int = 1,
+           instance: bytes | None = None) -> Beacon:
+    return Beacon(version, node(i), instance or bytes([i]) * 8, world, claim, 7000 + i)
+
+
+# -- beacons ------------------------------------------------------------------------
+
+
+def test_beacon_round_trips_and_is_bound_to_the_key() -> None:
+    b = beacon(3)
+    assert decode_beacon(b.encode(KEY), KEY) == b
+    with pytest.raises(BeaconIgnored, match="another cluster"):
+        decode_beacon(b.encode(b"x" * 32), KEY)
+    with pytest.raises(BeaconIgnored, match="not a clusterfsm beacon"):
+        decode_beacon(b"hello", KEY)
+    with pytest.raises(BeaconIgnored, match="protocol version 2"):
+        decode_beacon(b"CFB1\x00\x02" + b"\x00" * 70, KEY)
+
+
+def test_own_echo_is_ignored_and_a_peer_heard_twice_is_one_peer() -> None:
+    state = DiscoveryState(beacon(1))
+    assert not state.observe(beacon(1).encode(KEY), KEY, "10.0.0.1", "en2")
+    assert state.observe(beacon(2).encode(KEY), KEY, "10.0.0.2", "en2")
+    assert not state.observe(beacon(2).encode(KEY), KEY, "10.0.1.2", "en3")
+    assert state.peers[node(2)].interfaces == ("en2", "en3")
+    assert state.complete
+
+
+def test_other_version_world_size_and_key_are_reported_not_joined() -> None:
+    state = DiscoveryState(beacon(1))
+    state.observe(beacon(2, version=9).encode(KEY), KEY, "h2", "en2")
+    state.observe(beacon(3, world=4).encode(KEY), KEY, "h3", "en2")
+    state.observe(beacon(4).encode(b"y" * 32), KEY, "h4", "en2")
+    assert not state.peers
+    text = state.summary()
+    assert "protocol version 9" in text and "world size 4" in text
+    assert "another cluster" in text
+
+
+def test_reports_are_bounded_under_a_flood() -> None:
+    state = DiscoveryState(beacon(1))
+    for i in range(1000):
+        state.observe(os.urandom(60), KEY, f"10.0.{i // 250}.{i % 250}", "en2")
+    assert len(state.reports) <= 16
+
+
+def test_copied_node_id_is_a_duplicate_not_a_split() -> None:
+    state = DiscoveryState(beacon(1))
+    with pytest.raises(DuplicateNodeId):
+        state.observe(beacon(1, instance=b"OTHER-PR").encode(KEY), KEY, "h9", "en2")
+    state = DiscoveryState(beacon(1, world=3))
+    state.observe(beacon(2, world=3).encode(KEY), KEY, "h2", "en2")
+    with pytest.raises(DuplicateNodeId, match="h2 on en2 and h5 on en3"):
+        state.observe(beacon(2, world=3, instance=b"CLONED!!").encode(KEY), KEY, "h5", "en3")
+
+
+# -- election -----------------------------------------------------------------------
+
+
+def peers_of(*beacons: Beacon) -> list[Peer]:
+    return [Peer(b.node_id, "h", b.control_port, b.rank_claim, ("en2",)) for b in beacons]
+
+
+def test_auto_election_is_the_same_on_every_node_whatever_the_order() -> None:
+    rng = random.Random(7)
+    ids = [rng.randbytes(16) for _ in range(5)]
+    bs = [Beacon(1, i, bytes(8), 5, AUTO_RANK, 1) for i in ids]
+    expected = {n: r for r, n in enumerate(sorted(ids))}
+    for me in bs:
+        others = [b for b in bs if b is not me]
+        rng.shuffle(others)
+        result = elect(me, peers_of(*others))
+        assert result.ranks == expected
+        assert result.my_rank == expected[me.node_id]
+
+
+def test_explicit_ranks_are_kept_and_checked() -> None:
+    assert elect(beacon(1, claim=1), peers_of(beacon(2, claim=0))).my_rank == 1
+    with pytest.raises(ElectionFailed, match="both claim rank 0"):
+        elect(beacon(1, claim=0), peers_of(beacon(2, claim=0)))
+    with pytest.raises(ElectionFailed, match="auto"):
+        elect(beacon(1, claim=0), peers_of(beacon(2)))
+    with pytest.raises(ElectionFailed, match="3 nodes for a world size of 2"):
+        elect(beacon(1), peers_of(beacon(2), beacon(3)))
+
+
+def test_node_id_file_is_created_private_and_kept(tmp_path: Path) -> None:
+    path = tmp_path / "cfg" / "node-id"
+    first = load_or_create_node_id(path)
+    assert load_or_create_node_id(path) == first
+    assert path.stat().st_mode & 0o777 == 0o600
+    path.write_text("not hex")
+    with pytest.raises(ValueError, match="32 hex digits"):
+        load_or_create_node_id(path)
+
+
+# -- the machine, with beacons on in-memory links -----------------------------------
+
+
+def iface_config(i: int, *, world: int = 2, rank: int | None = None,
+                 interfaces: tuple[str, ...] = ("en2",), **kw: Any) -> ClusterConfig:
+    return ClusterConfig(rank=rank, world_size=world, key=KEY, interfaces=interfaces,
+                         node_id=node(i), **kw)
+
+
+async def run_nodes(links: MemoryLinks, specs: list[tuple[ClusterConfig, dict[str, str]]],
+                    initializers: dict[int, GroupInitializer] | None = None
+                    ) -> list[RankResult]:
+    """Run each (config, interface -> link) as host ``hN``; hold all in ready."""
+    network = MemoryNetwork()
+    results = [RankResult(-1) for _ in specs]
+    everyone, arrived = trio.Event(), []
+
+    async def hold(cluster: Any) -> None:
+        arrived.append(cluster.rank)
+        results[len(arrived) - 1].group_size = cluster.group.size()
+        if len(arrived) == len(specs):
+            everyone.set()
+        with trio.move_on_after(5):
+            await everyone.wait()
+
+    async with trio.open_nursery() as nursery:
+        for i, ((cfg, attached), res) in enumerate(zip(specs, results, strict=True)):
+            host = f"h{i}"
+            nursery.start_soon(lambda c=cfg, r=res, h=host, a=attached, i=i: run_rank(
+                network, c, r, host=h, discovery_net=links.node(h, a), in_ready=hold,
+                initializer=(initializers or {}).get(i)))
+    return results
+
+
+async def test_two_nodes_given_only_their_interface_elect_and_reach_ready(
+        autojump_clock: Any) -> None:
+    links = MemoryLinks()
+    results = await run_nodes(links, [(iface_config(2), {"en2": "tb"}),
+                                      (iface_config(1), {"en2": "tb"})])
+    assert [r.state for r in results] == ["closed", "closed"], [r.error for r in results]
+    assert all(r.path[:2] == ["discovering", "handshaking"] for r in results)
+
+
+async def test_jaccl_matrix_is_built_from_what_each_rank_heard(autojump_clock: Any) -> None:
+    """Three Macs in a full mesh, one cable per pair, distinct interface names."""
+    links = MemoryLinks()
+    wiring = [{"en2": "ab", "en3": "ac"}, {"en4": "ab", "en5": "bc"},
+              {"en6": "ac", "en7": "bc"}]
+    seen: list[InitPlan] = []
+
+    async def capture(plan: InitPlan) -> None:
+        seen.append(plan)
+        await trio.lowlevel.checkpoint()
+
+    specs = [(iface_config(i + 1, world=3, backend="jaccl",
+                           interfaces=tuple(wiring[i])), wiring[i]) for i in range(3)]
+    inits = {i: fake_initializer(plan_check=capture) for i in range(3)}
+    results = await run_nodes(links, specs, inits)
+    assert [r.state for r in results] == ["closed"] * 3, [r.error for r in results]
+    expected: Topology = ((None, "rdma_en2", "rdma_en3"),
+                          ("rdma_en4", None, "rdma_en5"),
+                          ("rdma_en6", "rdma_en7", None))
+    assert {p.topology for p in seen} == {expected}
+    assert sorted(p.rank for p in seen) == [0, 1, 2]
+    assert all(p.coordinator is None for p in seen)  # side channel, no jaccl port
+
+
+async def test_jaccl_without_all_gather_factory_falls_back_to_a_coordinator(
+        autojump_clock: Any) -> None:
+    links = MemoryLinks()
+    seen: list[InitPlan] = []
+
+    async def capture(plan: InitPlan) -> None:
+        seen.append(plan)
+        await trio.lowlevel.checkpoint()
+
+    specs = [(iface_config(i, backend="jaccl"), {"en2": "tb"}) for i in (1, 2)]
+    inits = {i: fake_initializer(plan_check=capture, side_channel_supported=False)
+             for i in range(2)}
+    results = await run_nodes(links, specs, inits)
+    assert [r.state for r in results] == ["closed"] * 2, [r.error for r in results]
+    coordinators = {p.coordinator for p in seen}
+    assert len(coordinators) == 1 and None not in coordinators
+
+
+async def test_duplicate_node_ids_stop_both_nodes(autojump_clock: Any) -> None:
+    links = MemoryLinks()
+    results = await run_nodes(links, [(iface_config(1), {"en2": "tb"}),
+                                      (iface_config(1), {"en2": "tb"})])
+    assert [r.state for r in results] == ["duplicate_node_id"] * 2
+    assert all(isinstance(r.error, DuplicateNodeId) for r in results)
+
+
+async def test_mixed_auto_and_explicit_ranks_fail_the_election(autojump_clock: Any) -> None:
+    links = MemoryLinks()
+    results = await run_nodes(links, [(iface_config(1, rank=0), {"en2": "tb"}),
+                                      (iface_config(2), {"en2": "tb"})])
+    assert [r.state for r in results] == ["election_failed"] * 2
+
+
+async def test_a_lone_node_times_out_naming_what_it_heard(autojump_clock: Any) -> None:
+    links = MemoryLinks()
+    network = MemoryNetwork()
+    result = RankResult(-1)
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        async def foreign() -> None:  # a node of another cluster on the same link
+            async with links.node("x", {"en2": "tb"}).beacon_socket("en2", 52417) as s:
+                while True:
+                    await s.broadcast(beacon(9).encode(b"z" * 32))
+                    await trio.sleep(0.1)
+
+        nursery.start_soon(foreign)
+        await run_rank(network, iface_config(1, deadlines={"discovering": 2.0}), result,
+                       host="h0", discovery_net=links.node("h0", {"en2": "tb"}))
+        nursery.cancel_scope.cancel()
+    assert result.state == "discovery_timeout"
+    assert isinstance(result.error, DiscoveryTimeout)
+    assert "heard 0 of 1" in str(result.error) and "another cluster" in str(result.error)
+    assert trio.current_time() - start == pytest.approx(2.0, abs=0.2)
+
+
+async def test_an_interface_with_no_carrier_is_a_typed_error_at_once(
+        autojump_clock: Any) -> None:
+    links = MemoryLinks()
+    links.down.add("tb")
+    result = RankResult(-1)
+    start = trio.current_time()
+    await run_rank(MemoryNetwork(), iface_config(1), result, host="h0",
+                   discovery_net=links.node("h0", {"en2": "tb"}))
+    assert result.state == "interface_unavailable"
+    assert isinstance(result.error, InterfaceUnavailable)
+    assert "no carrier" in str(result.error)
+    assert trio.current_time() - start < 0.1
+
+
+async def test_jaccl_on_static_peers_has_no_matrix_and_says_so(autojump_clock: Any) -> None:
+    from tests.cluster_harness import config, run_ranks
+
+    results = await run_ranks([config(0, backend="jaccl"), config(1, backend="jaccl")])
+    assert results[0].state == "precheck_failed"
+    assert isinstance(results[0].error, PrecheckFailed)
+    assert results[0].error.check == "matrix_incomplete"
+    assert results[1].state == "peer_aborted"
+
+
+async def test_jaccl_absent_from_this_platform_is_backend_unavailable(
+        autojump_clock: Any) -> None:
+    links = MemoryLinks()
+    specs = [(iface_config(i, backend="jaccl"), {"en2": "tb"}) for i in (1, 2)]
+    inits = {i: fake_initializer(unavailable="librdma.dylib") for i in range(2)}
+    results = await run_nodes(links, specs, inits)
+    states = sorted(r.state for r in results)
+    assert states == ["backend_unavailable", "peer_aborted"]
+    assert any(isinstance(r.error, BackendUnavailable) for r in results)
+
+
+# -- jaccl pre-init checks on recorded tool output ---------------------------------
+
+
+def tools(*, rdma: str = "rdma_ctl_enabled.txt", devinfo: str = "ibv_devinfo_active.txt"
+          ) -> Any:
+    async def run(argv: Any) -> str:
+        await trio.lowlevel.checkpoint()
+        name = {"rdma_ctl": rdma, "ibv_devices": "ibv_devices.txt",
+                "ibv_devinfo": devinfo}[argv[0]]
+        return (SAMPLES / name).read_text()
+
+    return run
+
+
+MATRIX: Topology = ((None, "rdma_en2"), ("rdma_en3", None))
+
+
+async def test_jaccl_prechecks_pass_on_a_good_mac() -> None:
+    await check_jaccl_plan(MATRIX, 0, 2, run=tools())
+
+
+@pytest.mark.parametrize(("topology", "kw", "check"), [
+    (MATRIX, {"rdma": "rdma_ctl_disabled.txt"}, "rdma_disabled"),
+    (((None, "rdma_en9"), ("rdma_en3", None)), {}, "device_missing"),
+    (MATRIX, {"devinfo": "ibv_devinfo_down.txt"}, "interface_down"),
+    (((None, "en2"), ("en3", None)), {}, "matrix_names"),
+    (((None, "rdma_en2"),), {}, "matrix_shape"),
+])
+async def test_jaccl_prechecks_name_what_is_wrong(topology: Topology, kw: dict[str, str],
+                                                  check: str) -> None:
+    with pytest.raises(PrecheckFailed) as info:
+        await check_jaccl_plan(topology, 0, 2, run=tools(**kw))
+    assert info.value.check == check
+
+
+async def test_missing_tools_are_a_typed_precheck_failure() -> None:
+    from states.rdma import run_tool
+
+    with pytest.raises(PrecheckFailed) as info:
+        await run_tool(["clusterfsm-no-such-tool-xyz"])
+    assert info.value.check == "tool_missing"
+
+
+async def test_a_failed_precheck_on_a_joiner_reaches_rank_0_as_peer_aborted(
+        autojump_clock: Any) -> None:
+    links = MemoryLinks()
+
+    async def disabled(plan: InitPlan) -> None:
+        await check_jaccl_plan(plan.topology, plan.rank, plan.world_size,
+                               run=tools(rdma="rdma_ctl_disabled.txt"))
+
+    specs = [(iface_config(i, backend="jaccl"), {"en2": "tb"}) for i in (1, 2)]
+    inits = {0: fake_initializer(), 1: fake_initializer(plan_check=disabled)}
+    results = await run_nodes(links, specs, inits)
+    assert results[1].state == "precheck_failed"
+    assert results[0].state in ("peer_aborted", "precheck_failed")
+
+
+def test_jaccl_env_is_private_and_twins_are_cleared(tmp_path: Path) -> None:
+    from states.groupinit import TopologyDir, backend_env
+
+    files = TopologyDir()
+    try:
+        plan = InitPlan("jaccl", 1, 2, MATRIX, b"s" * 16)
+        env, clear = backend_env(plan, files)
+        assert env["MLX_RANK"] == "1" and "MLX_JACCL_COORDINATOR" not in env
+        assert {"JACCL_RANK", "JACCL_IBV_DEVICES", "JACCL_COORDINATOR", "MLX_JACCL_RING",
+                "JACCL_RING"} <= set(clear)
+        path = Path(env["MLX_IBV_DEVICES"])
+        assert path.stat().st_mode & 0o777 == 0o600
+        assert json.loads(path.read_text()) == [[None, "rdma_en2"], ["rdma_en3", None]]
+    finally:
+        files.close()
