@@ -25,7 +25,13 @@ from collections.abc import Callable, Mapping
 import trio
 
 from states.codec import MAX_PAYLOAD, GatherPart, GatherResult, Message
-from states.errors import BootstrapRejected, PrecheckFailed
+from states.errors import (
+    BootstrapRejected,
+    FrameError,
+    PeerAborted,
+    PeerDisconnected,
+    PrecheckFailed,
+)
 from states.link import ControlLink, unexpected_message
 
 #: Upper bound on one all-gather round (jaccl's exchanges are a few hundred bytes).
@@ -94,14 +100,29 @@ class JacclSideChannel:
                                  f"longer than {self.round_timeout:g} s") from None
 
     async def _collect(self, this_round: int, src: bytes, n_bytes: int) -> bytes:
+        """Wait for every joiner's part at once: the first link to fail ends the round
+        (waiting in rank order would hide a lost rank 2 behind a slow rank 1)."""
         parts = {0: src}
-        for rank, link in self.links.items():
-            part = await self._expect(link, GatherPart, this_round)
-            if len(part.data) != n_bytes:
-                raise BootstrapRejected(f"rank {rank} sent {len(part.data)} bytes in "
-                                        f"all-gather round {this_round}, not {n_bytes}",
-                                        link.peer)
+        failures: list[BaseException] = []
+
+        async def part_of(rank: int, link: ControlLink) -> None:
+            try:
+                part = await self._expect(link, GatherPart, this_round)
+                if len(part.data) != n_bytes:
+                    raise BootstrapRejected(f"rank {rank} sent {len(part.data)} bytes in "
+                                            f"all-gather round {this_round}, not {n_bytes}",
+                                            link.peer)
+            except (FrameError, PeerDisconnected, PeerAborted, BootstrapRejected) as exc:
+                failures.append(exc)
+                nursery.cancel_scope.cancel()
+                return
             parts[rank] = part.data
+
+        async with trio.open_nursery() as nursery:
+            for rank, link in self.links.items():
+                nursery.start_soon(part_of, rank, link)
+        if failures:
+            raise failures[0]
         result = b"".join(parts[r] for r in range(self.world_size))
         for link in self.links.values():
             await link.send(GatherResult(self.session_id, this_round, result))
