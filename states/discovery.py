@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
+import random
 import socket
 import struct
 from collections.abc import AsyncIterator, Iterable
@@ -287,6 +288,8 @@ class MemoryBeaconSocket:
         await trio.lowlevel.checkpoint()
         for other in self._bus.members.get(self._link, []):
             if other is not self and self._link not in self._bus.down:
+                if self._bus.loss and self._bus.rng.random() < self._bus.loss:
+                    continue  # a lossy link (seeded): beacons must be repeated
                 other._send.send_nowait((data, self._host))
 
     async def receive(self) -> tuple[bytes, str]:
@@ -297,9 +300,11 @@ class MemoryLinks:
     """In-memory links for deterministic tests: nodes' interfaces attached to named
     links; a broadcast reaches every other socket on the same link."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, loss: float = 0.0, seed: int = 0) -> None:
         self.members: dict[str, list[MemoryBeaconSocket]] = {}
         self.down: set[str] = set()
+        self.loss = loss
+        self.rng = random.Random(seed)
 
     def node(self, host: str, attached: dict[str, str]) -> MemoryDiscoveryNet:
         """A node ``host`` whose interface ``name`` is on link ``attached[name]``."""
@@ -361,10 +366,16 @@ async def discover(sockets: list[tuple[BeaconSocket, Beacon]], key: bytes,
             if state.complete:
                 complete.set()
 
+    async def announce() -> None:  # UDP may drop a beacon: repeat until done
+        while True:
+            for sock, beacon in sockets:
+                await sock.broadcast(beacon.encode(key))
+            await trio.sleep(BEACON_INTERVAL)
+
     async with trio.open_nursery() as nursery:
         for sock, beacon in sockets:
             nursery.start_soon(listen, sock, beacon)
-            await sock.broadcast(beacon.encode(key))
+        nursery.start_soon(announce)
         report_progress(state.summary())
         await complete.wait()
         await trio.sleep(SETTLE_TIME)  # an extra node would be heard meanwhile

@@ -188,6 +188,14 @@ async def test_two_nodes_given_only_their_interface_elect_and_reach_ready(
     assert all(r.path[:2] == ["discovering", "handshaking"] for r in results)
 
 
+async def test_discovery_survives_a_lossy_link(autojump_clock: Any) -> None:
+    """Most beacons lost (seeded): repetition still gets everyone found in time."""
+    links = MemoryLinks(loss=0.8, seed=3)
+    specs = [(iface_config(i, world=3), {"en2": "bridge"}) for i in (1, 2, 3)]
+    results = await run_nodes(links, specs)
+    assert [r.state for r in results] == ["closed"] * 3, [r.error for r in results]
+
+
 async def test_jaccl_matrix_is_built_from_what_each_rank_heard(autojump_clock: Any) -> None:
     """Three Macs in a full mesh, one cable per pair, distinct interface names."""
     links = MemoryLinks()
