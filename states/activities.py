@@ -481,7 +481,10 @@ async def initializing_group(ctx: ClusterContext) -> str:
     if ctx.is_coordinator:
         for rank, link in ctx.links.items():
             report_progress(f"barrier: waiting for rank {rank} to be ready for init")
-            await _expect(link, InitReady, "initializing_group")
+            arrival = await _expect(link, InitReady, "initializing_group")
+            if arrival.session_id != ctx.session_id:
+                raise BootstrapRejected("barrier arrival (InitReady) for another session",
+                                        link.peer)
         for rank, link in ctx.links.items():
             delay = release_delay(plan.backend, rank, ctx.world_size, ctx.config.release_delay_s)
             await link.send(InitGo(ctx.session_id, round(delay * 1000)))

@@ -9,8 +9,10 @@ in ready they close the cluster cleanly.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -68,10 +70,28 @@ def run_serve(args: argparse.Namespace) -> int:
             if state not in known:
                 raise ValueError(f"--deadline {state}=...: no such state "
                                  f"(one of: {', '.join(sorted(known))})")
+        if args.trace_json:
+            _check_trace_path(args.trace_json)
     except (ValueError, KeyFileError) as exc:
         print(f"clusterfsm serve: {exc}", file=sys.stderr)
         return EXIT_USAGE
     return trio.run(_serve_async, config, args.trace_json, args.once, args.quiet)
+
+
+def _check_trace_path(path: str) -> None:
+    """Refuse a ``--trace-json`` path that cannot be created, before the machine runs.
+
+    The trace file is opened when the machine starts; a missing directory found there
+    would end the run in ``unexpected`` (a FileNotFoundError) instead of a usage error.
+    """
+    target = Path(path)
+    parent = target.parent
+    if not parent.is_dir():
+        raise ValueError(f"--trace-json {path}: directory {str(parent)!r} does not exist")
+    if target.is_dir():
+        raise ValueError(f"--trace-json {path}: is a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--trace-json {path}: directory {str(parent)!r} is not writable")
 
 
 async def _serve_async(config: ClusterConfig, trace: str | None, once: bool,

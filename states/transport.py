@@ -17,7 +17,6 @@ from typing import Protocol
 
 import attrs
 import trio
-import trio.testing
 
 from states.config import Address
 from states.netif import bind_to_interface
@@ -206,7 +205,12 @@ class MemoryTransport:
             raise ConnectionRefusedError(errno.ECONNREFUSED, f"nobody listens on {address}")
         self.network._next_port += 1
         mine = Address(self.host, self.network._next_port)
-        a, b = trio.testing.memory_stream_pair()
+        # Imported here, not at module level: trio.testing pulls in pytest (~75 ms on
+        # every process start), and only the in-memory test network needs it.
+        from trio.testing import memory_stream_pair  # not "import trio.testing": that
+        # would make ``trio`` a local name of this whole function
+
+        a, b = memory_stream_pair()
         listener._send.send_nowait(Conn(b, address.host, str(mine)))
         return Conn(a, self.host, str(address))
 

@@ -241,3 +241,66 @@ async def test_misbehaving_coordinator_ends_the_joiner_in_a_typed_state(
         nursery.cancel_scope.cancel()
     assert r1.state == state, r1.path
     assert isinstance(r1.error, error)
+
+
+class ScriptedJoiner:
+    """A rank 1 that does a real handshake and bootstrap exchange, then arrives at the
+    init barrier with another session's id."""
+
+    def __init__(self, network: MemoryNetwork) -> None:
+        self.network = network
+
+    async def run(self) -> None:
+        from states.codec import BootstrapAck, InitReady, LinkReport
+        from states.handshake import JoinerHandshake
+        from states.link import ControlLink
+
+        transport = self.network.transport("node1")
+        while True:
+            try:
+                conn = await transport.connect(COORD)
+                break
+            except ConnectionRefusedError:
+                await trio.sleep(0.01)
+        link = ControlLink(conn, peer_rank=0)
+        hs = JoinerHandshake(b"k" * 32, b"\x02" * 16, 1, 2, 9000, peer=conn.remote)
+        await link.send(hs.start())
+        while not hs.done:
+            for reply in hs.receive(await link.receive()):
+                await link.send(reply)
+        assert hs.session_id is not None
+        async with trio.open_nursery() as nursery:
+            link.start(nursery, heartbeat_interval=0.1)
+            await link.send(LinkReport(hs.session_id, ()))
+            frame = await link.next_message()
+            assert isinstance(frame, JacclBootstrapPayload)
+            await link.send(BootstrapAck(hs.session_id))
+            await link.send(InitReady(b"OLD-SESSION-0000"))
+            await trio.sleep_forever()
+
+
+async def test_barrier_arrival_for_another_session_is_rejected_by_rank_0(
+    autojump_clock: Any,
+) -> None:
+    network = MemoryNetwork()
+    r0 = RankResult(0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ScriptedJoiner(network).run)
+        await run_rank(network, config(0), r0)
+        nursery.cancel_scope.cancel()
+    assert r0.state == "bootstrap_rejected", r0.path
+    assert isinstance(r0.error, BootstrapRejected)
+    assert "InitReady" in str(r0.error)
+
+
+def test_importing_the_library_does_not_import_pytest() -> None:
+    """trio.testing (which pulls in pytest) is for the in-memory network only."""
+    import subprocess
+    import sys
+
+    code = ("import sys, states.api, states.serve, states.transport; "
+            "bad = sorted(m for m in ('pytest', 'trio.testing') if m in sys.modules); "
+            "print(bad); sys.exit(1 if bad else 0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr

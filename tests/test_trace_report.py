@@ -297,3 +297,16 @@ def test_a_rank_that_failed_after_ready_is_told_apart(tmp_path: Path) -> None:
     (run,) = load_runs([path])
     assert run.failed and run.reached == "ready"
     assert run.verdict() == "reached ready, then FAILED in peer_lost (PeerLost)"
+
+
+def test_serve_trace_json_in_a_missing_directory_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    key = tmp_path / "k.key"
+    assert main(["keygen", str(key)]) == 0
+    missing = tmp_path / "no-such-dir" / "x.jsonl"
+    assert main(["serve", "--rank", "0", "--world-size", "2", "--key-file", str(key),
+                 "--listen", "127.0.0.1:1", "--once", "--trace-json", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert "--trace-json" in err and "does not exist" in err
+    assert not missing.parent.exists()
