@@ -478,6 +478,9 @@ async def initializing_group(ctx: ClusterContext) -> str:
     ctx.initializer.precheck(plan.backend)
     await ctx.initializer.plan_check(plan)  # before the barrier: peers hear of it
     ctx.files = TopologyDir()
+    # Registered at once and until the cluster closes: a rank killed from here on
+    # (in the barrier, frozen in init, after ready) leaves no directory behind.
+    await ctx.watchdog.remove_on_exit([str(ctx.files.path)])
     if ctx.is_coordinator:
         for rank, link in ctx.links.items():
             report_progress(f"barrier: waiting for rank {rank} to be ready for init")

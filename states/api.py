@@ -208,10 +208,12 @@ async def _teardown(ctx: ClusterContext) -> None:
         ctx.listener = None
     await ctx.exits.aclose()
     ctx.release_port()
-    await ctx.watchdog.aclose()
+    # Our own directory first: the watchdog removes what is still registered when its
+    # pipe closes, and must find nothing left to do (no two removers at once).
     if ctx.files is not None:
         ctx.files.close()
         ctx.files = None
+    await ctx.watchdog.aclose()
 
 
 __all__ = ["Cluster", "ClusterConfig", "GenerationEvent", "bootstrap_cluster", "supervise_ranks"]

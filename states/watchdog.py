@@ -16,8 +16,12 @@ type on stderr, and SIGKILLs the rank (SIGTERM handlers would need the GIL too).
 hung init cannot be recovered inside the process anyway (DESIGN.md section 3): a new
 process and session is the only way back.
 
-It also removes the rank's private topology directory, which the killed rank cannot.
-If the rank exits first, the watchdog sees EOF on its stdin and exits.
+It also removes the rank's private topology directory, which a killed rank cannot:
+the rank registers the directory (:meth:`InitWatchdog.remove_on_exit`) as soon as it
+creates it, and it stays registered until the cluster closes (disarming keeps it).
+When the rank exits, however it exits, the watchdog sees EOF on its stdin, removes
+what is still registered and exits; a rank that closes cleanly has removed the
+directory itself by then, and missing paths are ignored.
 """
 
 from __future__ import annotations
@@ -40,8 +44,29 @@ parent = os.getppid()
 armed_at = None
 deadline = None
 payload = None
+cleanup = []
 buf = b""
 fd = sys.stdin.fileno()
+
+def remove_cleanup_paths():
+    # Missing paths are fine: the rank removes its own directory on a clean close.
+    for path in cleanup:
+        for root, dirs, files in os.walk(path, topdown=False):
+            for name in files:
+                try:
+                    os.unlink(os.path.join(root, name))
+                except FileNotFoundError:
+                    pass
+            for name in dirs:
+                try:
+                    os.rmdir(os.path.join(root, name))
+                except FileNotFoundError:
+                    pass
+        try:
+            os.rmdir(path)
+        except FileNotFoundError:
+            pass
+
 while True:
     timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
     ready, _, _ = select.select([fd], [], [], timeout)
@@ -62,25 +87,24 @@ while True:
                 os.kill(parent, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            for path in payload.get("cleanup", []):
-                for root, dirs, files in os.walk(path, topdown=False):
-                    for name in files:
-                        os.unlink(os.path.join(root, name))
-                    for name in dirs:
-                        os.rmdir(os.path.join(root, name))
-                os.rmdir(path)
+            remove_cleanup_paths()
             sys.exit(0)
         continue
     chunk = os.read(fd, 65536)
     if not chunk:
+        # The rank is gone (exited, or killed: a SIGKILLed rank cannot clean up).
+        remove_cleanup_paths()
         sys.exit(0)
     buf += chunk
     while b"\n" in buf:
         line, buf = buf.split(b"\n", 1)
         if line.startswith(b"ARM "):
             payload = json.loads(line[4:])
+            cleanup.extend(p for p in payload.get("cleanup", []) if p not in cleanup)
             armed_at = time.monotonic()
             deadline = armed_at + float(payload["seconds"])
+        elif line.startswith(b"CLEANUP "):
+            cleanup.extend(p for p in json.loads(line[8:]) if p not in cleanup)
         elif line == b"DISARM":
             deadline = None
             payload = None
@@ -202,7 +226,16 @@ class InitWatchdog:
         await self._write(b"ARM " + json.dumps(payload).encode() + b"\n")
 
     async def disarm(self) -> None:
+        """Stop the deadline; registered cleanup paths stay registered."""
         await self._write(b"DISARM\n")
+
+    async def remove_on_exit(self, paths: list[str]) -> None:
+        """Register ``paths`` (directories) for removal when this process is gone.
+
+        A SIGKILLed rank (inside init, or after ready) cannot remove its topology
+        directory; its watchdog sees EOF on the pipe and does.
+        """
+        await self._write(b"CLEANUP " + json.dumps(paths).encode() + b"\n")
 
     async def _write(self, data: bytes) -> None:
         if self._process is None or self._process.stdin is None:
@@ -236,6 +269,9 @@ class NoWatchdog:
         return None
 
     async def disarm(self) -> None:
+        return None
+
+    async def remove_on_exit(self, paths: list[str]) -> None:
         return None
 
     async def aclose(self) -> None:

@@ -202,9 +202,6 @@ async def test_coordinator_killed_while_joiner_is_in_state(
 
 
 @pytest.mark.integration
-@pytest.mark.xfail(strict=True, reason="states/watchdog.py: a rank SIGKILLed while armed "
-                   "(inside init) leaves its topology directory; the watchdog exits on EOF "
-                   "without removing its cleanup paths")
 async def test_rank_killed_inside_init_leaves_no_topology_directory(peers: Peers) -> None:
     port = free_port()
     killer = Killer("confirming_group")

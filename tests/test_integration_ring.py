@@ -154,3 +154,25 @@ def test_hung_init_is_ended_by_the_hard_deadline_and_reported(ranks: Ranks) -> N
     assert c1 == 1
     assert "group_init_timeout" in e1 or "peer_disconnected" in e1
     assert elapsed < 15
+
+
+def test_rank_killed_after_ready_leaves_no_topology_directory(ranks: Ranks) -> None:
+    """The directory stays registered with the rank's watchdog until the cluster
+    closes, so a rank SIGKILLed in ready (which cannot clean up) leaves nothing."""
+    key, port = ranks.key(), free_port()
+    r0 = ranks.start("--rank", "0", "--world-size", "2", "--key-file", str(key),
+                     "--listen", f"127.0.0.1:{port}")
+    r1 = ranks.start("--rank", "1", "--world-size", "2", "--key-file", str(key),
+                     "--peer", f"127.0.0.1:{port}")
+    for proc in (r0, r1):
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        while line and "DistributedGroup ready" not in line:
+            line = proc.stdout.readline()
+        assert "DistributedGroup ready" in line
+    assert list(ranks.tmp.glob("clusterfsm-*")), "the ranks' topology directories exist"
+    r1.kill()
+    r1.communicate(timeout=10)  # EOF once its watchdog (which inherited stderr) is gone too
+    _, err = r0.communicate(timeout=10)
+    assert r0.returncode == 1 and "state peer_lost, error PeerLost" in err
+    assert not list(ranks.tmp.glob("clusterfsm-*"))
