@@ -667,7 +667,7 @@ class Hello(_Message):
     """Joiner -> coordinator: who I am, what I speak, and my nonce."""
 
     TYPE: ClassVar[ClusterMsgType] = ClusterMsgType.HELLO
-    _LAYOUT: ClassVar[tuple[_Field, ...]] = (_U16, _ID16, _U8, _U8, _ID16, _Str(64))
+    _LAYOUT: ClassVar[tuple[_Field, ...]] = (_U16, _ID16, _U8, _U8, _ID16, _Str(64), _U64)
 
     protocol_version: int = attrs.field(validator=_uint(16))
     node_id: bytes = attrs.field(validator=_fixed_bytes(16))
@@ -677,6 +677,10 @@ class Hello(_Message):
     world_size: int = attrs.field(validator=_int_range(1, 255))
     nonce: bytes = attrs.field(validator=_fixed_bytes(16))
     software: str = attrs.field(default="", validator=_text(64))
+    # The joiner's generation (its supervisor's epoch; 0 = unsupervised). Rank 0
+    # refuses an epoch older than the newest admitted for this rank (STALE_SESSION);
+    # both handshake MACs cover it, so an on-path attacker cannot change it.
+    epoch: int = attrs.field(default=0, validator=_uint(64))
 
 
 @attrs.frozen

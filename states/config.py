@@ -63,6 +63,22 @@ def _node_id(_inst: object, _attr: object, value: bytes) -> None:
         raise ValueError(f"node_id must be 16 bytes, got {len(value)}")
 
 
+#: Epochs are u64 on the wire (HELLO).
+MAX_EPOCH = 2**64 - 1
+
+
+def _check_epoch(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_EPOCH:
+        raise ValueError(f"{name} must be an integer in 0..2**64-1, got {value!r}")
+
+
+def _epoch_floors(_inst: object, _attr: object, value: Mapping[int, int]) -> None:
+    for rank, epoch in value.items():
+        if not isinstance(rank, int) or not 1 <= rank <= 254:
+            raise ValueError(f"epoch_floors: {rank!r} is not a joiner rank")
+        _check_epoch(f"epoch_floors[{rank}]", epoch)
+
+
 @attrs.frozen
 class ClusterConfig:
     """One rank's configuration.
@@ -93,6 +109,14 @@ class ClusterConfig:
     interfaces: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     #: UDP port of the discovery beacons (the same on every rank).
     beacon_port: int = 52417
+    #: This process's generation (u64, from its supervisor's ``CLUSTERFSM_EPOCH``): a
+    #: later generation of the same rank always has a larger one. 0 = not supervised
+    #: (never refused as stale). Sent in the Hello, covered by the handshake MAC.
+    epoch: int = attrs.field(default=0, validator=lambda _i, _a, v: _check_epoch("epoch", v))
+    #: Rank 0 only: the newest epoch already admitted per joiner rank, remembered
+    #: across coordinator restarts by the supervisor (``CLUSTERFSM_EPOCH_FLOORS``). A
+    #: joiner claiming that rank with an older epoch is refused as ``STALE_SESSION``.
+    epoch_floors: Mapping[int, int] = attrs.field(factory=dict, validator=_epoch_floors)
 
     @world_size.validator
     def _world(self, _attr: object, value: int) -> None:

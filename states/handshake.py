@@ -7,9 +7,9 @@ side proves it holds it by a MAC over a *transcript* that includes both sides' f
 nonces, so a proof is only good for this one connection::
 
     joiner                                              coordinator (rank 0)
-      Hello(version, node_id_j, rank, world_size, nonce_j, software)  ->
+      Hello(version, node_id_j, rank, world_size, nonce_j, software, epoch)  ->
                                                         checks version, world size, rank,
-                                                        duplicate rank / node id
+                                                        stale epoch, duplicate rank / node id
       <-  Challenge(version, node_id_c, world_size, nonce_c, mac_c)
     verifies mac_c (coordinator knows the key)
       Auth(mac_j, data_port)  ->
@@ -22,6 +22,16 @@ The transcripts (see :func:`transcript` and ``docs/protocol.md``) are the domain
 ``clusterfsm/v1/coordinator`` or ``clusterfsm/v1/joiner`` followed by fixed-size fields,
 so the encoding is unambiguous and a MAC made for one direction is never valid for the
 other (no reflection). The joiner's MAC also covers its ``data_port``.
+
+Stale generations: a supervised joiner sends its *epoch* (its supervisor's generation
+stamp, larger for every later process of that rank; 0 = unsupervised). The coordinator
+is given a caller-owned map ``epoch_floors`` (rank -> newest epoch already admitted for
+that rank, also remembered across coordinator restarts by its supervisor) and refuses
+an older epoch with ``STALE_SESSION``, at the Hello and again after the Auth. Both
+transcripts cover the epoch: refusing at the Hello needs no trust in it (a forged low
+epoch costs only that one connection, which an on-path attacker could drop anyway),
+but an epoch is *recorded* only once the joiner's MAC has verified it, so nobody
+without the key can raise a floor and lock the legitimate generation out.
 
 Like h11, these objects do no I/O: the link code calls :meth:`receive` with each
 decoded message and sends what it returns.
@@ -44,8 +54,8 @@ After a failure the object is poisoned: every later :meth:`receive` raises the s
 error again.
 
 What this guarantees: both ends held the key during this connection, and the Hello and
-Challenge fields (versions, node ids, rank, world size, nonces, and the joiner's data
-port) are the ones both ends saw. What it does not: confidentiality, or the integrity
+Challenge fields (versions, node ids, rank, world size, nonces, the joiner's epoch and
+its data port) are the ones both ends saw. What it does not: confidentiality, or the integrity
 of any later frame (the Welcome included) - the link is not encrypted or MAC'd after
 the handshake.
 """
@@ -56,7 +66,7 @@ import enum
 import hashlib
 import hmac
 import secrets
-from collections.abc import Container
+from collections.abc import Container, Mapping
 from typing import Final, NoReturn
 
 from states.codec import Auth, Challenge, Hello, Message, Reject, Welcome
@@ -91,6 +101,7 @@ def transcript(
     rank: int,
     world_size: int,
     protocol_version: int,
+    epoch: int = 0,
     data_port: int | None = None,
 ) -> bytes:
     """The byte string a side MACs: label, then fixed-size fields (layout in protocol.md).
@@ -115,6 +126,7 @@ def transcript(
         rank.to_bytes(1, "big"),
         world_size.to_bytes(1, "big"),
         protocol_version.to_bytes(2, "big"),
+        epoch.to_bytes(8, "big"),
     ]
     if data_port is not None:
         parts.append(data_port.to_bytes(2, "big"))
@@ -220,6 +232,7 @@ class JoinerHandshake(_Handshake):
 
     __slots__ = (
         "_data_port",
+        "_epoch",
         "_nonce",
         "_peer_node_id",
         "_protocol_version",
@@ -241,10 +254,13 @@ class JoinerHandshake(_Handshake):
         protocol_version: int = PROTOCOL_VERSION,
         nonce: bytes | None = None,
         software: str = SOFTWARE,
+        epoch: int = 0,
         peer: str = "",
     ) -> None:
         super().__init__(key, node_id, peer)
         self._nonce = _check_init(key, node_id, world_size, nonce)
+        if not 0 <= epoch < 2**64:
+            raise ValueError(f"epoch {epoch} outside 0..2**64-1")
         if not 1 <= rank < world_size:
             raise ValueError(f"a joiner's rank must be in 1..{world_size - 1}, got {rank}")
         if not 0 <= data_port <= 0xFFFF:
@@ -254,6 +270,7 @@ class JoinerHandshake(_Handshake):
         self._data_port = data_port
         self._protocol_version = protocol_version
         self._software = software
+        self._epoch = epoch
         self._session_id: bytes | None = None
         self._peer_node_id: bytes | None = None
 
@@ -268,6 +285,7 @@ class JoinerHandshake(_Handshake):
             self._world_size,
             self._nonce,
             self._software,
+            self._epoch,
         )
         self._step = _Step.SENT_HELLO
         return hello
@@ -314,6 +332,7 @@ class JoinerHandshake(_Handshake):
                 rank=self._rank,
                 world_size=self._world_size,
                 protocol_version=self._protocol_version,
+                epoch=self._epoch,
             ),
         )
         if not hmac.compare_digest(expected, ch.mac):
@@ -329,6 +348,7 @@ class JoinerHandshake(_Handshake):
                 rank=self._rank,
                 world_size=self._world_size,
                 protocol_version=self._protocol_version,
+                epoch=self._epoch,
                 data_port=self._data_port,
             ),
         )
@@ -361,10 +381,19 @@ class CoordinatorHandshake(_Handshake):
     :attr:`rank` and :attr:`peer_node_id` as soon as :attr:`done` turns true (before
     handling the next message of any connection). The coordinator's own node id is
     always taken.
+
+    ``epoch_floors`` (rank -> newest epoch admitted for that rank) is likewise the
+    caller's, read live at the Hello and after the Auth: a nonzero epoch below the
+    rank's floor is refused with ``STALE_SESSION`` (checked before the duplicate rank,
+    since it is the more precise reason). The caller raises the floor to :attr:`epoch`
+    when it registers an admitted joiner. An equal epoch is the same process (an
+    in-process retry of ``bootstrap_cluster``) and is let in; epoch 0 (unsupervised)
+    is never refused and never raises a floor.
     """
 
     __slots__ = (
         "_data_port",
+        "_epoch_floors",
         "_hello",
         "_nonce",
         "_protocol_version",
@@ -384,6 +413,7 @@ class CoordinatorHandshake(_Handshake):
         taken_ranks: Container[int],
         taken_node_ids: Container[bytes],
         *,
+        epoch_floors: Mapping[int, int] | None = None,
         protocol_version: int = PROTOCOL_VERSION,
         nonce: bytes | None = None,
         peer: str = "",
@@ -396,6 +426,7 @@ class CoordinatorHandshake(_Handshake):
         self._session_id = session_id
         self._taken_ranks = taken_ranks
         self._taken_node_ids = taken_node_ids
+        self._epoch_floors: Mapping[int, int] = {} if epoch_floors is None else epoch_floors
         self._protocol_version = protocol_version
         self._hello: Hello | None = None
         self._data_port: int | None = None
@@ -411,6 +442,13 @@ class CoordinatorHandshake(_Handshake):
         self._fail(self._unexpected(msg))
 
     def _check_admission(self, hello: Hello) -> None:
+        floor = self._epoch_floors.get(hello.rank, 0)
+        if hello.epoch and hello.epoch < floor:
+            self._refuse(
+                RejectReason.STALE_SESSION,
+                f"epoch {hello.epoch} of rank {hello.rank} is older than a generation "
+                "already admitted for that rank (a process from an earlier session)",
+            )
         if hello.rank in self._taken_ranks:
             self._refuse(RejectReason.DUPLICATE_RANK, f"rank {hello.rank} is already admitted")
         if hello.node_id == self._node_id or hello.node_id in self._taken_node_ids:
@@ -463,6 +501,7 @@ class CoordinatorHandshake(_Handshake):
             rank=hello.rank,
             world_size=self._world_size,
             protocol_version=self._protocol_version,
+            epoch=hello.epoch,
             data_port=data_port,
         )
 
@@ -486,6 +525,11 @@ class CoordinatorHandshake(_Handshake):
     def software(self) -> str:
         """The joiner's software string (once done), for logs."""
         return self._admitted_hello("software").software
+
+    @property
+    def epoch(self) -> int:
+        """The joiner's epoch, covered by its MAC (once done; 0 = unsupervised)."""
+        return self._admitted_hello("epoch").epoch
 
     @property
     def data_port(self) -> int:

@@ -93,7 +93,7 @@ JACCL3 = (
 
 SAMPLES: list[Message] = [
     Hello(1, ID_A, 1, 2, ID_B, "clusterfsm/0.1"),
-    Hello(0xFFFF, ID_A, 255, 255, ID_B, "é" * 32),
+    Hello(0xFFFF, ID_A, 255, 255, ID_B, "é" * 32, 2**64 - 1),
     Challenge(1, ID_B, 2, ID_A, bytes(range(32))),
     Auth(bytes(32), 65535),
     Welcome(SID),
@@ -207,7 +207,7 @@ def bootstrap_payloads(draw: st.DrawFn) -> JacclBootstrapPayload:
 
 
 messages: st.SearchStrategy[Message] = st.one_of(
-    st.builds(Hello, u16, ids16, u8, st.integers(1, 255), ids16, text(64)),
+    st.builds(Hello, u16, ids16, u8, st.integers(1, 255), ids16, text(64), u64),
     st.builds(
         Challenge, u16, ids16, st.integers(1, 255), ids16, st.binary(min_size=32, max_size=32)
     ),
@@ -493,7 +493,8 @@ def test_validators_refuse_bad_local_values() -> None:
 
 VECTOR_RE = re.compile(r"^```hex vector (?P<name>[\w-]+)\n(?P<body>.*?)^```", re.M | re.S)
 DOC_VECTORS: dict[str, Message] = {
-    "hello": Hello(1, ID_A, 1, 2, bytes(range(0x30, 0x40)), "clusterfsm/0.1"),
+    "hello": Hello(1, ID_A, 1, 2, bytes(range(0x30, 0x40)), "clusterfsm/0.1",
+                   1_700_000_000_000_000_000),
     "ping": Ping(42),
     "bootstrap-ring-2": JacclBootstrapPayload(5000, SID, Backend.RING, 2, RING2),
     "abort": Abort(SID, "initializing_group", "GroupSizeMismatch", "group size 1, expected 2"),
@@ -503,10 +504,10 @@ DOC_VECTORS: dict[str, Message] = {
         ID_B,
         2,
         bytes(range(0x40, 0x50)),
-        bytes.fromhex("84d87199f51b6bbf2df5a66f464658028c8abcf8d133092d85b8d08f16a126de"),
+        bytes.fromhex("e155f77c23b6e92ba41b6684b0f3137576adb04d02bbc06e3f3f7a82bae20bc6"),
     ),
     "auth": Auth(
-        bytes.fromhex("b6d320aadd9f1b764e82ac767032dc0e66070016835d19600c5eedd439ba0cba"), 6000
+        bytes.fromhex("34be14d83c0c446c37ca3e7f4efe78ebb0d03b3855df124ef3464774af793f04"), 6000
     ),
     "welcome": Welcome(SID),
 }

@@ -125,8 +125,13 @@ def test_results_unavailable_before_done() -> None:
             get()
 
 
+#: The documented vectors' joiner epoch (a wall-clock ns stamp, as supervisors make).
+DOC_EPOCH = 1_700_000_000_000_000_000
+DOC_EPOCH_BYTES = bytes.fromhex("17979cfe362a0000")
+
+
 def test_macs_match_the_documented_transcripts_and_doc_vectors() -> None:
-    ch, au, we = run(joiner(), coordinator())
+    ch, au, we = run(joiner(epoch=DOC_EPOCH), coordinator())
     fields = {
         "joiner_nonce": J_NONCE,
         "coordinator_nonce": C_NONCE,
@@ -135,11 +140,13 @@ def test_macs_match_the_documented_transcripts_and_doc_vectors() -> None:
         "rank": 1,
         "world_size": 2,
         "protocol_version": 1,
+        "epoch": DOC_EPOCH,
     }
     t_c = transcript(COORDINATOR_LABEL, **fields)  # type: ignore[arg-type]
     t_j = transcript(JOINER_LABEL, data_port=6000, **fields)  # type: ignore[arg-type]
-    assert t_c == COORDINATOR_LABEL + J_NONCE + C_NONCE + J_ID + C_ID + b"\x01\x02\x00\x01"
-    assert t_j == JOINER_LABEL + J_NONCE + C_NONCE + J_ID + C_ID + b"\x01\x02\x00\x01\x17\x70"
+    fixed = J_NONCE + C_NONCE + J_ID + C_ID + b"\x01\x02\x00\x01" + DOC_EPOCH_BYTES
+    assert t_c == COORDINATOR_LABEL + fixed
+    assert t_j == JOINER_LABEL + fixed + b"\x17\x70"
     assert ch.mac == hmac.new(KEY, t_c, hashlib.sha256).digest()
     assert au.mac == hmac.new(KEY, t_j, hashlib.sha256).digest()
     # The same frames appear as test vectors in docs/protocol.md.
