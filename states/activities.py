@@ -146,8 +146,6 @@ async def handshaking(ctx: ClusterContext) -> str:
         await _admit_joiners(ctx)
     else:
         await _join(ctx)
-    if ctx.beacons is not None:
-        ctx.beacons.cancel()  # everyone is in: stop announcing
     for link in ctx.links.values():
         link.start(ctx.nursery, heartbeat_interval=ctx.config.heartbeat_interval)
     return "authenticated"
@@ -430,6 +428,10 @@ async def exchanging_bootstrap(ctx: ClusterContext) -> str:
         await link.send(BootstrapAck(ctx.session_id))
         ctx.plan = InitPlan(backend, ctx.rank, ctx.world_size, frame.topology, ctx.session_id,
                             coordinator)
+    if ctx.beacons is not None:
+        # Every rank is in the session now (the frame proves it to joiners): stop
+        # announcing. Not earlier: a slower node may still need to hear us.
+        ctx.beacons.cancel()
     return "bootstrap_agreed"
 
 

@@ -386,8 +386,8 @@ async def discover(sockets: list[tuple[BeaconSocket, Beacon]], key: bytes,
 async def keep_beaconing(sockets: list[tuple[BeaconSocket, Beacon]], key: bytes) -> None:
     """Go on announcing (a slower peer may still be discovering) until cancelled.
 
-    Runs in the cluster's nursery under its own cancel scope, which the handshake
-    cancels once every link is up. A send error (the link went down) ends the
+    Runs in the cluster's nursery under its own cancel scope, which the bootstrap
+    exchange cancels once every rank is in the session. A send error (the link went down) ends the
     announcing; the handshake's own deadline then reports the real problem.
     """
     from fsm import report_progress

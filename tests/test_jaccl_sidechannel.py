@@ -11,7 +11,8 @@ to ``lo``).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -45,8 +46,23 @@ def restore_mlx_env() -> Iterator[None]:
             os.environ[name] = value
 
 
-async def star(nursery: trio.Nursery, world: int) -> list[dict[int, ControlLink]]:
-    """Real TCP links: rank 0 to every other rank; ``links[r]`` as rank r sees them."""
+@asynccontextmanager
+async def star(world: int) -> AsyncIterator[list[dict[int, ControlLink]]]:
+    """Real TCP links: rank 0 to every other rank; ``links[r]`` as rank r sees them.
+    Every link is closed on the way out (no socket left for the GC)."""
+    async with trio.open_nursery() as nursery:
+        links = await _star(nursery, world)
+        try:
+            yield links
+        finally:
+            with trio.CancelScope(shield=True):
+                for per_rank in links:
+                    for link in per_rank.values():
+                        await link.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def _star(nursery: trio.Nursery, world: int) -> list[dict[int, ControlLink]]:
     transport = TcpTransport()
     links: list[dict[int, ControlLink]] = [{} for _ in range(world)]
     listener = await nursery.start(_serve_listener, transport)
@@ -84,8 +100,7 @@ def mlx_like_rounds(channel: JacclSideChannel, rounds: int) -> list[bytes]:
 @pytest.mark.parametrize("world", [2, 3, 4])
 async def test_all_gather_over_tcp_from_mlx_style_threads(world: int) -> None:
     with trio.fail_after(20):
-        async with trio.open_nursery() as nursery:
-            links = await star(nursery, world)
+        async with star(world) as links:
             channels = [JacclSideChannel(r, world, SESSION, links[r]) for r in range(world)]
             results: dict[int, list[bytes]] = {}
 
@@ -95,7 +110,6 @@ async def test_all_gather_over_tcp_from_mlx_style_threads(world: int) -> None:
             async with trio.open_nursery() as ranks:
                 for r in range(world):
                     ranks.start_soon(rank, r)
-            nursery.cancel_scope.cancel()
     for r in range(4):
         n = 1 + 50 * r
         expected = b"".join(bytes([i]) * n for i in range(world))
@@ -104,14 +118,12 @@ async def test_all_gather_over_tcp_from_mlx_style_threads(world: int) -> None:
 
 async def test_a_peer_lost_mid_gather_is_typed_not_a_hang() -> None:
     with trio.fail_after(20):
-        async with trio.open_nursery() as nursery:
-            links = await star(nursery, 3)
+        async with star(3) as links:
             channel = JacclSideChannel(0, 3, SESSION, links[0], round_timeout=5)
             await links[2][0].aclose()  # rank 2 goes away; rank 1 never contributes
             with pytest.raises(SideChannelError):
                 await trio.to_thread.run_sync(mlx_like_rounds, channel, 1)
             assert isinstance(channel.failure, PeerDisconnected)
-            nursery.cancel_scope.cancel()
 
 
 async def test_jaccl_rank_mismatch_is_refused() -> None:
