@@ -21,13 +21,14 @@ it live in :mod:`states.activities` and :mod:`states.watchdog`.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -94,23 +95,45 @@ def patched_env(values: Mapping[str, str], clear: tuple[str, ...] = ()) -> Itera
 
 
 class TopologyDir:
-    """A private directory (0700) for this session's topology files; removed on close."""
+    """A private directory (0700) for this session's topology files; removed on close.
+
+    Few system calls on purpose (the scale bench makes 2,000 of these; on a journaled
+    disk each metadata call costs 0.1-0.3 ms): a file is one ``open`` and one
+    ``write``, and close unlinks the files this object wrote and removes the
+    directory, falling back to ``rmtree`` only if something else was put there.
+    """
 
     def __init__(self) -> None:
         self.path = Path(tempfile.mkdtemp(prefix="clusterfsm-"))
         os.chmod(self.path, 0o700)
+        self._written: list[Path] = []
 
     def write(self, name: str, obj: Any) -> Path:
         target = self.path / name
+        data = json.dumps(obj).encode()
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f)
+        self._written.append(target)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
         return target
 
     def close(self) -> None:
         """Remove the directory and everything in it (idempotent)."""
-        if self.path.exists():
-            shutil.rmtree(self.path)
+        for target in self._written:
+            with suppress(FileNotFoundError):
+                os.unlink(target)
+        try:
+            os.rmdir(self.path)
+        except FileNotFoundError:
+            return  # already removed (the watchdog does it for a rank that died)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            shutil.rmtree(self.path)  # something else was put there: remove it too
 
 
 # -- backends -----------------------------------------------------------------------
