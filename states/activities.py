@@ -66,6 +66,10 @@ MAX_REJECTIONS_KEPT = 16
 
 #: Every refused connection is logged here (peer, error type, error), never the key.
 _admission_log = logging.getLogger("states.admission")
+#: Every admitted joiner's epoch, at INFO: ``admitted rank K epoch E from HOST``. A
+#: supervised ``serve`` prints these on stdout for its supervisor, which remembers the
+#: newest epoch per rank for its next coordinator (states.supervisor, EPOCH_FLOORS_ENV).
+_epoch_log = logging.getLogger("states.epochs")
 
 
 # -- idle ---------------------------------------------------------------------------
@@ -158,7 +162,7 @@ async def _join(ctx: ClusterContext) -> None:
     ctx.reservation = ctx.allocate_port(conn.local_host)
     hs = JoinerHandshake(
         ctx.config.key, ctx.config.node_id, ctx.rank, ctx.world_size,
-        ctx.reservation.port, peer=conn.remote,
+        ctx.reservation.port, epoch=ctx.config.epoch, peer=conn.remote,
     )
     report_progress(f"handshake with rank 0 at {conn.remote}")
     await link.send(hs.start())
@@ -226,12 +230,18 @@ async def _admit_joiners(ctx: ClusterContext) -> None:
     and the last few kept (``ctx.rejections``), and named in the timeout error if the
     legitimate peers never come. Every connection not admitted is closed, also when
     the state is cancelled.
+
+    Stale generations: ``floors`` (rank -> newest admitted epoch) starts from the
+    configured ``epoch_floors`` (what earlier coordinators of this rank 0 admitted) and
+    is raised as soon as a joiner's MAC has verified its epoch, so an older generation
+    of an admitted rank is refused ``STALE_SESSION`` here and by the next coordinator.
     """
     assert ctx.listener is not None
     ctx.session_id = secrets.token_bytes(16)
     admitted: dict[int, ControlLink] = {}
     taken_ranks: set[int] = set()
     taken_nodes: set[bytes] = set()
+    floors: dict[int, int] = dict(ctx.config.epoch_floors)
     everyone = trio.Event()
     # Pending handshakes, oldest first (dict order), and the ones evicted for room.
     pending: dict[int, trio.CancelScope] = {}
@@ -252,8 +262,11 @@ async def _admit_joiners(ctx: ClusterContext) -> None:
         refused += 1
         ctx.rejections.append(refusal)
         del ctx.rejections[:-MAX_REJECTIONS_KEPT]
+        # One line, whatever the peer put in a Reject detail: the supervisor parses
+        # this output line by line, so a peer must not be able to forge a line.
+        text = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in str(refusal))
         _admission_log.warning("refused connection from %s: %s: %s",
-                               conn.remote, type(refusal).__name__, refusal)
+                               conn.remote, type(refusal).__name__, text)
         progress()
 
     async def handshake_one(conn: Conn, token: int, scope: trio.CancelScope) -> None:
@@ -261,12 +274,14 @@ async def _admit_joiners(ctx: ClusterContext) -> None:
         assert ctx.session_id is not None
         hs = CoordinatorHandshake(
             ctx.config.key, ctx.config.node_id, ctx.world_size, ctx.session_id,
-            taken_ranks, taken_nodes, peer=conn.remote,
+            taken_ranks, taken_nodes, epoch_floors=floors, peer=conn.remote,
         )
 
         def register() -> None:
             taken_ranks.add(hs.rank)
             taken_nodes.add(hs.peer_node_id)
+            # The MAC covered the epoch: this generation exists and holds the key.
+            floors[hs.rank] = max(floors.get(hs.rank, 0), hs.epoch)
 
         refusal: BaseException | None = None
         try:
@@ -294,6 +309,9 @@ async def _admit_joiners(ctx: ClusterContext) -> None:
             admitted[hs.rank] = link
             ctx.hosts[hs.rank] = conn.remote_host
             ctx.data_ports[hs.rank] = hs.data_port
+            if hs.epoch:
+                _epoch_log.info("admitted rank %d epoch %d from %s",
+                                hs.rank, hs.epoch, conn.remote)
             if 0 not in ctx.hosts:
                 ctx.hosts[0] = conn.local_host
             progress()

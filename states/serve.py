@@ -42,6 +42,24 @@ def _config_from(args: argparse.Namespace) -> ClusterConfig:
     elif args.rank == "auto":
         raise ValueError("--rank auto elects ranks among the nodes heard on --interface; "
                          "give --interface IF, or an explicit --rank N")
+    import os
+
+    from states.supervisor import (
+        EPOCH_ENV,
+        EPOCH_FLOORS_ENV,
+        parse_epoch,
+        parse_floors,
+        report_admissions,
+    )
+
+    # Set by a supervisor (serve --supervise): this process's generation, and the
+    # newest generation per rank its earlier coordinators admitted (stale refusal).
+    if EPOCH_ENV in os.environ:
+        extra["epoch"] = parse_epoch(os.environ[EPOCH_ENV])
+        # The supervisor learns admitted epochs from these stdout lines.
+        report_admissions(sys.stdout)
+    if EPOCH_FLOORS_ENV in os.environ:
+        extra["epoch_floors"] = parse_floors(os.environ[EPOCH_FLOORS_ENV])
     return ClusterConfig(
         rank=rank,
         world_size=args.world_size,

@@ -31,7 +31,12 @@ the supervisor. The supervisor's own error states are for what a restart cannot 
 
 Every child gets a new *epoch* (nanoseconds since the epoch, strictly increasing per
 supervisor, in ``CLUSTERFSM_EPOCH``), so a coordinator can tell an old generation of a
-node from its current one (docs/protocol.md, HELLO; docs/operations.md).
+node from its current one (docs/protocol.md, HELLO; docs/operations.md). A child that
+is rank 0 prints ``admitted rank K epoch E from HOST`` on stdout for each supervised
+joiner it admits; the launcher keeps the newest epoch per rank and hands the table to
+every later child in ``CLUSTERFSM_EPOCH_FLOORS``, so a restarted coordinator still
+refuses the older generations its predecessor had already replaced (``STALE_SESSION``).
+The table lives in this process's memory only: restarting the supervisor forgets it.
 
 The child is watched through its output lines (the ``serve`` contract, DESIGN.md
 section 4): each transition ``rank R: SRC --EVENT--> DEST (T ms)``, the
@@ -47,6 +52,7 @@ child (shielded), so no rank outlives its supervisor.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import random
@@ -57,7 +63,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Protocol
+from typing import Protocol, TextIO
 
 import attrs
 import trio
@@ -272,12 +278,68 @@ class ProcessChild:
 
 #: The child's generation epoch is handed to it in this environment variable.
 EPOCH_ENV = "CLUSTERFSM_EPOCH"
+#: The newest epoch admitted per joiner rank by earlier children: ``RANK=EPOCH,...``.
+EPOCH_FLOORS_ENV = "CLUSTERFSM_EPOCH_FLOORS"
+#: The logger whose INFO lines are the admissions (states.activities).
+EPOCH_LOGGER = "states.epochs"
+
+_ADMITTED = re.compile(r"^admitted rank (\d{1,3}) epoch (\d{1,20}) from \S+$")
+
+
+def parse_admission(line: str) -> tuple[int, int] | None:
+    """``(rank, epoch)`` from a child's ``admitted rank K epoch E from HOST`` line."""
+    m = _ADMITTED.match(line)
+    if m is None:
+        return None
+    rank, epoch = int(m[1]), int(m[2])
+    if not 1 <= rank <= 254 or not 0 < epoch < 2**64:
+        return None
+    return rank, epoch
+
+
+def format_floors(floors: Mapping[int, int]) -> str:
+    """``{1: 5, 2: 7}`` -> ``"1=5,2=7"`` (the value of :data:`EPOCH_FLOORS_ENV`)."""
+    return ",".join(f"{rank}={epoch}" for rank, epoch in sorted(floors.items()))
+
+
+def parse_floors(text: str) -> dict[int, int]:
+    """The inverse of :func:`format_floors`; ValueError naming the variable if malformed."""
+    floors: dict[int, int] = {}
+    for item in filter(None, text.split(",")):
+        rank, sep, epoch = item.partition("=")
+        if not (sep and rank.isdigit() and epoch.isdigit()):
+            raise ValueError(f"{EPOCH_FLOORS_ENV}: expected RANK=EPOCH,..., got {text!r}")
+        floors[int(rank)] = max(floors.get(int(rank), 0), int(epoch))
+    return floors
+
+
+def parse_epoch(text: str) -> int:
+    """The value of :data:`EPOCH_ENV`: a u64 in decimal."""
+    if not text.isdigit() or not int(text) < 2**64:
+        raise ValueError(f"{EPOCH_ENV} must be an integer in 0..2**64-1, got {text!r}")
+    return int(text)
+
+
+def report_admissions(stream: TextIO) -> None:
+    """Print the admission lines (:data:`EPOCH_LOGGER`, INFO) on ``stream``, once.
+
+    Called by a supervised ``serve`` child; its supervisor reads them from stdout.
+    """
+    logger = logging.getLogger(EPOCH_LOGGER)
+    if not any(getattr(h, "_clusterfsm_admissions", False) for h in logger.handlers):
+        handler = logging.StreamHandler(stream)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._clusterfsm_admissions = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 class ProcessLauncher:
     """Starts ``command(generation, epoch)`` as a child and relays its lines.
 
-    The epoch is also in the child's environment (:data:`EPOCH_ENV`).
+    The epoch is also in the child's environment (:data:`EPOCH_ENV`), and so are the
+    epoch floors (:data:`EPOCH_FLOORS_ENV`): the newest epoch per joiner rank that any
+    earlier child reported admitting on its stdout (:attr:`epoch_floors`).
 
     Every line is passed to ``echo(generation, stream, line)`` (the supervisor prints
     them, prefixed, so the operator still sees the rank's own log) and parsed into
@@ -289,7 +351,10 @@ class ProcessLauncher:
                  echo: Callable[[int, str, str], None] = lambda g, s, line: None) -> None:
         self.command = command
         self.env = dict(os.environ if env is None else env)
+        self.env.pop(EPOCH_FLOORS_ENV, None)  # ours to set, from what our children saw
         self.echo = echo
+        #: rank -> newest epoch a child of ours admitted for that rank.
+        self.epoch_floors: dict[int, int] = {}
 
     async def launch(self, generation: int, epoch: int, nursery: trio.Nursery,
                      inbox: trio.MemorySendChannel[InboxItem]) -> Child:
@@ -298,6 +363,8 @@ class ProcessLauncher:
         tmpdir = tempfile.mkdtemp(prefix=f"clusterfsm-gen{generation}-",
                                   dir=self.env.get("TMPDIR"))
         env = dict(self.env, **{EPOCH_ENV: str(epoch), "TMPDIR": tmpdir})
+        if self.epoch_floors:
+            env[EPOCH_FLOORS_ENV] = format_floors(self.epoch_floors)
         try:
             process = await trio.lowlevel.open_process(
                 list(self.command(generation, epoch)), stdout=subprocess.PIPE,
@@ -334,6 +401,10 @@ class ProcessLauncher:
               inbox: trio.MemorySendChannel[InboxItem]) -> None:
         line = raw.decode(errors="replace").rstrip("\r")
         self.echo(generation, name, line)
+        admitted = parse_admission(line) if name == "stdout" else None
+        if admitted is not None:
+            rank, epoch = admitted
+            self.epoch_floors[rank] = max(self.epoch_floors.get(rank, 0), epoch)
         event = parse_line(generation, line)
         if event is not None:
             inbox.send_nowait(event)
@@ -770,6 +841,8 @@ def parse_backoff(text: str) -> tuple[float, float]:
 
 
 __all__ = [
+    "EPOCH_ENV",
+    "EPOCH_FLOORS_ENV",
     "SUPERVISOR",
     "Child",
     "ChildExited",
@@ -787,6 +860,10 @@ __all__ = [
     "SupervisorStalled",
     "child_command",
     "epoch_clock",
+    "format_floors",
+    "parse_admission",
+    "parse_epoch",
+    "parse_floors",
     "parse_line",
     "run_supervisor",
 ]
