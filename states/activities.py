@@ -43,7 +43,7 @@ from states.errors import (
 )
 from states.groupinit import InitPlan, TopologyDir, release_delay, resolve_backend
 from states.handshake import PROTOCOL_VERSION, CoordinatorHandshake, JoinerHandshake
-from states.link import ControlLink, unexpected_message
+from states.link import GOODBYE_GRACE, ControlLink, unexpected_message
 from states.sidechannel import JacclSideChannel
 from states.topology import build_device_matrix
 from states.transport import Conn, MultiListener, connection_refused
@@ -595,22 +595,62 @@ async def confirming_group(ctx: ClusterContext) -> str:
 
 
 async def ready(ctx: ClusterContext) -> str:
-    """Serve until the app closes the cluster; a silent or closed peer is ``PeerLost``."""
+    """Serve until the app closes the cluster (``close``), a peer closes on purpose
+    (``peer_left``) or a peer is lost (``PeerLost``).
+
+    A deliberate close is announced: the API sends GOODBYE on every link when the app
+    leaves the ``async with`` block cleanly (:func:`states.api.bootstrap_cluster`),
+    then asks us to close; we wait up to ``GOODBYE_GRACE`` for the GOODBYE of every
+    peer we said goodbye to, so ranks whose apps close together all end in ``closed``
+    and none sees the others' links close under it.
+    """
     ctx.mark_links("ready")
+    assert ctx.session_id is not None
+    session_id = ctx.session_id
     lost_after = ctx.config.peer_lost_after
+    left: list[int] = []
     async with trio.open_nursery() as nursery:
+        def on_left(rank: int) -> None:
+            left.append(rank)
+            nursery.cancel_scope.cancel()
+
         for rank, link in ctx.links.items():
-            nursery.start_soon(_watch_peer, rank, link, lost_after)
+            nursery.start_soon(_watch_peer, rank, link, lost_after, session_id, on_left)
 
         await ctx.close_requested.wait()
         nursery.cancel_scope.cancel()
+    if left and not ctx.close_requested.is_set():
+        report_progress(f"rank {left[0]} closed the cluster (GOODBYE)")
+        return "peer_left"
+    with trio.move_on_after(GOODBYE_GRACE):
+        for link in ctx.links.values():
+            if link.goodbye_sent:
+                await link.wait_goodbye_or_failure()
     return "close"
 
 
-async def _watch_peer(rank: int, link: ControlLink, lost_after: float) -> None:
+async def _watch_peer(rank: int, link: ControlLink, lost_after: float, session_id: bytes,
+                      on_left: Callable[[int], None]) -> None:
+    """Until the peer is lost (raise ``PeerLost``) or has left (call ``on_left``).
+
+    A peer that said GOODBYE is closing on purpose: it waits ``GOODBYE_GRACE`` for our
+    own GOODBYE (our app may be closing too), then closes its link. If that link
+    closes, or the grace passes, first, the peer has left. A link that closes without
+    a GOODBYE is a loss, as is silence.
+    """
     while True:
+        if link.said_goodbye(session_id):
+            with trio.move_on_after(GOODBYE_GRACE):
+                await link.failed.wait()
+            on_left(rank)
+            return
         with trio.move_on_at(link.last_heard + lost_after):
-            await link.failed.wait()
+            if link.goodbye_received.is_set():
+                await link.failed.wait()  # a GOODBYE for another session: ignored
+            else:
+                await link.wait_goodbye_or_failure()
+            if link.failure is None or link.said_goodbye(session_id):
+                continue
             silence = trio.current_time() - link.last_heard
             raise PeerLost(rank, silence, str(link.failure))
         silence = trio.current_time() - link.last_heard

@@ -12,8 +12,14 @@
 
 While the block runs, the machine stays in ``ready`` and watches the peers. If a peer
 is lost, ``cluster.state`` becomes ``peer_lost``, ``cluster.error`` is the
-:class:`~states.errors.PeerLost`, and ``await cluster.wait_lost()`` returns; leaving
-the block closes the links, reaps the watchdog and deletes the topology files.
+:class:`~states.errors.PeerLost`, and ``await cluster.wait_lost()`` returns. If a
+peer's app closes the cluster on purpose, ``cluster.state`` becomes ``peer_left`` (no
+error) and ``wait_lost()`` returns too: the group is no longer whole either way.
+
+Leaving the block normally (or by cancellation) is a deliberate close: a GOODBYE goes
+to every peer first, and peers whose apps close at about the same time all end in
+``closed``. Leaving it with an exception sends no GOODBYE (the peers see a loss).
+Either way the links are closed, the watchdog reaped and the topology files deleted.
 """
 
 from __future__ import annotations
@@ -82,8 +88,9 @@ class Cluster:
         return session_health(self._ctx)
 
     async def wait_lost(self) -> BaseException | None:
-        """Wait until the cluster leaves ``ready`` (peer lost, or closed)."""
-        await self._runner.wait_for("closed", "peer_lost")
+        """Wait until the cluster leaves ``ready`` (peer lost or left, or closed); the
+        error (``PeerLost``), or ``None`` for a clean end (``cluster.state`` says which)."""
+        await self._runner.wait_for("closed", "peer_lost", "peer_left")
         return self._runner.error
 
 
@@ -149,10 +156,15 @@ async def bootstrap_cluster(
                     ended.set()
 
             nursery.start_soon(run)
+            app_failed = False
             try:
                 state = await runner.wait_for("ready")
                 if state == "ready":
-                    yield Cluster(ctx, runner)
+                    try:
+                        yield Cluster(ctx, runner)
+                    except Exception:
+                        app_failed = True  # not a deliberate close: no GOODBYE
+                        raise
                 else:
                     await ended.wait()
                     failure = runner.error
@@ -161,6 +173,8 @@ async def bootstrap_cluster(
                         f"clusterfsm: rank {config.rank} ended in state {state!r}")
             finally:
                 with trio.CancelScope(shield=True):
+                    if not app_failed and runner.state in ("ready", "peer_left"):
+                        await _say_goodbye(ctx)
                     ctx.close_requested.set()
                     with trio.move_on_after(ABORT_GRACE + 1.0):
                         await ended.wait()
@@ -179,6 +193,18 @@ async def bootstrap_cluster(
         raise
     if failure is not None:
         raise failure
+
+
+async def _say_goodbye(ctx: ClusterContext) -> None:
+    """Best effort: GOODBYE on every live link, so the peers tell our close from a crash.
+
+    Sent before ``close_requested``: ``ready`` then waits for the peers' GOODBYEs
+    (``GOODBYE_GRACE``) before the links close.
+    """
+    assert ctx.session_id is not None
+    with trio.move_on_after(ABORT_GRACE):
+        for link in ctx.links.values():
+            await link.say_goodbye(ctx.session_id)
 
 
 async def _tell_peers(ctx: ClusterContext, runner: Runner[ClusterContext]) -> None:

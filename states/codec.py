@@ -44,6 +44,7 @@ __all__ = [
     "FrameDecoder",
     "GatherPart",
     "GatherResult",
+    "Goodbye",
     "GroupConfirm",
     "GroupConfirmed",
     "Hello",
@@ -102,6 +103,7 @@ class ClusterMsgType(enum.IntEnum):
     LINK_REPORT = 0x0F
     GATHER_PART = 0x10
     GATHER_RESULT = 0x11
+    GOODBYE = 0x12
     STEP = 0x20
     TOKEN = 0x21
 
@@ -920,6 +922,17 @@ class GatherResult(_Message):
     data: bytes = attrs.field(default=b"", validator=_body)
 
 
+@attrs.frozen
+class Goodbye(_Message):
+    """Either direction, after ``ready``: my app closed the cluster on purpose; the
+    link's EOF that follows is a departure (``peer_left``), not a loss (``peer_lost``)."""
+
+    TYPE: ClassVar[ClusterMsgType] = ClusterMsgType.GOODBYE
+    _LAYOUT: ClassVar[tuple[_Field, ...]] = (_ID16,)
+
+    session_id: bytes = attrs.field(validator=_fixed_bytes(16))
+
+
 Message: TypeAlias = (
     Hello
     | Challenge
@@ -938,6 +951,7 @@ Message: TypeAlias = (
     | LinkReport
     | GatherPart
     | GatherResult
+    | Goodbye
     | Step
     | Token
 )
@@ -962,6 +976,7 @@ MESSAGE_TYPES: Final[dict[ClusterMsgType, type[Message]]] = {
         LinkReport,
         GatherPart,
         GatherResult,
+        Goodbye,
         Step,
         Token,
     )

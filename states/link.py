@@ -6,7 +6,8 @@ A link has two phases.
    :meth:`receive` directly; every read is bounded by the caller's deadline.
 2. **Session** (after :meth:`start`): a reader task owns the stream's receive side. It
    answers pings, records pongs (health), turns an ``ABORT`` frame into
-   :class:`~states.errors.PeerAborted`, and queues every other message in a small
+   :class:`~states.errors.PeerAborted`, records a ``GOODBYE`` (the peer is closing
+   on purpose, see :meth:`say_goodbye`), and queues every other message in a small
    bounded inbox that activities read with :meth:`next_message`. A heartbeat task
    pings every ``interval``.
 
@@ -26,6 +27,7 @@ import trio
 from states.codec import (
     Abort,
     FrameDecoder,
+    Goodbye,
     Message,
     Ping,
     Pong,
@@ -37,6 +39,11 @@ from states.transport import Conn
 
 _READ_CHUNK = 65536
 _INBOX = 32
+#: A rank whose app closed the cluster waits this long for its peers' GOODBYE before it
+#: closes its links (ranks closing together then all end in ``closed``); a rank that
+#: got a GOODBYE while its app still uses the cluster reports ``peer_left`` at the
+#: latest this long after it (or when the link closes, if sooner).
+GOODBYE_GRACE = 0.5
 
 
 class ControlLink:
@@ -58,6 +65,10 @@ class ControlLink:
         self._started = False
         self._closed = False
         self.state = "handshaking"  # which machine state a failure is reported in
+        #: The peer's GOODBYE, once received (the peer's app closed the cluster).
+        self.goodbye: Goodbye | None = None
+        self.goodbye_received = trio.Event()
+        self.goodbye_sent = False
 
     @property
     def peer(self) -> str:
@@ -122,6 +133,39 @@ class ControlLink:
             assert self.failure is not None
             raise self.failure from None
 
+    async def say_goodbye(self, session_id: bytes) -> None:
+        """Tell the peer our app closed the cluster on purpose (once; best effort).
+
+        Sent before the link closes, so the peer tells the EOF that follows from a
+        crash. A link that already failed is skipped; a send that fails is recorded
+        as the link's failure, as any send is, and not raised: there is no one left
+        to tell.
+        """
+        if self.goodbye_sent or self.failure is not None:
+            return
+        self.goodbye_sent = True
+        try:
+            await self.send(Goodbye(session_id))
+        except PeerDisconnected:
+            return
+
+    def said_goodbye(self, session_id: bytes) -> bool:
+        """The peer sent GOODBYE for this session (one for another session does not count)."""
+        return self.goodbye is not None and self.goodbye.session_id == session_id
+
+    async def wait_goodbye_or_failure(self) -> None:
+        """Until the peer sent GOODBYE or the link failed (the caller bounds it)."""
+        if self.goodbye_received.is_set() or self.failed.is_set():
+            await trio.lowlevel.checkpoint()
+            return
+        async with trio.open_nursery() as nursery:
+            async def on(event: trio.Event) -> None:
+                await event.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(on, self.goodbye_received)
+            nursery.start_soon(on, self.failed)
+
     async def ping_now(self) -> None:
         """Send a ping immediately (used to learn health without waiting a period)."""
         self.pings_sent += 1
@@ -164,6 +208,13 @@ class ControlLink:
         elif isinstance(msg, Abort):
             raise self._fail(PeerAborted(self.peer_rank, msg.error,
                                          f"{msg.state}: {msg.detail}"))
+        elif isinstance(msg, Goodbye):
+            # Any state may see it (a peer can reach ready and close while we still
+            # confirm); only ``ready`` gives it a meaning, the EOF after it still
+            # fails the link for every other state.
+            if self.goodbye is None:
+                self.goodbye = msg
+                self.goodbye_received.set()
         else:
             await self._inbox_send.send(msg)
 

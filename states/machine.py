@@ -17,7 +17,11 @@ Every rank runs this same machine::
 Rank 0 is the coordinator (it listens, creates the session, decides the topology and
 releases the barrier); the others join it. Every state but ``ready`` has a deadline
 whose expiry has its own error type and error state; ``ready`` lasts until the app
-closes the cluster or a peer is lost. Every failure is a named error state carrying a
+closes the cluster (``closed``), a peer closes its end on purpose (``peer_left``, a
+clean end: its GOODBYE came before its link closed) or a peer is lost (``peer_lost``,
+an error: its link closed without a GOODBYE, or its heartbeats stopped). Ranks whose
+apps close together all end in ``closed``: each says GOODBYE and waits briefly for its
+peers' before closing its links. Every failure is a named error state carrying a
 frozen attrs error value; nothing ends in a silent size-1 group.
 """
 
@@ -87,7 +91,10 @@ BOOTSTRAP: MachineSpec = machine_spec(
               doc="Every rank reports its group to rank 0, which confirms to all."),
         State("ready", act.ready, steady=True, raises=(PeerLost,),
               doc="The group is the app's; heartbeats watch the peers."),
-        State("closed", doc="The app closed the cluster."),
+        State("closed", doc="The app closed the cluster (GOODBYE to every peer)."),
+        State("peer_left", doc="A peer's app closed the cluster on purpose (GOODBYE, "
+                               "then its link closed) while this rank was in ready: a "
+                               "clean end, not an error; the group is no longer whole."),
     ],
     transitions=[
         Transition("idle", "start", "discovering"),
@@ -98,6 +105,7 @@ BOOTSTRAP: MachineSpec = machine_spec(
         Transition("initializing_group", "group_initialized", "confirming_group"),
         Transition("confirming_group", "group_confirmed", "ready"),
         Transition("ready", "close", "closed"),
+        Transition("ready", "peer_left", "peer_left"),
     ],
     errors=[
         ErrorState("listen_failed", BindFailed,

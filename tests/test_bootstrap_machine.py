@@ -121,6 +121,9 @@ async def test_peer_lost_after_ready(autojump_clock: Any) -> None:
     async def leave_soon(cluster: Any) -> None:
         if cluster.rank == 1:
             await trio.sleep(1.0)
+            # The app fails: its links close without a GOODBYE (a clean close would
+            # be peer_left, see test_peer_that_closes_on_purpose_has_left_not_lost).
+            raise RuntimeError("app crashed")
         else:
             await cluster.wait_lost()
 
@@ -304,3 +307,35 @@ def test_importing_the_library_does_not_import_pytest() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+async def test_peer_that_closes_on_purpose_has_left_not_lost(autojump_clock: Any) -> None:
+    """A GOODBYE then EOF while this rank's app still uses the cluster: ``peer_left``,
+    a clean end the app sees (``wait_lost`` returns, no error)."""
+    seen: dict[int, object] = {}
+
+    async def leave_soon(cluster: Any) -> None:
+        if cluster.rank == 1:
+            await trio.sleep(1.0)
+        else:
+            seen[0] = await cluster.wait_lost()
+            seen[1] = cluster.state
+
+    r0, r1 = await run_ranks([config(0), config(1)], in_ready=leave_soon)
+    assert r1.state == "closed" and r1.error is None
+    assert r0.path == [*HAPPY[:-1], "peer_left"] and r0.error is None
+    assert seen == {0: None, 1: "peer_left"}
+
+
+@pytest.mark.parametrize("first", [0, 1, 2])
+async def test_ranks_closing_one_after_another_all_end_closed(
+    autojump_clock: Any, first: int,
+) -> None:
+    """``serve --once``: the first rank to close must not leave a slower one (still in
+    ready for a moment) with ``peer_lost`` or ``peer_left``: GOODBYEs, then ``closed``."""
+    async def close_in_turn(cluster: Any) -> None:
+        await trio.sleep(1.0 + 0.05 * ((cluster.rank - first) % 3))
+
+    results = await run_ranks([config(r, 3) for r in range(3)], in_ready=close_in_turn)
+    assert [r.path for r in results] == [HAPPY] * 3, [(r.path, r.error) for r in results]
+    assert [r.error for r in results] == [None] * 3

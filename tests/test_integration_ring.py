@@ -91,8 +91,9 @@ def test_serve_processes_reach_ready_and_all_sum(ranks: Ranks, world: int) -> No
         assert f"all_sum = {expected} (expected {expected})" in out
         lines = (ranks.tmp / f"r{r}.jsonl").read_text().splitlines()
         assert any('"dest":"ready"' in line for line in lines)
-        # --once exits right after ready: a rank may see a faster one leave first.
-        assert trace_end(ranks.tmp / f"r{r}.jsonl")["state"] in ("closed", "peer_lost")
+        # --once exits right after ready; a faster rank's GOODBYE lets a slower one
+        # (still in ready for a moment) close cleanly too: no peer_lost, no peer_left.
+        assert trace_end(ranks.tmp / f"r{r}.jsonl") == {"state": "closed"}
 
 
 def test_demo_runs_three_ranks() -> None:

@@ -281,10 +281,11 @@ def test_demo_report_end_to_end(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"report: {out} (" in done.stdout
     page = out.read_text()
-    # Every rank got to ready (the demo says so); how each one ended after that is the
-    # traces' business: under load a `serve --once` rank may see its peer close first.
+    # Every rank got to ready and closed cleanly: a rank whose peer closed first got
+    # its GOODBYE and closed too (no spurious peer_lost at the end of a good run).
     for rank in (0, 1):
-        assert re.search(rf"<p>rank {rank}: (ended in closed|reached ready, then )", page)
+        assert re.search(rf"<p>rank {rank}: ended in closed after ", page)
+    assert 'data-verdict="ok"' in page
     self_contained(page)
 
 
@@ -310,3 +311,17 @@ def test_serve_trace_json_in_a_missing_directory_is_a_usage_error(
     err = capsys.readouterr().err
     assert "--trace-json" in err and "does not exist" in err
     assert not missing.parent.exists()
+
+
+def test_a_rank_whose_peer_left_ended_well(tmp_path: Path) -> None:
+    """``peer_left`` (a peer closed on purpose, GOODBYE) is a clean end, not a failure."""
+    steps = [(s, e, d, 1.0, None) for s, e, d in zip(HAPPY[:7], EVENTS[:7], HAPPY[1:8],
+                                                      strict=True)]
+    steps.append(("ready", "peer_left", "peer_left", 3.0, None))
+    path = write_trace(tmp_path / "left.rank0.jsonl", steps, {"state": "peer_left"})
+    runs = load_runs([path, good_rank(tmp_path, 1, 5.0)])
+    assert not runs[0].failed and runs[0].verdict() == "ended in peer_left"
+    assert overlay(runs).ended == {"peer_left", "closed"}
+    mermaid = diagram_source(runs, "mermaid")
+    assert "class peer_left s_ended_ok" in mermaid
+    assert "class peer_left s_ended_error" not in mermaid
