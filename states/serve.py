@@ -172,6 +172,9 @@ async def _serve_async(config: ClusterConfig, trace: str | None, once: bool,
                             print(f"{prefix}: state peer_lost, error PeerLost: "
                                   f"{cluster.error}", file=sys.stderr)
                             code = EXIT_FAILED
+                        elif cluster.state == "peer_left":
+                            print(f"{prefix}: state peer_left (a peer closed the cluster "
+                                  "on purpose; the group is no longer usable)", flush=True)
             except Exception as exc:  # noqa: BLE001 - every machine error is reported
                 state = _state_of(exc)
                 print(f"{prefix}: state {state}, error {type(exc).__name__}: {exc}",
