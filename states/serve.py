@@ -22,6 +22,13 @@ from states.config import ClusterConfig
 from states.exitcodes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from states.keys import KeyFileError, load_key
 from states.nodeid import load_or_create_node_id
+from states.supervisor import (
+    EPOCH_ENV,
+    EPOCH_FLOORS_ENV,
+    parse_epoch,
+    parse_floors,
+    report_admissions,
+)
 
 
 def _config_from(args: argparse.Namespace) -> ClusterConfig:
@@ -42,22 +49,10 @@ def _config_from(args: argparse.Namespace) -> ClusterConfig:
     elif args.rank == "auto":
         raise ValueError("--rank auto elects ranks among the nodes heard on --interface; "
                          "give --interface IF, or an explicit --rank N")
-    import os
-
-    from states.supervisor import (
-        EPOCH_ENV,
-        EPOCH_FLOORS_ENV,
-        parse_epoch,
-        parse_floors,
-        report_admissions,
-    )
-
     # Set by a supervisor (serve --supervise): this process's generation, and the
     # newest generation per rank its earlier coordinators admitted (stale refusal).
     if EPOCH_ENV in os.environ:
         extra["epoch"] = parse_epoch(os.environ[EPOCH_ENV])
-        # The supervisor learns admitted epochs from these stdout lines.
-        report_admissions(sys.stdout)
     if EPOCH_FLOORS_ENV in os.environ:
         extra["epoch_floors"] = parse_floors(os.environ[EPOCH_FLOORS_ENV])
     return ClusterConfig(
@@ -93,7 +88,16 @@ def run_serve(args: argparse.Namespace) -> int:
     except (ValueError, KeyFileError) as exc:
         print(f"clusterfsm serve: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if config.epoch:
+        # Supervised: the supervisor learns admitted epochs from these stdout lines.
+        report_admissions(sys.stdout)
     return trio.run(_serve_async, config, args.trace_json, args.once, args.quiet)
+
+
+def printable(text: object) -> str:
+    """``text`` with control characters escaped: a peer's words (a Reject detail, an
+    ABORT message) are printed in our lines, which a supervisor parses line by line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
 
 def _check_trace_path(path: str) -> None:
@@ -170,14 +174,15 @@ async def _serve_async(config: ClusterConfig, trace: str | None, once: bool,
                             waiters.cancel_scope.cancel()
                         if isinstance(cluster.error, PeerLost):
                             print(f"{prefix}: state peer_lost, error PeerLost: "
-                                  f"{cluster.error}", file=sys.stderr)
+                                  f"{printable(cluster.error)}", file=sys.stderr)
                             code = EXIT_FAILED
                         elif cluster.state == "peer_left":
                             print(f"{prefix}: state peer_left (a peer closed the cluster "
                                   "on purpose; the group is no longer usable)", flush=True)
             except Exception as exc:  # noqa: BLE001 - every machine error is reported
                 state = _state_of(exc)
-                print(f"{prefix}: state {state}, error {type(exc).__name__}: {exc}",
+                print(f"{prefix}: state {state}, error {type(exc).__name__}: "
+                      f"{printable(exc)}",
                       file=sys.stderr, flush=True)
                 code = EXIT_FAILED
         if scope.cancelled_caught:
