@@ -127,7 +127,9 @@ class Runner(Generic[C]):
         self._state = self.spec.initial
         self._entered_at = math.nan
         self._error: BaseException | None = None
-        self._changed = trio.Event()
+        # Created only when someone waits (wait_for): most transitions have no waiter,
+        # and 2,000 concurrent runs should not allocate an Event per transition each.
+        self._changed: trio.Event | None = None
         self._started = False
         self._finished = False
 
@@ -177,6 +179,8 @@ class Runner(Generic[C]):
         if unknown:
             raise KeyError(f"no such states: {sorted(unknown)}")
         while self._state not in states and not self._finished:
+            if self._changed is None:
+                self._changed = trio.Event()
             await self._changed.wait()
         return self._state
 
@@ -197,7 +201,7 @@ class Runner(Generic[C]):
             for send in self._subscribers:
                 send.close()
             self._subscribers.clear()
-            self._changed.set()
+            self._wake_waiters()
 
     async def _step(self, model: RunModel, state: State) -> None:
         assert state.activity is not None
@@ -288,8 +292,12 @@ class Runner(Generic[C]):
             hook(self.spec.name, record)
         for send in self._subscribers:
             send.send_nowait(record)
-        self._changed.set()
-        self._changed = trio.Event()
+        self._wake_waiters()
+
+    def _wake_waiters(self) -> None:
+        changed, self._changed = self._changed, None
+        if changed is not None:
+            changed.set()
 
     def _check_deadlines(self, deadlines: Mapping[str, float]) -> dict[str, float]:
         out: dict[str, float] = {}
