@@ -1,25 +1,45 @@
 """Scale in one process: many 2-rank bootstraps at once over in-memory links.
 
-Every rank runs the real machine, activities, codec, handshake and heartbeats; group
-init is :func:`states.groupinit.fake_initializer`, which takes the real path up to
-the MLX call (env, private topology file) and returns a fake group. All sessions
-start together in one ``trio.run`` on the real clock; each holds ``ready`` until its
-peer is there too, then closes. Peak memory is the process's peak RSS
-(``ru_maxrss``), next to the RSS before the run.
+Every rank runs the real machine, runner, activities, codec, HMAC handshake, control
+links and heartbeats (default interval, 0.1 s); group init is
+:func:`states.groupinit.fake_initializer`, which takes the real path up to the MLX
+call (env, private topology directory and file, read back as MLX would) and returns
+a fake group. All sessions start together in one ``trio.run`` on the real clock. A
+rank holds ``ready`` only until its peer is there too (an app that is done with the
+cluster), then closes; the total is from the start to the last rank closed. Peak
+memory is the process's peak RSS (``ru_maxrss``), next to the RSS before the run.
 
-Baseline, in the same process: one bootstrap alone; the ratio is the total time over
-(N x one bootstrap's time), i.e. how much running them together costs or saves.
-``--mock-clock`` runs the same thing under trio's MockClock as a cross-check
-(virtual time: only the CPU time is real).
+The in-memory network is :class:`BenchNetwork`: connections are pairs of unbounded
+in-memory byte pipes whose ``send_all``/``receive_some`` checkpoint once, as trio's
+TCP ``SocketStream`` does. The tests' :class:`states.transport.MemoryNetwork` uses
+``trio.testing.memory_stream_pair``, which checkpoints twice in every call on
+purpose (to catch two tasks using one stream in tests): harness cost that a real
+link does not have. The same run measures the tests' network too (cross-check).
+
+Also in the same run, to say where the time goes: the same bootstraps with CPython's
+cyclic garbage collector off during the run, and the topology-directory system
+calls alone (``TopologyDir`` create, write, read back, close: 2 x N times).
+
+Baseline: one bootstrap alone (wall, it includes the ring's 5 ms release delay);
+the ratio is the total over N x one bootstrap's time.
+``--mock-clock`` adds the same run under trio's MockClock as a cross-check (virtual
+time: no heartbeat is due, so only the bootstrap work itself is left).
 
 Run: python bench/scale.py [--sessions 1000] [--mock-clock] [--json OUT]
 """
 
 from __future__ import annotations
 
+import gc
+import math
 import resource
+import statistics
 import sys
+import tempfile
 import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 
 import trio
 import trio.testing
@@ -28,8 +48,8 @@ from common import emit, row
 from states.api import bootstrap_cluster
 from states.config import Address, ClusterConfig
 from states.context import FakePortReservation
-from states.groupinit import fake_initializer
-from states.transport import MemoryNetwork
+from states.groupinit import TopologyDir, fake_initializer
+from states.transport import BindFailed, Conn, MemoryNetwork
 from states.watchdog import NoWatchdog
 
 KEY = b"k" * 32
@@ -41,7 +61,119 @@ def rss_mb() -> float:
     return peak / 1024 if sys.platform != "darwin" else peak / 2**20
 
 
-async def session(network: MemoryNetwork, i: int, ready: list[int]) -> None:
+# -- the bench's in-memory network ----------------------------------------------------
+
+
+class PipeStream(trio.abc.Stream):
+    """One end of an in-memory connection: a byte pipe each way, one checkpoint a call.
+
+    Closing sends EOF to the peer; sending to a peer that closed raises
+    ``trio.BrokenResourceError``, using a closed end ``trio.ClosedResourceError``,
+    as with TCP.
+    """
+
+    def __init__(self, send: trio.MemorySendChannel[bytes],
+                 receive: trio.MemoryReceiveChannel[bytes]) -> None:
+        self._send = send
+        self._receive = receive
+        self._buffered = b""
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if data:
+            self._send.send_nowait(bytes(data))
+        await trio.lowlevel.checkpoint()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._buffered:
+            await trio.lowlevel.checkpoint()
+        else:
+            try:
+                self._buffered = await self._receive.receive()
+            except trio.EndOfChannel:
+                return b""
+        cut = len(self._buffered) if max_bytes is None else max_bytes
+        data, self._buffered = self._buffered[:cut], self._buffered[cut:]
+        return data
+
+    async def aclose(self) -> None:
+        self._send.close()
+        self._receive.close()
+        await trio.lowlevel.checkpoint()
+
+
+def pipe_pair() -> tuple[PipeStream, PipeStream]:
+    a_to_b, b_from_a = trio.open_memory_channel[bytes](math.inf)
+    b_to_a, a_from_b = trio.open_memory_channel[bytes](math.inf)
+    return PipeStream(a_to_b, a_from_b), PipeStream(b_to_a, b_from_a)
+
+
+class BenchListener:
+    def __init__(self, network: BenchNetwork, address: Address) -> None:
+        self.address = address
+        self._network = network
+        self._send, self._receive = trio.open_memory_channel[Conn](math.inf)
+
+    async def accept(self) -> Conn:
+        return await self._receive.receive()
+
+    async def aclose(self) -> None:
+        self._network.listeners.pop(self.address, None)
+        self._send.close()
+        self._receive.close()
+        await trio.lowlevel.checkpoint()
+
+
+class BenchNetwork:
+    """Like the tests' MemoryNetwork (a connect nobody listens for is refused), with
+    :class:`PipeStream` connections."""
+
+    def __init__(self) -> None:
+        self.listeners: dict[Address, BenchListener] = {}
+        self.next_port = 40000
+
+    def transport(self, host: str) -> BenchTransport:
+        return BenchTransport(self, host)
+
+
+class BenchTransport:
+    def __init__(self, network: BenchNetwork, host: str) -> None:
+        self.network = network
+        self.host = host
+
+    @asynccontextmanager
+    async def listen(self, address: Address, interface: str | None = None
+                     ) -> AsyncIterator[BenchListener]:
+        if address in self.network.listeners:
+            raise BindFailed(str(address), "address already in use")
+        listener = BenchListener(self.network, address)
+        self.network.listeners[address] = listener
+        try:
+            yield listener
+        finally:
+            await listener.aclose()
+
+    async def connect(self, address: Address, interface: str | None = None) -> Conn:
+        await trio.lowlevel.checkpoint()
+        listener = self.network.listeners.get(address)
+        if listener is None:
+            raise ConnectionRefusedError(f"nobody listens on {address}")
+        self.network.next_port += 1
+        mine = Address(self.host, self.network.next_port)
+        a, b = pipe_pair()
+        listener._send.send_nowait(Conn(b, address.host, str(mine)))
+        return Conn(a, self.host, str(address))
+
+
+# -- the run --------------------------------------------------------------------------
+
+Network = BenchNetwork | MemoryNetwork
+
+
+async def session(network: Network, i: int, ready_at: list[float],
+                  failed: Counter[str]) -> None:
     coord = Address(f"s{i}n0", 7700)
     both = trio.Event()
     arrived: list[int] = []
@@ -50,61 +182,115 @@ async def session(network: MemoryNetwork, i: int, ready: list[int]) -> None:
         cfg = ClusterConfig(rank=r, world_size=2, key=KEY,
                             listen=coord if r == 0 else None,
                             peers=() if r == 0 else (coord,))
-        async with bootstrap_cluster(
-            cfg, transport=network.transport(f"s{i}n{r}"), initializer=fake_initializer(),
-            watchdog=NoWatchdog(), allocate_port=FakePortReservation,
-        ) as cluster:
-            assert cluster.group.size() == 2
-            arrived.append(r)
-            if len(arrived) == 2:
-                both.set()
-            with trio.move_on_after(30):
-                await both.wait()
-            ready.append(r)
+        try:
+            async with bootstrap_cluster(
+                cfg, transport=network.transport(f"s{i}n{r}"),
+                initializer=fake_initializer(), watchdog=NoWatchdog(),
+                allocate_port=FakePortReservation,
+            ) as cluster:
+                assert cluster.group.size() == 2
+                ready_at.append(trio.current_time())
+                arrived.append(r)
+                if len(arrived) == 2:
+                    both.set()
+                with trio.move_on_after(30):
+                    await both.wait()
+        except Exception as exc:  # noqa: BLE001 - counted and reported by type
+            failed[type(exc).__name__] += 1
+            both.set()  # the peer is done waiting for us
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(rank, 0)
         nursery.start_soon(rank, 1)
 
 
-async def run_sessions(n: int) -> int:
-    network = MemoryNetwork()
-    ready: list[int] = []
+async def run_sessions(n: int, network: Network, ready_at: list[float],
+                       failed: Counter[str]) -> float:
+    start = trio.current_time()
     async with trio.open_nursery() as nursery:
         for i in range(n):
-            nursery.start_soon(session, network, i, ready)
-    return len(ready)
+            nursery.start_soon(session, network, i, ready_at, failed)
+    return start
 
 
-def timed(n: int, clock: trio.abc.Clock | None = None) -> float:
+class Run:
+    """One timed run: wall and CPU seconds, when each rank reached ``ready``, and
+    how many ranks failed (by error type; under heavy load a state can pass its
+    deadline, and that is a result, not a crash of the bench)."""
+
+    def __init__(self, n: int, network: Callable[[], Network] = BenchNetwork,
+                 clock: trio.abc.Clock | None = None, gc_off: bool = False) -> None:
+        ready_at: list[float] = []
+        self.failed: Counter[str] = Counter()
+        gc.collect()  # every run starts from the same heap, not the last run's garbage
+        if gc_off:
+            gc.disable()
+        try:
+            cpu, start = time.process_time(), time.perf_counter()
+            t0 = trio.run(run_sessions, n, network(), ready_at, self.failed, clock=clock)
+            self.wall = time.perf_counter() - start
+            self.cpu = time.process_time() - cpu
+        finally:
+            gc.enable()
+        self.ready = sorted(t - t0 for t in ready_at) or [math.nan]
+        self.ok = len(ready_at) == 2 * n and not self.failed
+
+    def failures(self) -> str:
+        if not self.failed:
+            return ""
+        return " FAILED: " + ", ".join(f"{k} x{v}" for k, v in self.failed.most_common())
+
+
+def topology_files_alone(count: int) -> float:
+    """Seconds for ``count`` topology-directory lifecycles, as each rank does one."""
     start = time.perf_counter()
-    done = trio.run(run_sessions, n, clock=clock)
-    elapsed = time.perf_counter() - start
-    if done != 2 * n:
-        raise RuntimeError(f"only {done} of {2 * n} ranks reached ready")
-    return elapsed
+    for i in range(count):
+        files = TopologyDir()
+        path = files.write(f"hostfile-{i:08x}.json", [[f"s{i}n0:50001"], [f"s{i}n1:50002"]])
+        with open(path) as f:
+            f.read()
+        files.close()
+    return time.perf_counter() - start
 
 
 def measure(n: int, mock_clock: bool) -> list[dict[str, object]]:
-    timed(1)  # warm-up (imports, caches)
-    one = min(timed(1) for _ in range(5))
+    Run(1)  # warm-up (imports, caches)
+    one = min(Run(1).wall for _ in range(5))
     before = rss_mb()
-    total = timed(n)
+    main = Run(n)
     peak = rss_mb()
+    total, last_ready = main.wall, main.ready[-1]
     print(f"{n} simulated 2-rank bootstraps at once ({2 * n} machines), one process, "
-          "real clock:")
-    print(f"  total {total:.2f} s ({total / n * 1000:.2f} ms per bootstrap); "
-          f"peak RSS {peak:.0f} MB (before the run {before:.0f} MB)")
+          "real clock, in-memory links:")
+    print(f"  every rank ready after {last_ready:.2f} s (first {main.ready[0]:.2f} s, median "
+          f"{statistics.median(main.ready):.2f} s: all progress together, as trio runs "
+          "every runnable task in turn)")
+    print(f"  total with every session closed {total:.2f} s wall, {main.cpu:.2f} s CPU; "
+          f"peak RSS {peak:.0f} MB (before the run {before:.0f} MB){main.failures()}")
     print(f"  baseline, one bootstrap alone: {one * 1000:.2f} ms; "
           f"ratio total / ({n} x one) = {total / (n * one):.2f}x")
+    print("  where the time goes (same process, same sessions):")
+    tests_net = Run(n, MemoryNetwork)
+    print(f"    over the tests' MemoryNetwork (trio.testing streams, 2 checkpoints a "
+          f"call): {tests_net.wall:.2f} s{tests_net.failures()}")
+    no_gc = Run(n, gc_off=True)
+    print(f"    with CPython's cyclic GC off during the run: {no_gc.wall:.2f} s "
+          f"(so the GC's share is about {max(0.0, total - no_gc.wall):.2f} s)"
+          f"{no_gc.failures()}")
+    files = topology_files_alone(2 * n)
+    print(f"    topology directories alone, one after another ({2 * n} x create, write, "
+          f"read, remove in {tempfile.gettempdir()}): {files:.2f} s")
     if mock_clock:
-        mock = timed(n, trio.testing.MockClock(autojump_threshold=0))
-        print(f"  cross-check under MockClock (autojump): {mock:.2f} s wall")
+        mock = Run(n, clock=trio.testing.MockClock(autojump_threshold=0))
+        print(f"    under MockClock (virtual time, so no heartbeat falls due): "
+              f"{mock.wall:.2f} s wall{mock.failures()}")
+    met = main.ok and total < 5 and peak < 300
     return [row(f"Scale: {n} simulated 2-rank bootstraps at once, one process",
-                f"{total:.2f} s, peak RSS {peak:.0f} MB (before {before:.0f} MB)",
+                f"{total:.2f} s to all closed (all ready at {last_ready:.2f} s), peak RSS "
+                f"{peak:.0f} MB (before {before:.0f} MB){main.failures()}",
                 f"one bootstrap alone {one * 1000:.1f} ms",
                 f"{total / (n * one):.2f}x of {n} x one",
-                "< 5 s and < 300 MB", total < 5 and peak < 300)]
+                "< 5 s and < 300 MB", met)]
 
 
 def main(argv: list[str]) -> None:
