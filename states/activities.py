@@ -497,9 +497,14 @@ async def initializing_group(ctx: ClusterContext) -> str:
     assert plan is not None and ctx.session_id is not None
     ctx.initializer.precheck(plan.backend)
     await ctx.initializer.plan_check(plan)  # before the barrier: peers hear of it
-    ctx.files = TopologyDir()
+    try:
+        ctx.files = TopologyDir()
+    except OSError as exc:  # TMPDIR missing, disk full
+        raise PrecheckFailed("topology_file", f"cannot make a private topology "
+                             f"directory: {exc}") from exc
     # Registered at once and until the cluster closes: a rank killed from here on
     # (in the barrier, frozen in init, after ready) leaves no directory behind.
+    await ctx.watchdog.ready()
     await ctx.watchdog.remove_on_exit([str(ctx.files.path)])
     if ctx.is_coordinator:
         for rank, link in ctx.links.items():
@@ -645,10 +650,7 @@ async def _watch_peer(rank: int, link: ControlLink, lost_after: float, session_i
             on_left(rank)
             return
         with trio.move_on_at(link.last_heard + lost_after):
-            if link.goodbye_received.is_set():
-                await link.failed.wait()  # a GOODBYE for another session: ignored
-            else:
-                await link.wait_goodbye_or_failure()
+            await link.wait_goodbye_for(session_id)  # one for another session: skipped
             if link.failure is None or link.said_goodbye(session_id):
                 continue
             silence = trio.current_time() - link.last_heard

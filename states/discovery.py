@@ -251,7 +251,10 @@ class UdpBeaconSocket:
             raise InterfaceUnavailable(self.interface, f"cannot send a beacon: {exc}") from exc
 
     async def receive(self) -> tuple[bytes, str]:
-        data, source = await self._sock.recvfrom(BEACON_SIZE + 64)
+        try:
+            data, source = await self._sock.recvfrom(BEACON_SIZE + 64)
+        except OSError as exc:
+            raise InterfaceUnavailable(self.interface, f"cannot receive beacons: {exc}") from exc
         return data, str(source[0])
 
 

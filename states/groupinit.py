@@ -37,7 +37,12 @@ import trio
 
 from states.codec import Backend as WireBackend
 from states.codec import Topology
-from states.errors import BackendUnavailable, GroupInitFailed, GroupSizeMismatch
+from states.errors import (
+    BackendUnavailable,
+    GroupInitFailed,
+    GroupSizeMismatch,
+    PrecheckFailed,
+)
 from states.sidechannel import AllGatherFactory, JacclSideChannel
 
 #: Fault injection for tests (``never-init``): see GroupInitializer.initialize.
@@ -280,7 +285,11 @@ class GroupInitializer:
             # Fault injection for tests: pass the barrier, then never call init (the
             # peer that hangs everyone else's init). Documented in docs/states.md.
             await trio.sleep_forever()
-        env, clear = backend_env(plan, files)
+        try:
+            env, clear = backend_env(plan, files)
+        except OSError as exc:  # disk full, directory gone
+            raise PrecheckFailed("topology_file", f"cannot write the {plan.backend} "
+                                 f"topology file in {files.path}: {exc}") from exc
         factory = side_channel.factory if side_channel is not None else None
         with patched_env(env, clear):
             try:

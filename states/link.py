@@ -68,6 +68,10 @@ class ControlLink:
         #: The peer's GOODBYE, once received (the peer's app closed the cluster).
         self.goodbye: Goodbye | None = None
         self.goodbye_received = trio.Event()
+        #: Sessions the peer said GOODBYE for (bounded: at most a few, ever).
+        self._goodbye_sessions: set[bytes] = set()
+        #: Replaced on every GOODBYE: lets a waiter see the next one, whatever session.
+        self._goodbye_arrived = trio.Event()
         self.goodbye_sent = False
 
     @property
@@ -151,7 +155,21 @@ class ControlLink:
 
     def said_goodbye(self, session_id: bytes) -> bool:
         """The peer sent GOODBYE for this session (one for another session does not count)."""
-        return self.goodbye is not None and self.goodbye.session_id == session_id
+        return session_id in self._goodbye_sessions
+
+    async def wait_goodbye_for(self, session_id: bytes) -> None:
+        """Until the peer said GOODBYE for ``session_id`` or the link failed (the caller
+        bounds it); GOODBYEs for other sessions are skipped."""
+        while not self.said_goodbye(session_id) and not self.failed.is_set():
+            arrived = self._goodbye_arrived
+            async with trio.open_nursery() as nursery:
+                async def on(event: trio.Event) -> None:
+                    await event.wait()
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(on, arrived)
+                nursery.start_soon(on, self.failed)
+        await trio.lowlevel.checkpoint()
 
     async def wait_goodbye_or_failure(self) -> None:
         """Until the peer sent GOODBYE or the link failed (the caller bounds it)."""
@@ -212,9 +230,14 @@ class ControlLink:
             # Any state may see it (a peer can reach ready and close while we still
             # confirm); only ``ready`` gives it a meaning, the EOF after it still
             # fails the link for every other state.
+            # A GOODBYE for another session must not hide the right one after it.
+            if len(self._goodbye_sessions) < 4:
+                self._goodbye_sessions.add(msg.session_id)
             if self.goodbye is None:
                 self.goodbye = msg
-                self.goodbye_received.set()
+            self.goodbye_received.set()
+            self._goodbye_arrived.set()
+            self._goodbye_arrived = trio.Event()
         else:
             await self._inbox_send.send(msg)
 

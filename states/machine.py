@@ -71,7 +71,8 @@ BOOTSTRAP: MachineSpec = machine_spec(
               doc="Find the peers: a static list, or beacons on each --interface, "
                   "then the rank election."),
         State("handshaking", act.handshaking, deadline=D["handshaking"],
-              on_timeout=HandshakeTimeout, raises=(HandshakeRejected, *LINK_ERRORS),
+              on_timeout=HandshakeTimeout,
+              raises=(HandshakeRejected, InterfaceUnavailable, *LINK_ERRORS),
               doc="Mutual HMAC handshake with every rank; rank 0 creates the session id."),
         State("awaiting_session", act.awaiting_session, deadline=D["awaiting_session"],
               on_timeout=SessionUnavailable, raises=LINK_ERRORS,

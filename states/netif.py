@@ -67,7 +67,10 @@ def probe_interface(name: str) -> InterfaceInfo:
         raise InterfaceUnavailable(
             name, f"no such interface (have: {', '.join(list_interfaces()) or 'none'})"
         ) from None
-    flags = struct.unpack_from("H", _ioctl(name, _SIOCGIFFLAGS), 16)[0]
+    try:
+        flags = struct.unpack_from("H", _ioctl(name, _SIOCGIFFLAGS), 16)[0]
+    except OSError as exc:  # it vanished between the two calls (adapter unplugged)
+        raise InterfaceUnavailable(name, f"cannot read its flags: {exc}") from None
     up, running = bool(flags & IFF_UP), bool(flags & IFF_RUNNING)
     if not up:
         raise InterfaceUnavailable(name, "the interface is down (bring it up)")

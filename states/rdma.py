@@ -114,6 +114,8 @@ async def run_tool(argv: Sequence[str]) -> str:
     except FileNotFoundError:
         raise PrecheckFailed("tool_missing", f"`{argv[0]}` is not installed: jaccl needs "
                              "macOS 26.2+ with RDMA over Thunderbolt") from None
+    except OSError as exc:  # not executable, no processes left, ...
+        raise PrecheckFailed("tool_failed", f"cannot run `{argv[0]}`: {exc}") from None
     except trio.TooSlowError:
         raise PrecheckFailed("tool_hung", f"`{' '.join(argv)}` did not answer in "
                              f"{TOOL_TIMEOUT:g} s") from None

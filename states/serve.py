@@ -121,7 +121,9 @@ async def _serve_async(config: ClusterConfig, trace: str | None, once: bool,
     from states.api import bootstrap_cluster
     from states.errors import PeerLost
 
-    prefix = f"rank {config.rank}"
+    # --rank auto: the rank is elected in discovering; name the node until then.
+    prefix = (f"rank {config.rank}" if config.rank is not None
+              else f"node {config.node_id.hex()[:8]}")
 
     def log(record: TraceRecord) -> None:
         if not quiet:

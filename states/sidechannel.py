@@ -41,6 +41,26 @@ AllGather = Callable[[bytes, int], bytes]
 AllGatherFactory = Callable[[int, int], AllGather]
 
 
+def _in_trio_worker_thread() -> bool:
+    """True in a thread started by ``trio.to_thread`` (whose task can be cancelled)."""
+    try:
+        trio.from_thread.check_cancelled()
+    except trio.Cancelled:
+        return True
+    except RuntimeError:  # "this thread wasn't created by Trio"
+        return False
+    return True
+
+
+def _only_cancelled(exc: BaseException) -> bool:
+    """A ``trio.Cancelled``, or a group of nothing else (from a nursery in a round)."""
+    if isinstance(exc, trio.Cancelled):
+        return True
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_only_cancelled(e) for e in exc.exceptions)
+    return False
+
+
 class SideChannelError(RuntimeError):
     """An all-gather round failed; ``JacclSideChannel.failure`` has the typed cause."""
 
@@ -72,6 +92,12 @@ class JacclSideChannel:
         if self.failure is not None:
             raise SideChannelError(str(self.failure))
         try:
+            if _in_trio_worker_thread():
+                # The thread that called init: the round runs as part of the task
+                # waiting in ``to_thread.run_sync``, so the state's deadline and the
+                # app's cancellation reach it.
+                return trio.from_thread.run(self.gather, bytes(src), n_bytes)
+            # Some other MLX thread: run it in the loop (bounded by round_timeout).
             return trio.from_thread.run(self.gather, bytes(src), n_bytes,
                                         trio_token=self._token)
         except SideChannelError:
@@ -79,6 +105,13 @@ class JacclSideChannel:
         except Exception as exc:  # kept typed in .failure; MLX only passes text on
             self.failure = exc
             raise SideChannelError(f"{type(exc).__name__}: {exc}") from exc
+        except BaseException as exc:
+            if not _only_cancelled(exc):
+                raise
+            # The state ended (deadline, app cancel) while MLX waited on us: MLX gets
+            # an error it can unwind from; the cancellation goes on in the loop.
+            self.failure = PrecheckFailed("side_channel", "cancelled with its state")
+            raise SideChannelError("the all-gather was cancelled with its state") from None
 
     # -- the round, on the trio side ------------------------------------------------
 

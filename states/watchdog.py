@@ -36,6 +36,8 @@ from typing import Any
 
 import trio
 
+from states.errors import PrecheckFailed
+
 # The watchdog's whole program. Kept dependency-free and started with -I -S so it
 # starts fast and cannot be affected by the rank's environment or site-packages.
 WATCHDOG_SOURCE = r"""
@@ -191,15 +193,32 @@ class InitWatchdog:
 
     def __init__(self) -> None:
         self._process: trio.Process | ForkedWatchdog | None = None
+        self._start_done = trio.Event()
+        self._start_error: OSError | None = None
 
     async def start(self) -> None:
-        if _single_threaded_linux():
-            self._process = ForkedWatchdog.start()
-            return
-        self._process = await trio.lowlevel.open_process(
-            [sys.executable, "-I", "-S", "-c", WATCHDOG_SOURCE],
-            stdin=subprocess.PIPE,
-        )
+        """Start the process; never raises (it runs as a background task): a failure
+        is kept and reported by :meth:`ready`, in the state that needs the watchdog."""
+        try:
+            if _single_threaded_linux():
+                self._process = ForkedWatchdog.start()
+            else:
+                self._process = await trio.lowlevel.open_process(
+                    [sys.executable, "-I", "-S", "-c", WATCHDOG_SOURCE],
+                    stdin=subprocess.PIPE,
+                )
+        except OSError as exc:  # fork/exec failed: out of processes or memory
+            self._start_error = exc
+        finally:
+            self._start_done.set()
+
+    async def ready(self) -> None:
+        """Wait for :meth:`start`; no watchdog means no hard init deadline: a typed
+        :class:`~states.errors.PrecheckFailed`, never an init without one."""
+        await self._start_done.wait()
+        if self._start_error is not None:
+            raise PrecheckFailed("watchdog", f"cannot start the init watchdog process "
+                                 f"(the hard deadline on init): {self._start_error}")
 
     @property
     def started(self) -> bool:
@@ -263,6 +282,9 @@ class NoWatchdog:
     started = True
 
     async def start(self) -> None:
+        return None
+
+    async def ready(self) -> None:
         return None
 
     async def arm(self, seconds: float, **_: Any) -> None:

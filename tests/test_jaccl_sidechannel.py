@@ -23,7 +23,7 @@ from states.codec import Ping
 from states.config import Address, ClusterConfig
 from states.context import PortReservation
 from states.discovery import MemoryLinks
-from states.errors import PeerDisconnected
+from states.errors import PeerDisconnected, PrecheckFailed
 from states.groupinit import fake_initializer
 from states.link import ControlLink
 from states.sidechannel import JacclSideChannel, SideChannelError
@@ -170,3 +170,20 @@ async def test_whole_machine_with_jaccl_side_channel_over_tcp(world: int) -> Non
                 nursery.start_soon(node, i)
     assert set(states.values()) == {"ready"}, states
     assert sizes == [world] * world
+
+
+async def test_cancelling_the_state_reaches_a_round_in_mlxs_thread() -> None:
+    """The round runs as part of the task waiting for init, so the state's deadline
+    (or the app's cancellation) ends it now, not after the round timeout."""
+    async with star(2) as links:
+        channel = JacclSideChannel(0, 2, SESSION, links[0], round_timeout=30)
+        started = trio.current_time()
+        raised: SideChannelError | None = None
+        with trio.move_on_after(0.3):
+            try:
+                await trio.to_thread.run_sync(mlx_like_rounds, channel, 1)  # rank 1 silent
+            except SideChannelError as exc:  # what MLX sees, and raises out of init
+                raised = exc
+        assert raised is not None and "cancelled" in str(raised)
+        assert trio.current_time() - started < 5
+        assert isinstance(channel.failure, PrecheckFailed), repr(channel.failure)
