@@ -594,6 +594,12 @@ async def running(ctx: SupervisorContext) -> str:
         if isinstance(item, ChildTransition) and item.dest == "peer_lost":
             ctx.failure = ChildFailure(ctx.generation, "peer_lost", "PeerLost")
             return "child_lost"
+        if isinstance(item, ChildTransition) and item.dest == "peer_left":
+            # A peer closed its cluster on purpose (its operator stopped it): the group
+            # is gone all the same; start a new session and wait for that rank.
+            ctx.failure = ChildFailure(ctx.generation, "peer_left", "PeerLeft",
+                                       "a peer closed the cluster on purpose")
+            return "child_lost"
         if isinstance(item, ChildFailed):
             ctx.failure = ChildFailure(ctx.generation, item.state, item.error, item.detail)
             return "child_lost"

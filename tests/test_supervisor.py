@@ -164,6 +164,18 @@ async def test_peer_lost_restarts_into_a_new_generation(autojump_clock: object) 
     assert len(ctx.recoveries) == 1 and 1.25 <= ctx.recoveries[0] <= 1.5
 
 
+async def test_a_peer_that_left_on_purpose_also_starts_a_new_generation(
+        autojump_clock: object) -> None:
+    def left(gen: int) -> ChildEvent:
+        return ChildTransition(gen, "ready", "peer_left", "peer_left")
+
+    launcher = FakeLauncher([[(1.0, ready), (5.0, left)], [(1.0, ready)]])
+    outcome, _ctx = await supervise(launcher, stop_after=30.0)
+    assert outcome.state == "stopped" and outcome.error is None
+    assert path(outcome).count("running") == 2
+    assert launcher.children[0].signals == ["TERM"]  # the first generation was ended
+
+
 async def test_init_deadline_failures_exhaust_the_budget_with_a_typed_error(
         autojump_clock: object) -> None:
     launcher = FakeLauncher([[(2.0, init_timeout), (0.0, -9)]])
