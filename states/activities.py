@@ -151,7 +151,11 @@ async def handshaking(ctx: ClusterContext) -> str:
     else:
         await _join(ctx)
     for link in ctx.links.values():
-        link.start(ctx.nursery, heartbeat_interval=ctx.config.heartbeat_interval)
+        # Periodic heartbeats start in ``ready``, where silence means a lost peer;
+        # before it, every state has its own deadline and pings when it needs an
+        # answer (awaiting_session), and thousands of sessions in one process do not
+        # pay ten pings a second each while they bootstrap.
+        link.start(ctx.nursery, heartbeat_interval=None)
     return "authenticated"
 
 
@@ -610,6 +614,8 @@ async def ready(ctx: ClusterContext) -> str:
     and none sees the others' links close under it.
     """
     ctx.mark_links("ready")
+    for link in ctx.links.values():
+        link.start_heartbeats(ctx.nursery, ctx.config.heartbeat_interval)
     assert ctx.session_id is not None
     session_id = ctx.session_id
     lost_after = ctx.config.peer_lost_after

@@ -120,13 +120,20 @@ class ControlLink:
 
     # -- session phase ---------------------------------------------------------------
 
-    def start(self, nursery: trio.Nursery, *, heartbeat_interval: float) -> None:
-        """Hand the stream to a reader task and start heartbeats (in ``nursery``)."""
+    def start(self, nursery: trio.Nursery, *, heartbeat_interval: float | None) -> None:
+        """Hand the stream to a reader task (in ``nursery``); with an interval, start
+        periodic heartbeats too (else later, :meth:`start_heartbeats`)."""
         if self._started:
             raise RuntimeError("link already started")
         self._started = True
         nursery.start_soon(self._guarded, self._reader, name=f"link-reader[{self.peer}]")
-        nursery.start_soon(self._guarded, self._heartbeat, heartbeat_interval,
+        if heartbeat_interval is not None:
+            self.start_heartbeats(nursery, heartbeat_interval)
+
+    def start_heartbeats(self, nursery: trio.Nursery, interval: float) -> None:
+        """Ping every ``interval`` from now on (the reader answers the peer's pings
+        whether or not we send our own)."""
+        nursery.start_soon(self._guarded, self._heartbeat, interval,
                            name=f"link-heartbeat[{self.peer}]")
 
     async def next_message(self) -> Message:
