@@ -1,0 +1,33 @@
+"""Session health from the links' heartbeats: healthy, degraded, unavailable."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import trio
+
+from states.api import session_health
+
+
+def link(last_heard: float, *, answered: bool = True, failure: Any = None) -> Any:
+    pong = trio.Event()
+    if answered:
+        pong.set()
+    return SimpleNamespace(last_heard=last_heard, first_pong=pong, failure=failure)
+
+
+def ctx(*links: Any) -> Any:
+    return SimpleNamespace(config=SimpleNamespace(heartbeat_interval=0.1),
+                           links=dict(enumerate(links, start=1)))
+
+
+async def test_health_follows_the_heartbeats(autojump_clock: Any) -> None:
+    await trio.sleep(10)
+    now = trio.current_time()
+    assert session_health(ctx(link(now - 0.05), link(now - 0.2))) == "healthy"
+    # an answer older than three intervals: degraded, not yet lost
+    assert session_health(ctx(link(now - 0.05), link(now - 0.5))) == "degraded"
+    # never answered, or failed: unavailable, whatever the others say
+    assert session_health(ctx(link(now), link(now, answered=False))) == "unavailable"
+    assert session_health(ctx(link(now), link(now, failure=EOFError()))) == "unavailable"
