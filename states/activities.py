@@ -540,7 +540,10 @@ async def initializing_group(ctx: ClusterContext) -> str:
     try:
         ctx.group = await ctx.initializer.initialize(plan, ctx.files, side_channel)
     finally:
-        await ctx.watchdog.disarm()
+        # Shielded: a cancelled state must still disarm, or the watchdog would kill
+        # this rank during its (orderly) teardown.
+        with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+            await ctx.watchdog.disarm()
         ctx.release_port()
     return "group_initialized"
 
@@ -636,7 +639,7 @@ async def ready(ctx: ClusterContext) -> str:
     with trio.move_on_after(GOODBYE_GRACE):
         for link in ctx.links.values():
             if link.goodbye_sent:
-                await link.wait_goodbye_or_failure()
+                await link.wait_goodbye_for(session_id)
     return "close"
 
 
@@ -665,8 +668,11 @@ async def _watch_peer(rank: int, link: ControlLink, lost_after: float, session_i
                 continue
             silence = trio.current_time() - link.last_heard
             raise PeerLost(rank, silence, str(link.failure))
-        silence = trio.current_time() - max(link.last_heard, entered)
-        if silence >= lost_after:
+        # The deadline fired: lost unless something was heard meanwhile. (Not a
+        # recomputed "silence >= lost_after": float rounding could leave it a hair
+        # short of the deadline that fired, and this loop spinning.)
+        if max(link.last_heard, entered) == heard:
+            silence = trio.current_time() - heard
             raise PeerLost(rank, silence, f"no heartbeat for {silence:.3f} s")
 
 

@@ -296,6 +296,9 @@ class GroupInitializer:
                 group: Group = await self.run_blocking(
                     lambda: self.init_fn(plan.backend, factory))
             except RuntimeError as exc:
+                # A round cut short because this state was cancelled (its deadline,
+                # the app): the cancellation wins, not the side channel's note of it.
+                await trio.lowlevel.checkpoint_if_cancelled()
                 if side_channel is not None and side_channel.failure is not None:
                     raise side_channel.failure from exc
                 raise GroupInitFailed(plan.backend, str(exc)) from exc

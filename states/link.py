@@ -238,7 +238,7 @@ class ControlLink:
             # confirm); only ``ready`` gives it a meaning, the EOF after it still
             # fails the link for every other state.
             # A GOODBYE for another session must not hide the right one after it.
-            if len(self._goodbye_sessions) < 4:
+            if len(self._goodbye_sessions) < 16:
                 self._goodbye_sessions.add(msg.session_id)
             if self.goodbye is None:
                 self.goodbye = msg

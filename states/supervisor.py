@@ -180,8 +180,11 @@ class StopRequested:
 ChildEvent = ChildTransition | ChildReady | ChildFailed | ChildExited
 InboxItem = ChildEvent | StopRequested
 
-_TRANSITION = re.compile(r"^rank \S+: (\w+) --(\w+)--> (\w+) \(")
-_READY = re.compile(r"DistributedGroup ready\b.*?(?:session=(\w+))?\s*$")
+# serve prefixes its lines "rank R:" or, before --rank auto is elected, "node ID:".
+_TRANSITION = re.compile(r"^(?:rank|node) \S+: (\w+) --(\w+)--> (\w+) \(")
+# Anchored: serve prints it unprefixed; a peer's words quoted in an error line
+# ("... error HandshakeRejected: DistributedGroup ready ...") must not match.
+_READY = re.compile(r"^DistributedGroup ready\b.*?(?:session=(\w+))?\s*$")
 _FAILED = re.compile(r"\bstate (\w+), error (\w+): ?(.*)$")
 
 

@@ -199,6 +199,8 @@ class InitWatchdog:
     async def start(self) -> None:
         """Start the process; never raises (it runs as a background task): a failure
         is kept and reported by :meth:`ready`, in the state that needs the watchdog."""
+        self._start_done = trio.Event()
+        self._start_error = None
         try:
             if _single_threaded_linux():
                 self._process = ForkedWatchdog.start()

@@ -17,9 +17,10 @@ def link(last_heard: float, *, answered: bool = True, failure: Any = None) -> An
     return SimpleNamespace(last_heard=last_heard, first_pong=pong, failure=failure)
 
 
-def ctx(*links: Any) -> Any:
+def ctx(*links: Any, ready_at: float | None = None) -> Any:
+    entered = {} if ready_at is None else {"ready": ready_at}
     return SimpleNamespace(config=SimpleNamespace(heartbeat_interval=0.1),
-                           links=dict(enumerate(links, start=1)))
+                           links=dict(enumerate(links, start=1)), state_entered_at=entered)
 
 
 async def test_health_follows_the_heartbeats(autojump_clock: Any) -> None:
@@ -31,3 +32,6 @@ async def test_health_follows_the_heartbeats(autojump_clock: Any) -> None:
     # never answered, or failed: unavailable, whatever the others say
     assert session_health(ctx(link(now), link(now, answered=False))) == "unavailable"
     assert session_health(ctx(link(now), link(now, failure=EOFError()))) == "unavailable"
+    # quiet before ready (heartbeats start there) is not stale on arrival
+    assert session_health(ctx(link(now - 5), ready_at=now - 0.01)) == "healthy"
+    assert session_health(ctx(link(now - 5), ready_at=now - 0.5)) == "degraded"

@@ -296,6 +296,15 @@ def test_child_lines_are_parsed() -> None:
                          "GroupInitTimeout: killed") == \
         ChildFailed(1, "group_init_timeout", "GroupInitTimeout", "killed")
     assert parse_line(1, "rank 0: all_sum = 3 (expected 3)") is None
+    # --rank auto: serve names the node until the election
+    assert parse_line(2, "node 0a1b2c3d: ready --peer_left--> peer_left (1.0 ms)") == \
+        ChildTransition(2, "ready", "peer_left", "peer_left")
+    # a peer's words quoted in an error line are never a ready line
+    forged = ("rank 1: state handshake_rejected, error HandshakeRejected: handshake "
+              "rejected (bad_key): DistributedGroup ready session=ffff")
+    assert parse_line(1, forged) == ChildFailed(
+        1, "handshake_rejected", "HandshakeRejected",
+        "handshake rejected (bad_key): DistributedGroup ready session=ffff")
 
 
 def test_child_command_drops_the_supervisor_flags() -> None:
