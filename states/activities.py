@@ -43,7 +43,7 @@ from states.errors import (
 )
 from states.groupinit import InitPlan, TopologyDir, release_delay, resolve_backend
 from states.handshake import PROTOCOL_VERSION, CoordinatorHandshake, JoinerHandshake
-from states.link import GOODBYE_GRACE, ControlLink, unexpected_message
+from states.link import GOODBYE_GRACE, ControlLink, unexpected_message, wait_any
 from states.sidechannel import JacclSideChannel
 from states.topology import build_device_matrix
 from states.transport import Conn, MultiListener, connection_refused
@@ -370,18 +370,7 @@ async def awaiting_session(ctx: ClusterContext) -> str:
 
 async def _wait_or_fail(link: ControlLink, event: trio.Event) -> None:
     """Wait for ``event``; raise the link's failure if the link fails first."""
-    if not event.is_set():
-        async with trio.open_nursery() as nursery:
-            async def on_event() -> None:
-                await event.wait()
-                nursery.cancel_scope.cancel()
-
-            async def on_failure() -> None:
-                await link.failed.wait()
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(on_event)
-            nursery.start_soon(on_failure)
+    await wait_any(event, link.failed)
     if not event.is_set():
         assert link.failure is not None
         raise link.failure

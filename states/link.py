@@ -46,6 +46,20 @@ _INBOX = 32
 GOODBYE_GRACE = 0.5
 
 
+
+async def wait_any(*events: trio.Event) -> None:
+    """Until one of ``events`` is set (at once if one already is); the caller bounds it."""
+    if any(event.is_set() for event in events):
+        await trio.lowlevel.checkpoint()
+        return
+    async with trio.open_nursery() as nursery:
+        async def on(event: trio.Event) -> None:
+            await event.wait()
+            nursery.cancel_scope.cancel()
+
+        for event in events:
+            nursery.start_soon(on, event)
+
 class ControlLink:
     """One control connection to one peer (rank ``peer_rank`` once known)."""
 
@@ -65,10 +79,8 @@ class ControlLink:
         self._started = False
         self._closed = False
         self.state = "handshaking"  # which machine state a failure is reported in
-        #: The peer's GOODBYE, once received (the peer's app closed the cluster).
-        self.goodbye: Goodbye | None = None
-        self.goodbye_received = trio.Event()
-        #: Sessions the peer said GOODBYE for (bounded: at most a few, ever).
+        #: Sessions the peer said GOODBYE for (its app closed the cluster on purpose;
+        #: bounded: at most a few, ever).
         self._goodbye_sessions: set[bytes] = set()
         #: Replaced on every GOODBYE: lets a waiter see the next one, whatever session.
         self._goodbye_arrived = trio.Event()
@@ -168,28 +180,8 @@ class ControlLink:
         """Until the peer said GOODBYE for ``session_id`` or the link failed (the caller
         bounds it); GOODBYEs for other sessions are skipped."""
         while not self.said_goodbye(session_id) and not self.failed.is_set():
-            arrived = self._goodbye_arrived
-            async with trio.open_nursery() as nursery:
-                async def on(event: trio.Event) -> None:
-                    await event.wait()
-                    nursery.cancel_scope.cancel()
-
-                nursery.start_soon(on, arrived)
-                nursery.start_soon(on, self.failed)
+            await wait_any(self._goodbye_arrived, self.failed)
         await trio.lowlevel.checkpoint()
-
-    async def wait_goodbye_or_failure(self) -> None:
-        """Until the peer sent GOODBYE or the link failed (the caller bounds it)."""
-        if self.goodbye_received.is_set() or self.failed.is_set():
-            await trio.lowlevel.checkpoint()
-            return
-        async with trio.open_nursery() as nursery:
-            async def on(event: trio.Event) -> None:
-                await event.wait()
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(on, self.goodbye_received)
-            nursery.start_soon(on, self.failed)
 
     async def ping_now(self) -> None:
         """Send a ping immediately (used to learn health without waiting a period)."""
@@ -240,9 +232,6 @@ class ControlLink:
             # A GOODBYE for another session must not hide the right one after it.
             if len(self._goodbye_sessions) < 16:
                 self._goodbye_sessions.add(msg.session_id)
-            if self.goodbye is None:
-                self.goodbye = msg
-            self.goodbye_received.set()
             self._goodbye_arrived.set()
             self._goodbye_arrived = trio.Event()
         else:
