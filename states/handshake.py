@@ -321,40 +321,27 @@ class JoinerHandshake(_Handshake):
                 RejectReason.DUPLICATE_NODE_ID,
                 f"coordinator has our node id {self._node_id.hex()} (copied config?)",
             )
-        expected = _mac(
-            self._key,
-            transcript(
-                COORDINATOR_LABEL,
-                joiner_nonce=self._nonce,
-                coordinator_nonce=ch.nonce,
-                joiner_node_id=self._node_id,
-                coordinator_node_id=ch.node_id,
-                rank=self._rank,
-                world_size=self._world_size,
-                protocol_version=self._protocol_version,
-                epoch=self._epoch,
-            ),
-        )
+        expected = _mac(self._key, self._transcript(COORDINATOR_LABEL, ch, None))
         if not hmac.compare_digest(expected, ch.mac):
             self._refuse(RejectReason.BAD_KEY, "coordinator's MAC does not verify")
-        mac = _mac(
-            self._key,
-            transcript(
-                JOINER_LABEL,
-                joiner_nonce=self._nonce,
-                coordinator_nonce=ch.nonce,
-                joiner_node_id=self._node_id,
-                coordinator_node_id=ch.node_id,
-                rank=self._rank,
-                world_size=self._world_size,
-                protocol_version=self._protocol_version,
-                epoch=self._epoch,
-                data_port=self._data_port,
-            ),
-        )
+        mac = _mac(self._key, self._transcript(JOINER_LABEL, ch, self._data_port))
         self._peer_node_id = ch.node_id
         self._step = _Step.SENT_AUTH
         return Auth(mac, self._data_port)
+
+    def _transcript(self, label: bytes, ch: Challenge, data_port: int | None) -> bytes:
+        return transcript(
+            label,
+            joiner_nonce=self._nonce,
+            coordinator_nonce=ch.nonce,
+            joiner_node_id=self._node_id,
+            coordinator_node_id=ch.node_id,
+            rank=self._rank,
+            world_size=self._world_size,
+            protocol_version=self._protocol_version,
+            epoch=self._epoch,
+            data_port=data_port,
+        )
 
     @property
     def session_id(self) -> bytes:
