@@ -9,11 +9,11 @@ rank holds ``ready`` only until its peer is there too (an app that is done with 
 cluster), then closes; the total is from the start to the last rank closed. Peak
 memory is the process's peak RSS (``ru_maxrss``), next to the RSS before the run.
 
-The in-memory network is :class:`BenchNetwork`: connections are pairs of unbounded
-in-memory byte pipes whose ``send_all``/``receive_some`` checkpoint once, as trio's
-TCP ``SocketStream`` does. The tests' :class:`states.transport.MemoryNetwork` uses
-``trio.testing.memory_stream_pair``, which checkpoints twice in every call on
-purpose (to catch two tasks using one stream in tests): harness cost that a real
+The in-memory network is the states' :class:`~states.transport.MemoryNetwork` with
+:func:`pipe_pair` connections: pairs of unbounded in-memory byte pipes whose
+``send_all``/``receive_some`` checkpoint once, as trio's TCP ``SocketStream`` does.
+The tests' default, ``trio.testing.memory_stream_pair``, checkpoints twice in every
+call on purpose (to catch two tasks using one stream in tests): harness cost that a real
 link does not have. The same run measures the tests' network too (cross-check).
 
 Also in the same run, to say where the time goes: the same bootstraps with CPython's
@@ -40,8 +40,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 
 import trio
 import trio.testing
@@ -51,7 +50,7 @@ from states.api import bootstrap_cluster
 from states.config import Address, ClusterConfig
 from states.context import FakePortReservation
 from states.groupinit import TopologyDir, fake_initializer
-from states.transport import BindFailed, Conn, MemoryNetwork
+from states.transport import MemoryNetwork
 from states.watchdog import NoWatchdog
 
 KEY = b"k" * 32
@@ -116,69 +115,14 @@ def pipe_pair() -> tuple[PipeStream, PipeStream]:
     return PipeStream(a_to_b, a_from_b), PipeStream(b_to_a, b_from_a)
 
 
-class BenchListener:
-    def __init__(self, network: BenchNetwork, address: Address) -> None:
-        self.address = address
-        self._network = network
-        self._send, self._receive = trio.open_memory_channel[Conn](math.inf)
-
-    async def accept(self) -> Conn:
-        return await self._receive.receive()
-
-    async def aclose(self) -> None:
-        self._network.listeners.pop(self.address, None)
-        self._send.close()
-        self._receive.close()
-        await trio.lowlevel.checkpoint()
-
-
-class BenchNetwork:
-    """Like the tests' MemoryNetwork (a connect nobody listens for is refused), with
-    :class:`PipeStream` connections."""
-
-    def __init__(self) -> None:
-        self.listeners: dict[Address, BenchListener] = {}
-        self.next_port = 40000
-
-    def transport(self, host: str) -> BenchTransport:
-        return BenchTransport(self, host)
-
-
-class BenchTransport:
-    def __init__(self, network: BenchNetwork, host: str) -> None:
-        self.network = network
-        self.host = host
-
-    @asynccontextmanager
-    async def listen(self, address: Address, interface: str | None = None
-                     ) -> AsyncIterator[BenchListener]:
-        if address in self.network.listeners:
-            raise BindFailed(str(address), "address already in use")
-        listener = BenchListener(self.network, address)
-        self.network.listeners[address] = listener
-        try:
-            yield listener
-        finally:
-            await listener.aclose()
-
-    async def connect(self, address: Address, interface: str | None = None) -> Conn:
-        await trio.lowlevel.checkpoint()
-        listener = self.network.listeners.get(address)
-        if listener is None:
-            raise ConnectionRefusedError(f"nobody listens on {address}")
-        self.network.next_port += 1
-        mine = Address(self.host, self.network.next_port)
-        a, b = pipe_pair()
-        listener._send.send_nowait(Conn(b, address.host, str(mine)))
-        return Conn(a, self.host, str(address))
+def bench_network() -> MemoryNetwork:
+    """The states' in-memory network, connected by :func:`pipe_pair` streams."""
+    return MemoryNetwork(stream_pair=pipe_pair)
 
 
 # -- the run --------------------------------------------------------------------------
 
-Network = BenchNetwork | MemoryNetwork
-
-
-async def session(network: Network, i: int, ready_at: list[float],
+async def session(network: MemoryNetwork, i: int, ready_at: list[float],
                   failed: Counter[str]) -> None:
     coord = Address(f"s{i}n0", 7700)
     both = trio.Event()
@@ -210,7 +154,7 @@ async def session(network: Network, i: int, ready_at: list[float],
         nursery.start_soon(rank, 1)
 
 
-async def run_sessions(n: int, network: Network, ready_at: list[float],
+async def run_sessions(n: int, network: MemoryNetwork, ready_at: list[float],
                        failed: Counter[str]) -> float:
     start = trio.current_time()
     async with trio.open_nursery() as nursery:
@@ -224,7 +168,7 @@ class Run:
     how many ranks failed (by error type; under heavy load a state can pass its
     deadline, and that is a result, not a crash of the bench)."""
 
-    def __init__(self, n: int, network: Callable[[], Network] = BenchNetwork,
+    def __init__(self, n: int, network: Callable[[], MemoryNetwork] = bench_network,
                  clock: trio.abc.Clock | None = None, gc_off: bool = False,
                  gc_threshold: tuple[int, int, int] | None = None) -> None:
         ready_at: list[float] = []

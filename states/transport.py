@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import math
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Protocol
 
@@ -148,6 +148,10 @@ def connection_refused(exc: BaseException) -> bool:
 # -- in memory ----------------------------------------------------------------------
 
 
+#: Makes the two ends of one in-memory connection.
+StreamPairFactory = Callable[[], tuple[trio.abc.Stream, trio.abc.Stream]]
+
+
 class MemoryListener:
     def __init__(self, network: MemoryNetwork, address: Address) -> None:
         self.address = address
@@ -167,12 +171,15 @@ class MemoryNetwork:
     """A loopback network in one process: deterministic under ``MockClock``.
 
     Each node has its own host name; ``connect`` to an address nobody listens on
-    raises ``ConnectionRefusedError`` like TCP does.
+    raises ``ConnectionRefusedError`` like TCP does. Connections are
+    ``trio.testing.memory_stream_pair`` (which checks for misuse, at some cost) unless
+    ``stream_pair`` makes them otherwise (the scale benchmark's cheaper pipes).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, stream_pair: StreamPairFactory | None = None) -> None:
         self._listeners: dict[Address, MemoryListener] = {}
         self._next_port = 40000
+        self._stream_pair = stream_pair
 
     def transport(self, host: str) -> MemoryTransport:
         return MemoryTransport(self, host)
@@ -205,12 +212,15 @@ class MemoryTransport:
             raise ConnectionRefusedError(errno.ECONNREFUSED, f"nobody listens on {address}")
         self.network._next_port += 1
         mine = Address(self.host, self.network._next_port)
-        # Imported here, not at module level: trio.testing pulls in pytest (~75 ms on
-        # every process start), and only the in-memory test network needs it.
-        from trio.testing import memory_stream_pair  # not "import trio.testing": that
-        # would make ``trio`` a local name of this whole function
+        if self.network._stream_pair is not None:
+            a, b = self.network._stream_pair()
+        else:
+            # Imported here, not at module level: trio.testing pulls in pytest (~75 ms
+            # on every process start), and only the in-memory test network needs it.
+            from trio.testing import memory_stream_pair  # not "import trio.testing":
+            # that would make ``trio`` a local name of this whole function
 
-        a, b = memory_stream_pair()
+            a, b = memory_stream_pair()
         listener._send.send_nowait(Conn(b, address.host, str(mine)))
         return Conn(a, self.host, str(address))
 
