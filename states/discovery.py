@@ -38,6 +38,7 @@ from typing import Final, Protocol
 import attrs
 import trio
 
+from fsm import report_progress
 from states.errors import DuplicateNodeId, ElectionFailed, InterfaceUnavailable
 from states.netif import InterfaceInfo, bind_to_interface, probe_interface
 
@@ -352,8 +353,6 @@ async def discover(sockets: list[tuple[BeaconSocket, Beacon]], key: bytes,
     state's deadline bounds it, and its timeout names what was heard
     (:meth:`DiscoveryState.summary`, via ``report_progress``).
     """
-    from fsm import report_progress
-
     state = DiscoveryState(me)
     complete = trio.Event()
 
@@ -369,16 +368,10 @@ async def discover(sockets: list[tuple[BeaconSocket, Beacon]], key: bytes,
             if state.complete:
                 complete.set()
 
-    async def announce() -> None:  # UDP may drop a beacon: repeat until done
-        while True:
-            for sock, beacon in sockets:
-                await sock.broadcast(beacon.encode(key))
-            await trio.sleep(BEACON_INTERVAL)
-
     async with trio.open_nursery() as nursery:
         for sock, beacon in sockets:
             nursery.start_soon(listen, sock, beacon)
-        nursery.start_soon(announce)
+        nursery.start_soon(announce, sockets, key)
         report_progress(state.summary())
         await complete.wait()
         await trio.sleep(SETTLE_TIME)  # an extra node would be heard meanwhile
@@ -390,16 +383,21 @@ async def keep_beaconing(sockets: list[tuple[BeaconSocket, Beacon]], key: bytes)
     """Go on announcing (a slower peer may still be discovering) until cancelled.
 
     Runs in the cluster's nursery under its own cancel scope, which the bootstrap
-    exchange cancels once every rank is in the session. A send error (the link went down) ends the
-    announcing; the handshake's own deadline then reports the real problem.
+    exchange cancels once every rank is in the session. A send error (the link went
+    down) ends the announcing; the handshake's own deadline then reports the real
+    problem.
     """
-    from fsm import report_progress
+    await trio.sleep(BEACON_INTERVAL)  # discover() announced a moment ago
+    try:
+        await announce(sockets, key)
+    except InterfaceUnavailable as exc:
+        report_progress(str(exc))
 
+
+async def announce(sockets: list[tuple[BeaconSocket, Beacon]], key: bytes) -> None:
+    """Broadcast each socket's beacon now and every :data:`BEACON_INTERVAL` (UDP may
+    drop one) until cancelled; a send that fails raises ``InterfaceUnavailable``."""
     while True:
-        await trio.sleep(BEACON_INTERVAL)
         for sock, beacon in sockets:
-            try:
-                await sock.broadcast(beacon.encode(key))
-            except InterfaceUnavailable as exc:
-                report_progress(str(exc))
-                return
+            await sock.broadcast(beacon.encode(key))
+        await trio.sleep(BEACON_INTERVAL)
