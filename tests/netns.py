@@ -33,6 +33,8 @@ from typing import Any
 import attrs
 import pytest
 
+from tests.processes import kill_and_reap
+
 _counter = itertools.count()
 SUBNET_PREFIX = "198.51.100."
 PREFIX_LEN = 30
@@ -74,13 +76,7 @@ class Namespace:
         return proc
 
     def _reap(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(timeout=10)
-            for stream in (proc.stdin, proc.stdout, proc.stderr):
-                if stream is not None:
-                    stream.close()
+        kill_and_reap(self.procs)
         self.procs.clear()
 
 

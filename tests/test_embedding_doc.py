@@ -11,6 +11,7 @@ import pytest
 
 from states.demo import free_port
 from states.keys import write_key
+from tests.processes import kill_and_reap
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "embedding.md"
 
@@ -27,10 +28,7 @@ def test_embedding_example_runs_as_two_ranks(tmp_path: Path) -> None:
     try:
         outs = [p.communicate(timeout=60) for p in procs]
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
+        kill_and_reap(procs, timeout=None)
     for r, (p, (out, err)) in enumerate(zip(procs, outs, strict=True)):
         assert p.returncode == 0, err
         assert f"rank {r}: ready, health healthy, all_sum 3" in out

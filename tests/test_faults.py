@@ -36,6 +36,7 @@ from states.errors import (
 from states.groupinit import FAULT_ENV, GroupInitializer, fake_initializer
 from states.keys import write_key
 from tests.netns import NetnsPair, netns_pair  # noqa: F401 - fixture
+from tests.processes import kill_and_reap
 from tests.tcp_harness import (
     LOOPBACK,
     RankRun,
@@ -98,13 +99,7 @@ class Peers:
         return list(where.glob("**/clusterfsm-*"))
 
     def close(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait(timeout=10)
-            for stream in (p.stdout, p.stderr):
-                if stream is not None:
-                    stream.close()
+        kill_and_reap(self.procs)
 
 
 @pytest.fixture

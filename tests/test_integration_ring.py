@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from states.demo import free_port
+from tests.processes import kill_and_reap
 
 pytestmark = pytest.mark.integration
 CLI = [sys.executable, "-m", "states.cli"]
@@ -52,13 +53,7 @@ class Ranks:
         return out
 
     def close(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
-            for stream in (p.stdout, p.stderr):
-                if stream is not None:
-                    stream.close()
+        kill_and_reap(self.procs, timeout=None)
 
 
 @pytest.fixture
