@@ -120,7 +120,6 @@ async def discovering(ctx: ClusterContext) -> str:
         sockets.append((sock, Beacon(PROTOCOL_VERSION, ctx.config.node_id, ctx.instance,
                                      ctx.world_size, claim, listener.address.port)))
     heard, election = await discover(sockets, ctx.config.key, sockets[0][1])
-    ctx.elected_rank = election.my_rank
     ctx.node_ranks = dict(election.ranks)
     ctx.peer_interfaces = {node: peer.interfaces for node, peer in heard.peers.items()}
     ctx.beacons = trio.CancelScope()
@@ -388,13 +387,14 @@ async def exchanging_bootstrap(ctx: ClusterContext) -> str:
         backend = resolve_backend(ctx.config.backend)
         # Rank 0 decides the backend: check it can run before anyone builds on it.
         ctx.initializer.precheck(backend)
+        reports: dict[int, dict[bytes, tuple[str, ...]]] = {}
         for rank, link in ctx.links.items():
             report_progress(f"waiting for rank {rank}'s link report")
             report = await _expect(link, LinkReport, "exchanging_bootstrap")
             if report.session_id != ctx.session_id:
                 raise BootstrapRejected("link report carries another session id", link.peer)
-            ctx.link_reports[rank] = dict(report.links)
-        topology, coordinator = _decide_topology(ctx, backend)
+            reports[rank] = dict(report.links)
+        topology, coordinator = _decide_topology(ctx, backend, reports)
         ctx.plan = InitPlan(backend, 0, ctx.world_size, topology, ctx.session_id,
                             coordinator)
         payload = JacclBootstrapPayload(
@@ -446,9 +446,12 @@ async def exchanging_bootstrap(ctx: ClusterContext) -> str:
     return "bootstrap_agreed"
 
 
-def _decide_topology(ctx: ClusterContext, backend: str) -> tuple[Topology, str | None]:
-    """Rank 0's choice: the ring hostfile, or the jaccl device matrix and, only for an
-    mlx without ``all_gather_factory``, jaccl's own coordinator address."""
+def _decide_topology(ctx: ClusterContext, backend: str,
+                     reports: dict[int, dict[bytes, tuple[str, ...]]],
+                     ) -> tuple[Topology, str | None]:
+    """Rank 0's choice: the ring hostfile, or the jaccl device matrix (from its own
+    links and every joiner's link ``reports``) and, only for an mlx without
+    ``all_gather_factory``, jaccl's own coordinator address."""
     if backend == "ring":
         return tuple((f"{ctx.hosts[r]}:{ctx.data_ports[r]}",)
                      for r in range(ctx.world_size)), None
@@ -457,7 +460,7 @@ def _decide_topology(ctx: ClusterContext, backend: str) -> tuple[Topology, str |
                              "interface discovery: run every rank with --interface")
     ranks = ctx.node_ranks
     reach = {0: {ranks[n]: names for n, names in ctx.peer_interfaces.items()}}
-    for rank, report in ctx.link_reports.items():
+    for rank, report in reports.items():
         reach[rank] = {ranks[n]: names for n, names in report.items() if n in ranks}
     matrix = build_device_matrix(ctx.world_size, reach)
     if ctx.initializer.side_channel_supported():

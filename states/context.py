@@ -91,26 +91,22 @@ class ClusterContext:
     group: Group | None = None
     close_requested: trio.Event = attrs.field(factory=trio.Event)
     state_entered_at: dict[str, float] = attrs.field(factory=dict)
-    #: Interface discovery: the elected rank, every node's rank, where to dial rank
+    #: Interface discovery: every node's rank (ours included), where to dial rank
     #: 0, which of our interfaces reached which peer, and the beacons' cancel scope.
-    elected_rank: int | None = None
     node_ranks: dict[bytes, int] = attrs.field(factory=dict)
     dial_targets: list[tuple[Address, str | None]] = attrs.field(factory=list)
     peer_interfaces: dict[bytes, tuple[str, ...]] = attrs.field(factory=dict)
     listeners_by_interface: dict[str, Listener] = attrs.field(factory=dict)
     beacons: trio.CancelScope | None = None
-    #: Rank 0: every joiner's LinkReport, by rank (for the jaccl device matrix).
-    link_reports: dict[int, dict[bytes, tuple[str, ...]]] = attrs.field(factory=dict)
-    node_ids: dict[int, bytes] = attrs.field(factory=dict)
 
     @property
     def rank(self) -> int:
         """The configured rank, or the elected one once discovery decided it."""
         if self.config.rank is not None:
             return self.config.rank
-        if self.elected_rank is None:
+        if self.config.node_id not in self.node_ranks:
             raise RuntimeError("the rank is not elected yet (still discovering)")
-        return self.elected_rank
+        return self.node_ranks[self.config.node_id]
 
     @property
     def is_coordinator(self) -> bool:

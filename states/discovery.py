@@ -180,9 +180,6 @@ class Election:
     ranks: dict[bytes, int]
     my_rank: int
 
-    def rank_of(self, node_id: bytes) -> int:
-        return self.ranks[node_id]
-
 
 def elect(me: Beacon, peers: Iterable[Peer]) -> Election:
     """Ranks for ``me`` and ``peers``; deterministic and identical on every node."""
