@@ -175,7 +175,7 @@ class DiscoveryState:
 
 @attrs.frozen
 class Election:
-    """The outcome: every node's rank, and how to reach the coordinator."""
+    """The outcome: every node's rank, ours included."""
 
     ranks: dict[bytes, int]
     my_rank: int
@@ -323,7 +323,7 @@ class MemoryDiscoveryNet:
         if link in self._bus.down:
             raise InterfaceUnavailable(interface, "no carrier: the cable is out or the "
                                        "peer's end is down")
-        return InterfaceInfo(interface, 1, self._host, True, True)
+        return InterfaceInfo(interface, 1, self._host)
 
     @asynccontextmanager
     async def beacon_socket(self, interface: str, port: int

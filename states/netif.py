@@ -38,13 +38,12 @@ _SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
 
 @attrs.frozen
 class InterfaceInfo:
-    """What discovery needs to know of one interface."""
+    """What discovery needs to know of one interface (returned only when it is up,
+    has carrier and has an IPv4 address: :func:`probe_interface` raises otherwise)."""
 
     name: str
     index: int
     ipv4: str
-    up: bool
-    running: bool
 
 
 def _ifreq(name: str) -> bytes:
@@ -71,10 +70,9 @@ def probe_interface(name: str) -> InterfaceInfo:
         flags = struct.unpack_from("H", _ioctl(name, _SIOCGIFFLAGS), 16)[0]
     except OSError as exc:  # it vanished between the two calls (adapter unplugged)
         raise InterfaceUnavailable(name, f"cannot read its flags: {exc}") from None
-    up, running = bool(flags & IFF_UP), bool(flags & IFF_RUNNING)
-    if not up:
+    if not flags & IFF_UP:
         raise InterfaceUnavailable(name, "the interface is down (bring it up)")
-    if not running:
+    if not flags & IFF_RUNNING:
         raise InterfaceUnavailable(name, "no carrier: the cable is out or the peer's end "
                                    "is down")
     try:
@@ -83,7 +81,7 @@ def probe_interface(name: str) -> InterfaceInfo:
         raise InterfaceUnavailable(name, "no IPv4 address (macOS gives a Thunderbolt "
                                    "bridge a 169.254 address once a peer is plugged "
                                    "in)") from None
-    return InterfaceInfo(name, index, ipv4, up, running)
+    return InterfaceInfo(name, index, ipv4)
 
 
 def list_interfaces() -> list[str]:

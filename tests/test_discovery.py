@@ -345,6 +345,16 @@ async def test_jaccl_prechecks_name_what_is_wrong(topology: Topology, kw: dict[s
     assert info.value.check == check
 
 
+def test_thunderbolt_ports_are_read_from_networksetup() -> None:
+    from states.rdma import parse_hardware_ports
+
+    text = (SAMPLES / "networksetup_listallhardwareports.txt").read_text()
+    ports = parse_hardware_ports(text)
+    assert [p.device for p in ports] == ["en0", "bridge0", "en1", "en2", "en3"]
+    # the bridge is not an RDMA path: only the Thunderbolt ports themselves count
+    assert [p.device for p in ports if p.is_thunderbolt] == ["en2", "en3"]
+
+
 async def test_missing_tools_are_a_typed_precheck_failure() -> None:
     from states.rdma import run_tool
 
