@@ -32,6 +32,7 @@ from states.codec import (
 from states.config import Address
 from states.context import ClusterContext
 from states.discovery import AUTO_RANK, Beacon, BeaconSocket, discover, keep_beaconing
+from states.epochs import EPOCH_LOGGER
 from states.errors import (
     BootstrapRejected,
     FrameError,
@@ -69,7 +70,7 @@ _admission_log = logging.getLogger("states.admission")
 #: Every admitted joiner's epoch, at INFO: ``admitted rank K epoch E from HOST``. A
 #: supervised ``serve`` prints these on stdout for its supervisor, which remembers the
 #: newest epoch per rank for its next coordinator (states.supervisor, EPOCH_FLOORS_ENV).
-_epoch_log = logging.getLogger("states.epochs")
+_epoch_log = logging.getLogger(EPOCH_LOGGER)
 
 
 # -- idle ---------------------------------------------------------------------------

@@ -19,16 +19,16 @@ import trio
 
 from fsm import TraceRecord
 from states.config import ClusterConfig
-from states.exitcodes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
-from states.keys import KeyFileError, load_key
-from states.nodeid import load_or_create_node_id
-from states.supervisor import (
+from states.epochs import (
     EPOCH_ENV,
     EPOCH_FLOORS_ENV,
     parse_epoch,
     parse_floors,
     report_admissions,
 )
+from states.exitcodes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from states.keys import KeyFileError, load_key
+from states.nodeid import load_or_create_node_id
 
 
 def _config_from(args: argparse.Namespace) -> ClusterConfig:
