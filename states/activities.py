@@ -69,7 +69,7 @@ MAX_REJECTIONS_KEPT = 16
 _admission_log = logging.getLogger("states.admission")
 #: Every admitted joiner's epoch, at INFO: ``admitted rank K epoch E from HOST``. A
 #: supervised ``serve`` prints these on stdout for its supervisor, which remembers the
-#: newest epoch per rank for its next coordinator (states.supervisor, EPOCH_FLOORS_ENV).
+#: newest epoch per rank for its next coordinator (states.epochs).
 _epoch_log = logging.getLogger(EPOCH_LOGGER)
 
 
