@@ -41,6 +41,7 @@ from states.errors import (
     PeerDisconnected,
     PeerLost,
     PrecheckFailed,
+    printable,
 )
 from states.groupinit import InitPlan, TopologyDir, release_delay, resolve_backend
 from states.handshake import PROTOCOL_VERSION, CoordinatorHandshake, JoinerHandshake
@@ -266,11 +267,8 @@ async def _admit_joiners(ctx: ClusterContext) -> None:
         refused += 1
         ctx.rejections.append(refusal)
         del ctx.rejections[:-MAX_REJECTIONS_KEPT]
-        # One line, whatever the peer put in a Reject detail: the supervisor parses
-        # this output line by line, so a peer must not be able to forge a line.
-        text = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in str(refusal))
         _admission_log.warning("refused connection from %s: %s: %s",
-                               conn.remote, type(refusal).__name__, text)
+                               conn.remote, type(refusal).__name__, printable(refusal))
         progress()
 
     async def handshake_one(conn: Conn, token: int, scope: trio.CancelScope) -> None:

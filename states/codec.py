@@ -557,11 +557,12 @@ def _topology_from_json(obj: Any) -> Topology:
     return tuple(rows)
 
 
-def _check_topology_str(value: Any, where: str) -> str:
+def _check_topology_str(value: Any, where: str, max_len: int = MAX_TOPOLOGY_STR) -> str:
+    """A name on the wire (endpoint, device, interface): printable ASCII, no spaces."""
     if not isinstance(value, str):
         raise TypeError(f"{where}: expected a string, got {type(value).__name__}")
-    if not 1 <= len(value) <= MAX_TOPOLOGY_STR:
-        raise ValueError(f"{where}: string length {len(value)} outside 1..{MAX_TOPOLOGY_STR}")
+    if not 1 <= len(value) <= max_len:
+        raise ValueError(f"{where}: string length {len(value)} outside 1..{max_len}")
     if not (value.isascii() and value.isprintable()) or " " in value:
         raise ValueError(f"{where}: {value!r} must be printable ASCII without spaces")
     return value
@@ -878,9 +879,7 @@ def _link_table(_inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
         if not (isinstance(names, tuple) and 1 <= len(names) <= 4):
             raise ValueError(f"{attr.name}: 1..4 interfaces per peer")
         for name in names:
-            if not (isinstance(name, str) and 1 <= len(name) <= MAX_INTERFACE_NAME
-                    and name.isascii() and name.isprintable() and " " not in name):
-                raise ValueError(f"{attr.name}: bad interface name {name!r}")
+            _check_topology_str(name, f"{attr.name}: interface name", MAX_INTERFACE_NAME)
 
 
 @attrs.frozen

@@ -56,6 +56,13 @@ class RejectReason(enum.IntEnum):
     STALE_SESSION = 8
 
 
+def printable(text: object) -> str:
+    """``text`` on one line, control characters escaped: a peer's words (a Reject
+    detail, an ABORT message) end up in our log and output lines, which a supervisor
+    parses line by line; a peer must not be able to forge a line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
 @attrs.frozen(auto_exc=True)
 class HandshakeRejected(Exception):
     """The handshake with ``peer`` failed; ``remote`` is True when the peer refused us."""

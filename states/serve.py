@@ -94,11 +94,6 @@ def run_serve(args: argparse.Namespace) -> int:
     return trio.run(_serve_async, config, args.trace_json, args.once, args.quiet)
 
 
-def printable(text: object) -> str:
-    """``text`` with control characters escaped: a peer's words (a Reject detail, an
-    ABORT message) are printed in our lines, which a supervisor parses line by line."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
-
 
 def _check_trace_path(path: str) -> None:
     """Refuse a ``--trace-json`` path that cannot be created, before the machine runs.
@@ -119,7 +114,7 @@ def _check_trace_path(path: str) -> None:
 async def _serve_async(config: ClusterConfig, trace: str | None, once: bool,
                        quiet: bool) -> int:
     from states.api import bootstrap_cluster
-    from states.errors import PeerLost
+    from states.errors import PeerLost, printable
 
     # --rank auto: the rank is elected in discovering; name the node until then.
     prefix = (f"rank {config.rank}" if config.rank is not None
