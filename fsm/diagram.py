@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Mapping
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict, Unpack
 
 from transitions.extensions import GraphMachine
 
@@ -144,10 +144,10 @@ def _build(
     spec: MachineSpec,
     engine: Literal["graphviz", "mermaid"],
     *,
-    deadlines: Mapping[str, float] | None,
-    visited: Iterable[str] | None,
-    taken: Iterable[tuple[str, str]] | None,
-    annotations: Mapping[str, str] | None,
+    deadlines: Mapping[str, float] | None = None,
+    visited: Iterable[str] | None = None,
+    taken: Iterable[tuple[str, str]] | None = None,
+    annotations: Mapping[str, str] | None = None,
     ended: Iterable[str] | None = None,
     stopped: Iterable[str] | None = None,
     edge_notes: Mapping[tuple[str, str], str] | None = None,
@@ -261,53 +261,30 @@ def _fix_mermaid(text: str) -> str:
     return "\n".join(out) + "\n"
 
 
-def to_mermaid(
-    spec: MachineSpec,
-    *,
-    deadlines: Mapping[str, float] | None = None,
-    visited: Iterable[str] | None = None,
-    taken: Iterable[tuple[str, str]] | None = None,
-    annotations: Mapping[str, str] | None = None,
-    ended: Iterable[str] | None = None,
-    stopped: Iterable[str] | None = None,
-    edge_notes: Mapping[tuple[str, str], str] | None = None,
-    untaken_labels: bool = True,
-) -> str:
-    """Mermaid ``stateDiagram-v2`` source for ``spec`` (deterministic).
+class Overlay(TypedDict, total=False):
+    """The optional arguments of :func:`to_mermaid` and :func:`to_dot` (see the module
+    doc): ``deadlines`` to print on deadline edges, ``visited`` states, ``taken``
+    edges, ``ended`` states (default: the last visited), ``stopped`` states (a run cut
+    off there, no end line), ``annotations`` per state and ``edge_notes`` per taken
+    edge; ``untaken_labels=False`` drops the labels of edges not taken (a much
+    narrower picture). A newline in an annotation is a line break."""
 
-    Overlay (all optional, see the module doc): ``visited`` states, ``taken`` edges,
-    ``ended`` states (default: the last visited), ``stopped`` states (a run cut off
-    there, no end line), ``annotations`` per state and ``edge_notes`` per taken edge;
-    ``untaken_labels=False`` drops the labels of edges not taken (a much narrower
-    picture). A newline in an annotation is a line break.
-    """
-    raw = _build(spec, "mermaid", deadlines=deadlines, visited=visited, taken=taken,
-                 annotations=annotations, ended=ended, stopped=stopped,
-                 edge_notes=edge_notes, untaken_labels=untaken_labels)
-    return _fix_mermaid(raw)
+    deadlines: Mapping[str, float] | None
+    visited: Iterable[str] | None
+    taken: Iterable[tuple[str, str]] | None
+    annotations: Mapping[str, str] | None
+    ended: Iterable[str] | None
+    stopped: Iterable[str] | None
+    edge_notes: Mapping[tuple[str, str], str] | None
+    untaken_labels: bool
 
 
-def to_dot(
-    spec: MachineSpec,
-    *,
-    deadlines: Mapping[str, float] | None = None,
-    visited: Iterable[str] | None = None,
-    taken: Iterable[tuple[str, str]] | None = None,
-    annotations: Mapping[str, str] | None = None,
-    ended: Iterable[str] | None = None,
-    stopped: Iterable[str] | None = None,
-    edge_notes: Mapping[tuple[str, str], str] | None = None,
-    untaken_labels: bool = True,
-) -> str:
-    """Graphviz DOT source for ``spec`` (deterministic).
+def to_mermaid(spec: MachineSpec, **overlay: Unpack[Overlay]) -> str:
+    """Mermaid ``stateDiagram-v2`` source for ``spec`` (deterministic; :class:`Overlay`)."""
+    return _fix_mermaid(_build(spec, "mermaid", **overlay))
 
-    Overlay (all optional, see the module doc): ``visited`` states, ``taken`` edges,
-    ``ended`` states (default: the last visited), ``stopped`` states (a run cut off
-    there, no end line), ``annotations`` per state and ``edge_notes`` per taken edge;
-    ``untaken_labels=False`` drops the labels of edges not taken (a much narrower
-    picture). A newline in an annotation is a line break.
-    """
-    raw = _build(spec, "graphviz", deadlines=deadlines, visited=visited, taken=taken,
-                 annotations=annotations, ended=ended, stopped=stopped,
-                 edge_notes=edge_notes, untaken_labels=untaken_labels)
+
+def to_dot(spec: MachineSpec, **overlay: Unpack[Overlay]) -> str:
+    """Graphviz DOT source for ``spec`` (deterministic; :class:`Overlay`)."""
+    raw = _build(spec, "graphviz", **overlay)
     return raw if raw.endswith("\n") else raw + "\n"

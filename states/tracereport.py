@@ -218,7 +218,7 @@ def format_report(runs: Sequence[RankRun]) -> str:
 
 
 @attrs.frozen
-class Overlay:
+class RunOverlay:
     """What the diagram shows of the runs (the arguments of ``fsm.diagram``'s overlay)."""
 
     visited: tuple[str, ...]
@@ -229,7 +229,7 @@ class Overlay:
     edge_notes: dict[tuple[str, str], str]
 
 
-def overlay(runs: Sequence[RankRun]) -> Overlay:
+def overlay(runs: Sequence[RankRun]) -> RunOverlay:
     """Union of the ranks' paths; time per state per rank; taken edges numbered by step."""
     taken: set[tuple[str, str]] = set()
     steps: dict[tuple[str, str], set[int]] = {}
@@ -250,7 +250,7 @@ def overlay(runs: Sequence[RankRun]) -> Overlay:
             annotations[state] = "\n" + "\n".join(parts)
     notes = {edge: "(" + ",".join(str(s) for s in sorted(nums)) + ")"
              for edge, nums in steps.items()}
-    return Overlay(
+    return RunOverlay(
         visited=tuple(state_order(runs)),
         taken=frozenset(taken),
         ended=frozenset(r.final_state for r in runs if r.end is not None),
