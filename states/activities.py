@@ -641,18 +641,17 @@ async def _watch_peer(rank: int, link: ControlLink, lost_after: float, session_i
     A peer that said GOODBYE is closing on purpose: it waits ``GOODBYE_GRACE`` for our
     own GOODBYE (our app may be closing too), then closes its link. If that link
     closes, or the grace passes, first, the peer has left. A link that closes without
-    a GOODBYE is a loss, as is silence. Silence counts from entering ``ready`` at the
-    earliest: periodic heartbeats start there, and a peer whose last message came
-    before a long init elsewhere in the group is not lost for that.
+    a GOODBYE is a loss, as is silence, counted from ``link.quiet_since``: periodic
+    heartbeats start in ``ready``, so a peer whose last message came before a long init
+    elsewhere in the group is not lost for that.
     """
-    entered = trio.current_time()
     while True:
         if link.said_goodbye(session_id):
             with trio.move_on_after(GOODBYE_GRACE):
                 await link.failed.wait()
             on_left(rank)
             return
-        heard = max(link.last_heard, entered)
+        heard = link.quiet_since
         with trio.move_on_at(heard + lost_after):
             await link.wait_goodbye_for(session_id)  # one for another session: skipped
             if link.failure is None or link.said_goodbye(session_id):
@@ -662,7 +661,7 @@ async def _watch_peer(rank: int, link: ControlLink, lost_after: float, session_i
         # The deadline fired: lost unless something was heard meanwhile. (Not a
         # recomputed "silence >= lost_after": float rounding could leave it a hair
         # short of the deadline that fired, and this loop spinning.)
-        if max(link.last_heard, entered) == heard:
+        if link.quiet_since == heard:
             silence = trio.current_time() - heard
             raise PeerLost(rank, silence, f"no heartbeat for {silence:.3f} s")
 

@@ -24,7 +24,6 @@ Either way the links are closed, the watchdog reaped and the topology files dele
 
 from __future__ import annotations
 
-import math
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 
@@ -99,13 +98,11 @@ def session_health(ctx: ClusterContext) -> str:
     """The worst health over the links, from their heartbeats."""
     now = trio.current_time()
     stale_after = 3 * ctx.config.heartbeat_interval
-    # Periodic heartbeats start in ``ready``: a peer quiet before it is not stale.
-    since = ctx.state_entered_at.get("ready", -math.inf)
     health = "healthy"
     for link in ctx.links.values():
         if link.failure is not None or not link.first_pong.is_set():
             return "unavailable"
-        if now - max(link.last_heard, since) > stale_after:
+        if now - link.quiet_since > stale_after:
             health = "degraded"
     return health
 

@@ -74,6 +74,7 @@ class ControlLink:
         self.failure: BaseException | None = None
         self.first_pong = trio.Event()
         self.last_heard = -math.inf
+        self._heartbeats_since = -math.inf
         self.last_pong = -math.inf
         self.pings_sent = 0
         self._started = False
@@ -142,9 +143,16 @@ class ControlLink:
         if heartbeat_interval is not None:
             self.start_heartbeats(nursery, heartbeat_interval)
 
+    @property
+    def quiet_since(self) -> float:
+        """When the peer last spoke, or when our periodic heartbeats started if that is
+        later: a peer is not silent for the time nobody was asking it anything."""
+        return max(self.last_heard, self._heartbeats_since)
+
     def start_heartbeats(self, nursery: trio.Nursery, interval: float) -> None:
         """Ping every ``interval`` from now on (the reader answers the peer's pings
         whether or not we send our own)."""
+        self._heartbeats_since = trio.current_time()
         nursery.start_soon(self._guarded, self._heartbeat, interval,
                            name=f"link-heartbeat[{self.peer}]")
 

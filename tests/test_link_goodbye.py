@@ -35,3 +35,17 @@ async def test_a_goodbye_for_another_session_does_not_hide_the_right_one(
         nursery.cancel_scope.cancel()
     await ours.aclose()
     await theirs.aclose()
+
+
+async def test_quiet_since_counts_from_the_start_of_heartbeats(autojump_clock: Any) -> None:
+    a, b = trio.testing.memory_stream_pair()
+    link = ControlLink(Conn(a, "h0", "h1:1"), peer_rank=1)
+    link.last_heard = 1.0  # the peer spoke at t=1, then nobody asked it anything
+    await trio.sleep(10)
+    assert link.quiet_since == 1.0
+    async with trio.open_nursery() as nursery:
+        link.start_heartbeats(nursery, 0.1)
+        assert link.quiet_since == trio.current_time()
+        nursery.cancel_scope.cancel()
+    await link.aclose()
+    await b.aclose()

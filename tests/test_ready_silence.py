@@ -35,6 +35,11 @@ class QuietLink:
         self.last_heard = last_heard
         self.failure = None
         self.failed = trio.Event()
+        self.heartbeats_since = trio.current_time()  # ready started them just now
+
+    @property
+    def quiet_since(self) -> float:  # as ControlLink.quiet_since
+        return max(self.last_heard, self.heartbeats_since)
 
     def said_goodbye(self, session_id: bytes) -> bool:
         return False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 from typing import Any
 
@@ -10,17 +11,19 @@ import trio
 from states.api import session_health
 
 
-def link(last_heard: float, *, answered: bool = True, failure: Any = None) -> Any:
+def link(last_heard: float, *, answered: bool = True, failure: Any = None,
+         heartbeats_since: float = -math.inf) -> Any:
     pong = trio.Event()
     if answered:
         pong.set()
-    return SimpleNamespace(last_heard=last_heard, first_pong=pong, failure=failure)
+    # as ControlLink.quiet_since: the peer's last word, or our heartbeats' start
+    return SimpleNamespace(quiet_since=max(last_heard, heartbeats_since), first_pong=pong,
+                           failure=failure)
 
 
-def ctx(*links: Any, ready_at: float | None = None) -> Any:
-    entered = {} if ready_at is None else {"ready": ready_at}
+def ctx(*links: Any) -> Any:
     return SimpleNamespace(config=SimpleNamespace(heartbeat_interval=0.1),
-                           links=dict(enumerate(links, start=1)), state_entered_at=entered)
+                           links=dict(enumerate(links, start=1)))
 
 
 async def test_health_follows_the_heartbeats(autojump_clock: Any) -> None:
@@ -33,5 +36,5 @@ async def test_health_follows_the_heartbeats(autojump_clock: Any) -> None:
     assert session_health(ctx(link(now), link(now, answered=False))) == "unavailable"
     assert session_health(ctx(link(now), link(now, failure=EOFError()))) == "unavailable"
     # quiet before ready (heartbeats start there) is not stale on arrival
-    assert session_health(ctx(link(now - 5), ready_at=now - 0.01)) == "healthy"
-    assert session_health(ctx(link(now - 5), ready_at=now - 0.5)) == "degraded"
+    assert session_health(ctx(link(now - 5, heartbeats_since=now - 0.01))) == "healthy"
+    assert session_health(ctx(link(now - 5, heartbeats_since=now - 0.5))) == "degraded"
