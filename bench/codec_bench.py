@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from common import emit, row
 
-from states.codec import (
+from clusterfsm.states.codec import (
     Backend,
     FrameDecoder,
     JacclBootstrapPayload,

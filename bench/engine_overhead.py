@@ -18,7 +18,7 @@ import trio
 from common import emit, row
 from transitions import Machine
 
-from fsm import ErrorState, Runner, State, StateTimeout, Transition, machine_spec
+from clusterfsm.fsm import ErrorState, Runner, State, StateTimeout, Transition, machine_spec
 
 N = 30_000
 

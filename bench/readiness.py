@@ -19,14 +19,14 @@ import trio
 import trio.lowlevel
 from common import emit, median, percentile, row
 
-from states.api import bootstrap_cluster
-from states.codec import Pong
-from states.config import Address, ClusterConfig
-from states.context import FakePortReservation
-from states.groupinit import fake_initializer
-from states.link import ControlLink
-from states.transport import MemoryNetwork
-from states.watchdog import NoWatchdog
+from clusterfsm.states.api import bootstrap_cluster
+from clusterfsm.states.codec import Pong
+from clusterfsm.states.config import Address, ClusterConfig
+from clusterfsm.states.context import FakePortReservation
+from clusterfsm.states.groupinit import fake_initializer
+from clusterfsm.states.link import ControlLink
+from clusterfsm.states.transport import MemoryNetwork
+from clusterfsm.states.watchdog import NoWatchdog
 
 KEY = b"k" * 32
 

@@ -70,7 +70,7 @@ NOTES = """
 ## Where the time goes (how the demo was made faster)
 
 - Before issue 6 the 2-rank demo took ~490 ms: three interpreters (the CLI and one
-  `python -m states.cli serve` per rank) each importing trio, attrs, the machine and
+  `python -m clusterfsm.states.cli serve` per rank) each importing trio, attrs, the machine and
   MLX (~230 ms of imports each, ~75 ms of it pytest pulled in by `trio.testing`), plus
   a `python -I -S` watchdog per rank.
 - Now the demo imports everything once and forks its ranks from that warm

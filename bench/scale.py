@@ -2,7 +2,7 @@
 
 Every rank runs the real machine, runner, activities, codec, HMAC handshake, control
 links and heartbeats (default interval, 0.1 s); group init is
-:func:`states.groupinit.fake_initializer`, which takes the real path up to the MLX
+:func:`clusterfsm.states.groupinit.fake_initializer`, which takes the real path up to the MLX
 call (env, private topology directory and file, read back as MLX would) and returns
 a fake group. All sessions start together in one ``trio.run`` on the real clock. A
 rank holds ``ready`` only until its peer is there too (an app that is done with the
@@ -46,12 +46,12 @@ import trio
 import trio.testing
 from common import emit, row
 
-from states.api import bootstrap_cluster
-from states.config import Address, ClusterConfig
-from states.context import FakePortReservation
-from states.groupinit import TopologyDir, fake_initializer
-from states.transport import MemoryNetwork
-from states.watchdog import NoWatchdog
+from clusterfsm.states.api import bootstrap_cluster
+from clusterfsm.states.config import Address, ClusterConfig
+from clusterfsm.states.context import FakePortReservation
+from clusterfsm.states.groupinit import TopologyDir, fake_initializer
+from clusterfsm.states.transport import MemoryNetwork
+from clusterfsm.states.watchdog import NoWatchdog
 
 KEY = b"k" * 32
 #: What an app running thousands of sessions in one process can set (default

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from common import emit, median, row
 
-from fsm import read_trace, state_totals
+from clusterfsm.fsm import read_trace, state_totals
 
 ALL_SUM = """\
 import mlx.core as mx
@@ -47,7 +47,8 @@ def _tool(name: str, module: str) -> list[str]:
 
 
 def run_ours(n: int, trace: Path | None) -> float:
-    cmd = [*_tool("clusterfsm", "states.cli"), "demo", "--ranks", str(n), "--timeout", "60"]
+    cmd = [*_tool("clusterfsm", "clusterfsm.states.cli"),
+           "demo", "--ranks", str(n), "--timeout", "60"]
     if trace is not None:
         cmd += ["--trace-json", str(trace)]
     start = time.perf_counter()

@@ -1,20 +1,21 @@
 """fsm: declared finite-state machines that run on trio.
 
 Declare a machine (:func:`machine_spec`), run it (:class:`Runner`), read its trace
-(:mod:`fsm.trace`), draw it (:mod:`fsm.diagram`), and test it deterministically
-(:mod:`fsm.testing`). This package knows nothing about clusters, sockets or MLX.
+(:mod:`clusterfsm.fsm.trace`), draw it (:mod:`clusterfsm.fsm.diagram`), and test it
+deterministically (:mod:`clusterfsm.fsm.testing`). This package knows nothing about
+clusters, sockets or MLX.
 """
 
-from fsm.compiled import CompiledMachine, compile_spec
-from fsm.errors import (
+from clusterfsm.fsm.compiled import CompiledMachine, compile_spec
+from clusterfsm.fsm.errors import (
     IllegalTransition,
     MachineCancelled,
     SpecError,
     StateTimeout,
     UnexpectedError,
 )
-from fsm.runner import Outcome, Runner, report_progress, run_machine
-from fsm.spec import (
+from clusterfsm.fsm.runner import Outcome, Runner, report_progress, run_machine
+from clusterfsm.fsm.spec import (
     CANCEL,
     CANCELLED_STATE,
     DEADLINE,
@@ -27,7 +28,7 @@ from fsm.spec import (
     Transition,
     machine_spec,
 )
-from fsm.trace import TraceEnd, TraceRecord, TraceWriter, read_trace, state_totals
+from clusterfsm.fsm.trace import TraceEnd, TraceRecord, TraceWriter, read_trace, state_totals
 
 __all__ = [
     "CANCEL",

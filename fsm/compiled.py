@@ -17,8 +17,8 @@ from typing import Any
 
 from transitions import Machine, MachineError
 
-from fsm.errors import IllegalTransition
-from fsm.spec import Edge, MachineSpec
+from clusterfsm.fsm.errors import IllegalTransition
+from clusterfsm.fsm.spec import Edge, MachineSpec
 
 
 class RunModel:

@@ -32,7 +32,14 @@ from typing import Any, Literal, TypedDict, Unpack
 
 from transitions.extensions import GraphMachine
 
-from fsm.spec import CANCEL, CANCELLED_STATE, UNEXPECTED, UNEXPECTED_STATE, Edge, MachineSpec
+from clusterfsm.fsm.spec import (
+    CANCEL,
+    CANCELLED_STATE,
+    UNEXPECTED,
+    UNEXPECTED_STATE,
+    Edge,
+    MachineSpec,
+)
 
 _STYLES: dict[str, dict[str, dict[str, str]]] = {
     "node": {

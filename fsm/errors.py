@@ -25,7 +25,7 @@ class StateTimeout(Exception):
     """A state's deadline passed before its activity produced an event.
 
     ``detail`` is the last progress note the activity reported (see
-    :func:`fsm.report_progress`): what it was still waiting for when time ran out.
+    :func:`clusterfsm.fsm.report_progress`): what it was still waiting for when time ran out.
     """
 
     state: str

@@ -46,15 +46,15 @@ from typing import Any, Generic, TypeVar
 import attrs
 import trio
 
-from fsm.compiled import CompiledMachine, RunModel, compile_spec
-from fsm.errors import IllegalTransition, MachineCancelled, UnexpectedError
-from fsm.spec import CANCEL, DEADLINE, UNEXPECTED, MachineSpec, State
-from fsm.trace import TraceEnd, TraceRecord
+from clusterfsm.fsm.compiled import CompiledMachine, RunModel, compile_spec
+from clusterfsm.fsm.errors import IllegalTransition, MachineCancelled, UnexpectedError
+from clusterfsm.fsm.spec import CANCEL, DEADLINE, UNEXPECTED, MachineSpec, State
+from clusterfsm.fsm.trace import TraceEnd, TraceRecord
 
 C = TypeVar("C")
 Observer = Callable[[TraceRecord], None]
 
-_log = logging.getLogger("fsm.runner")
+_log = logging.getLogger("clusterfsm.fsm.runner")
 
 #: Called with ``(machine_name, record)`` for every transition of every run in this
 #: process. For test kits and tracing tools (transition coverage); apps use observers.

@@ -1,8 +1,8 @@
 """Declaring a machine: states, transitions, error states, deadlines, activities.
 
-A :class:`MachineSpec` is plain data. It says *what may happen*; :mod:`fsm.compiled`
+A :class:`MachineSpec` is plain data. It says *what may happen*; :mod:`clusterfsm.fsm.compiled`
 turns it into a ``transitions.Machine`` (the one authority on which trigger is legal
-from which state) and :mod:`fsm.runner` makes it happen on trio.
+from which state) and :mod:`clusterfsm.fsm.runner` makes it happen on trio.
 
 Vocabulary:
 
@@ -30,7 +30,7 @@ from typing import Any
 
 import attrs
 
-from fsm.errors import (
+from clusterfsm.fsm.errors import (
     IllegalTransition,
     MachineCancelled,
     SpecError,

@@ -26,9 +26,9 @@ import attrs
 import trio
 import trio.testing
 
-from fsm.runner import GLOBAL_OBSERVERS, Observer, Outcome, Runner
-from fsm.spec import Activity, Edge, MachineSpec
-from fsm.trace import TraceRecord
+from clusterfsm.fsm.runner import GLOBAL_OBSERVERS, Observer, Outcome, Runner
+from clusterfsm.fsm.spec import Activity, Edge, MachineSpec
+from clusterfsm.fsm.trace import TraceRecord
 
 
 class _Hang:

@@ -3,8 +3,8 @@
 Rank 0 is the *coordinator*: it listens, admits the other ranks, creates the session,
 decides the topology and releases everyone into group init. Every other rank is a
 *joiner*: it dials rank 0, proves the key, and follows. Each activity returns the
-trigger that leaves its state, or raises a typed error from :mod:`states.errors`; the
-machine (:mod:`states.machine`) decides what that means. Deadlines are the machine's
+trigger that leaves its state, or raises a typed error from :mod:`clusterfsm.states.errors`; the
+machine (:mod:`clusterfsm.states.machine`) decides what that means. Deadlines are the machine's
 job too: no activity here sleeps in a loop or waits without a bound of its own.
 """
 
@@ -17,8 +17,8 @@ from typing import TypeVar
 
 import trio
 
-from fsm import report_progress
-from states.codec import (
+from clusterfsm.fsm import report_progress
+from clusterfsm.states.codec import (
     BootstrapAck,
     GroupConfirm,
     GroupConfirmed,
@@ -29,11 +29,11 @@ from states.codec import (
     Message,
     Topology,
 )
-from states.config import Address
-from states.context import ClusterContext
-from states.discovery import AUTO_RANK, Beacon, BeaconSocket, discover, keep_beaconing
-from states.epochs import EPOCH_LOGGER
-from states.errors import (
+from clusterfsm.states.config import Address
+from clusterfsm.states.context import ClusterContext
+from clusterfsm.states.discovery import AUTO_RANK, Beacon, BeaconSocket, discover, keep_beaconing
+from clusterfsm.states.epochs import EPOCH_LOGGER
+from clusterfsm.states.errors import (
     BootstrapRejected,
     FrameError,
     HandshakeRejected,
@@ -43,12 +43,12 @@ from states.errors import (
     PrecheckFailed,
     printable,
 )
-from states.groupinit import InitPlan, TopologyDir, release_delay, resolve_backend
-from states.handshake import PROTOCOL_VERSION, CoordinatorHandshake, JoinerHandshake
-from states.link import GOODBYE_GRACE, ControlLink, unexpected_message, wait_any
-from states.sidechannel import JacclSideChannel
-from states.topology import build_device_matrix
-from states.transport import Conn, MultiListener, connection_refused
+from clusterfsm.states.groupinit import InitPlan, TopologyDir, release_delay, resolve_backend
+from clusterfsm.states.handshake import PROTOCOL_VERSION, CoordinatorHandshake, JoinerHandshake
+from clusterfsm.states.link import GOODBYE_GRACE, ControlLink, unexpected_message, wait_any
+from clusterfsm.states.sidechannel import JacclSideChannel
+from clusterfsm.states.topology import build_device_matrix
+from clusterfsm.states.transport import Conn, MultiListener, connection_refused
 
 #: A joiner retries a refused connect (rank 0 not listening yet) with this back-off.
 #: A refused connect costs ~0.1 ms; ranks started together (``demo``) are usually a
@@ -67,7 +67,7 @@ MAX_PENDING_HANDSHAKES = 32
 MAX_REJECTIONS_KEPT = 16
 
 #: Every refused connection is logged here (peer, error type, error), never the key.
-_admission_log = logging.getLogger("states.admission")
+_admission_log = logging.getLogger("clusterfsm.states.admission")
 #: Every admitted joiner's epoch, at INFO: ``admitted rank K epoch E from HOST``. A
 #: supervised ``serve`` prints these on stdout for its supervisor, which remembers the
 #: newest epoch per rank for its next coordinator (states.epochs).
@@ -109,7 +109,7 @@ async def _start_watchdog(ctx: ClusterContext) -> None:
 async def discovering(ctx: ClusterContext) -> str:
     """Find the peers. Static discovery: rank 0 waits to be dialled, joiners have
     ``peers``. Interface discovery: beacons on every interface until every peer is
-    heard, then the election (:mod:`states.discovery`); rank 0 keeps its listeners,
+    heard, then the election (:mod:`clusterfsm.states.discovery`); rank 0 keeps its listeners,
     the others close theirs and dial rank 0 where they heard it."""
     if not ctx.config.interfaces:
         await trio.lowlevel.checkpoint()
@@ -602,7 +602,7 @@ async def ready(ctx: ClusterContext) -> str:
     (``peer_left``) or a peer is lost (``PeerLost``).
 
     A deliberate close is announced: the API sends GOODBYE on every link when the app
-    leaves the ``async with`` block cleanly (:func:`states.api.bootstrap_cluster`),
+    leaves the ``async with`` block cleanly (:func:`clusterfsm.states.api.bootstrap_cluster`),
     then asks us to close; we wait up to ``GOODBYE_GRACE`` for the GOODBYE of every
     peer we said goodbye to, so ranks whose apps close together all end in ``closed``
     and none sees the others' links close under it.

@@ -29,17 +29,17 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from fsm import Outcome, Runner, TraceRecord, TraceWriter
-from fsm.runner import Observer
-from states.codec import NO_SESSION, Abort
-from states.config import ClusterConfig
-from states.context import ClusterContext, PortAllocator, PortReservation
-from states.discovery import DiscoveryNet, UdpDiscoveryNet
-from states.groupinit import Group, GroupInitializer
-from states.machine import BOOTSTRAP
-from states.supervised import GenerationEvent, supervise_ranks
-from states.transport import TcpTransport, Transport
-from states.watchdog import InitWatchdog, NoWatchdog
+from clusterfsm.fsm import Outcome, Runner, TraceRecord, TraceWriter
+from clusterfsm.fsm.runner import Observer
+from clusterfsm.states.codec import NO_SESSION, Abort
+from clusterfsm.states.config import ClusterConfig
+from clusterfsm.states.context import ClusterContext, PortAllocator, PortReservation
+from clusterfsm.states.discovery import DiscoveryNet, UdpDiscoveryNet
+from clusterfsm.states.groupinit import Group, GroupInitializer
+from clusterfsm.states.machine import BOOTSTRAP
+from clusterfsm.states.supervised import GenerationEvent, supervise_ranks
+from clusterfsm.states.transport import TcpTransport, Transport
+from clusterfsm.states.watchdog import InitWatchdog, NoWatchdog
 
 #: How long a failing rank spends telling its peers (ABORT) before closing.
 ABORT_GRACE = 0.25

@@ -12,9 +12,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from states.config import BACKENDS, Address
-from states.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
-from states.keys import KeyFileError, write_key
+from clusterfsm.states.config import BACKENDS, Address
+from clusterfsm.states.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from clusterfsm.states.keys import KeyFileError, write_key
 
 
 def _deadline(text: str) -> tuple[str, float]:
@@ -114,29 +114,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "diagram":
         return _diagram(Path(args.root), check=args.check)
     if args.command == "serve":
-        from states.serve import run_serve
+        from clusterfsm.states.serve import run_serve
 
         args.argv = list(sys.argv[1:] if argv is None else argv)  # --supervise re-runs it
         return run_serve(args)
     if args.command == "demo":
-        from states.demo import run_demo
+        from clusterfsm.states.demo import run_demo
 
         def demo(trace_json: str | None) -> int:
             return run_demo(ranks=args.ranks, backend=args.backend, trace_json=trace_json,
                             deadlines=dict(args.deadline), timeout=args.timeout)
 
         if args.report:
-            from states.htmlreport import run_demo_with_report
+            from clusterfsm.states.htmlreport import run_demo_with_report
 
             return run_demo_with_report(demo, ranks=args.ranks, trace_json=args.trace_json,
                                         out=args.report)
         return demo(args.trace_json)
     if args.command == "trace":
-        from states.tracereport import run_trace
+        from clusterfsm.states.tracereport import run_trace
 
         return run_trace(args.files, args.diagram)
     if args.command == "report":
-        from states.htmlreport import run_report
+        from clusterfsm.states.htmlreport import run_report
 
         return run_report(args.files, args.html)
     raise AssertionError(args.command)
@@ -153,7 +153,7 @@ def _keygen(path: str) -> int:
 
 
 def _diagram(root: Path, *, check: bool) -> int:
-    from states import generated
+    from clusterfsm.states import generated
 
     if check:
         stale = generated.stale(root)

@@ -25,7 +25,7 @@ from typing import Any, ClassVar, Final, Self, TypeAlias
 
 import attrs
 
-from states.errors import FrameError, FrameErrorKind, RejectReason
+from clusterfsm.states.errors import FrameError, FrameErrorKind, RejectReason
 
 __all__ = [
     "FRAME_VERSION",

@@ -85,7 +85,7 @@ class ClusterConfig:
 
     Rank 0 is the coordinator: it listens on ``listen`` and the other ranks dial one
     of ``peers`` (static discovery). With ``interfaces`` the ranks find each other by
-    UDP beacons on those links instead (:mod:`states.discovery`), and ``rank=None``
+    UDP beacons on those links instead (:mod:`clusterfsm.states.discovery`), and ``rank=None``
     (``--rank auto``) elects the ranks from the node ids. ``key`` is the pre-shared
     cluster key; it never crosses the wire and is never printed (``repr`` hides it).
     """

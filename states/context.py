@@ -4,7 +4,7 @@ One :class:`ClusterContext` lives for one bootstrap run of one rank. Activities 
 the configuration and the injected parts (transport, group initializer, watchdog,
 port allocator) from it, and write what they learn (links, session id, plan, group).
 Background tasks (link readers, heartbeats) live in :attr:`nursery`, owned by
-:func:`states.api.bootstrap_cluster`, so they span states but never outlive the run.
+:func:`clusterfsm.states.api.bootstrap_cluster`, so they span states but never outlive the run.
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ from contextlib import AsyncExitStack
 import attrs
 import trio
 
-from states.config import Address, ClusterConfig
-from states.discovery import DiscoveryNet, UdpDiscoveryNet
-from states.groupinit import Group, GroupInitializer, InitPlan, TopologyDir
-from states.link import ControlLink
-from states.transport import Listener, Transport
-from states.watchdog import InitWatchdog, NoWatchdog
+from clusterfsm.states.config import Address, ClusterConfig
+from clusterfsm.states.discovery import DiscoveryNet, UdpDiscoveryNet
+from clusterfsm.states.groupinit import Group, GroupInitializer, InitPlan, TopologyDir
+from clusterfsm.states.link import ControlLink
+from clusterfsm.states.transport import Listener, Transport
+from clusterfsm.states.watchdog import InitWatchdog, NoWatchdog
 
 
 class PortReservation:

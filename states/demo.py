@@ -24,8 +24,8 @@ from pathlib import Path
 
 import attrs
 
-from fsm import read_trace, state_totals
-from states.keys import write_key
+from clusterfsm.fsm import read_trace, state_totals
+from clusterfsm.states.keys import write_key
 
 #: After a timeout or an interrupt, how long ranks get to exit on SIGTERM before SIGKILL.
 STOP_GRACE = 1.0
@@ -78,12 +78,12 @@ def run_demo(*, ranks: int, backend: str, trace_json: str | None,
 def preload() -> None:
     """Import what every rank needs once, here, so forked ranks start warm.
 
-    Starting ``python -m states.cli serve`` per rank costs each rank an interpreter
+    Starting ``python -m clusterfsm.states.cli serve`` per rank costs each rank an interpreter
     and ~200 ms of imports (trio, attrs, the machine), on top of this process's own;
     a fork of this process costs ~1 ms. MLX is preloaded only on Linux: on macOS a
     forked child must not inherit Metal/Objective-C state, so ranks import it there.
     """
-    modules = ["states.api", "states.serve", "states.machine", "states.errors"]
+    modules = [f"clusterfsm.states.{name}" for name in ("api", "serve", "machine", "errors")]
     if sys.platform == "linux":
         modules.append("mlx.core")
     for name in modules:
@@ -132,7 +132,7 @@ def fork_rank(argv: list[str], close_in_child: list[int]) -> RankProcess:
             os.dup2(err_w, 2)
             for fd in (out_r, out_w, err_r, err_w, *close_in_child):
                 os.close(fd)
-            from states.cli import main
+            from clusterfsm.states.cli import main
 
             code = main(argv)
         except SystemExit as exc:

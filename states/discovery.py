@@ -2,7 +2,7 @@
 
 A Thunderbolt cable gives a Mac an interface, not the peer's address. So each rank
 broadcasts a small beacon on every ``--interface`` it was given, from a socket bound
-to that interface (see :mod:`states.netif` for why the binding matters), and listens
+to that interface (see :mod:`clusterfsm.states.netif` for why the binding matters), and listens
 for the others'. A beacon carries::
 
     magic "CFB1" | protocol version u16 | node id 16 | instance 8 | world size u8
@@ -38,9 +38,9 @@ from typing import Final, Protocol
 import attrs
 import trio
 
-from fsm import report_progress
-from states.errors import DuplicateNodeId, ElectionFailed, InterfaceUnavailable
-from states.netif import InterfaceInfo, bind_to_interface, probe_interface
+from clusterfsm.fsm import report_progress
+from clusterfsm.states.errors import DuplicateNodeId, ElectionFailed, InterfaceUnavailable
+from clusterfsm.states.netif import InterfaceInfo, bind_to_interface, probe_interface
 
 BEACON_MAGIC: Final = b"CFB1"
 AUTO_RANK: Final = 255

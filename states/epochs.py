@@ -1,6 +1,6 @@
 """A supervised rank's epoch, and the admissions its supervisor remembers.
 
-Kept apart from :mod:`states.supervisor` (a whole machine, compiled at import) so that
+Kept apart from :mod:`clusterfsm.states.supervisor` (a whole machine, compiled at import) so that
 every ``serve`` process can read its epoch without importing the supervisor.
 A supervisor hands each child its generation's epoch (:data:`EPOCH_ENV`) and the
 newest epoch admitted per joiner rank by earlier children (:data:`EPOCH_FLOORS_ENV`);
@@ -20,7 +20,7 @@ EPOCH_ENV = "CLUSTERFSM_EPOCH"
 #: The newest epoch admitted per joiner rank by earlier children: ``RANK=EPOCH,...``.
 EPOCH_FLOORS_ENV = "CLUSTERFSM_EPOCH_FLOORS"
 #: The logger whose INFO lines are the admissions (states.activities).
-EPOCH_LOGGER = "states.epochs"
+EPOCH_LOGGER = "clusterfsm.states.epochs"
 
 _ADMITTED = re.compile(r"^admitted rank (\d{1,3}) epoch (\d{1,20}) from \S+$")
 

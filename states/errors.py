@@ -1,7 +1,7 @@
 """The typed errors the cluster bootstrap can end in.
 
 Each type is bound to exactly one error state of the bootstrap machine
-(:mod:`states.machine`). They are frozen attrs exceptions: an activity raises one, the
+(:mod:`clusterfsm.states.machine`). They are frozen attrs exceptions: an activity raises one, the
 runner moves the machine into the bound error state, and the embedding app gets the
 same value back (``cluster.error``) with the facts an operator needs.
 
@@ -15,7 +15,7 @@ import enum
 
 import attrs
 
-from fsm.errors import StateTimeout
+from clusterfsm.fsm.errors import StateTimeout
 
 
 class FrameErrorKind(enum.Enum):

@@ -13,10 +13,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from fsm import MachineSpec
-from fsm.diagram import to_dot, to_mermaid
-from states.machine import BOOTSTRAP
-from states.supervisor_docs import expected_files as supervisor_files
+from clusterfsm.fsm import MachineSpec
+from clusterfsm.fsm.diagram import to_dot, to_mermaid
+from clusterfsm.states.machine import BOOTSTRAP
+from clusterfsm.states.supervisor_docs import expected_files as supervisor_files
 
 START = "<!-- generated: bootstrap diagram (clusterfsm diagram) -->"
 END = "<!-- end of generated diagram -->"

@@ -16,7 +16,7 @@ What this module guarantees (DESIGN.md section 3):
 
 ``init`` holds the GIL for its whole duration, so the trio loop of this process is
 frozen while it runs; the barrier that precedes it and the hard deadline that bounds
-it live in :mod:`states.activities` and :mod:`states.watchdog`.
+it live in :mod:`clusterfsm.states.activities` and :mod:`clusterfsm.states.watchdog`.
 """
 
 from __future__ import annotations
@@ -35,15 +35,15 @@ from typing import Any, Protocol
 import attrs
 import trio
 
-from states.codec import Backend as WireBackend
-from states.codec import Topology
-from states.errors import (
+from clusterfsm.states.codec import Backend as WireBackend
+from clusterfsm.states.codec import Topology
+from clusterfsm.states.errors import (
     BackendUnavailable,
     GroupInitFailed,
     GroupSizeMismatch,
     PrecheckFailed,
 )
-from states.sidechannel import AllGatherFactory, JacclSideChannel
+from clusterfsm.states.sidechannel import AllGatherFactory, JacclSideChannel
 
 #: Fault injection for tests (``never-init``): see GroupInitializer.initialize.
 FAULT_ENV = "CLUSTERFSM_FAULT"
@@ -210,7 +210,7 @@ def release_delay(backend: str, rank: int, world_size: int, base_delay: float) -
 async def check_plan(plan: InitPlan) -> None:
     """Checks of the plan that need the system (jaccl: RDMA on, devices present)."""
     if plan.backend == "jaccl":
-        from states.rdma import check_jaccl_plan
+        from clusterfsm.states.rdma import check_jaccl_plan
 
         await check_jaccl_plan(plan.topology, plan.rank, plan.world_size)
 
@@ -367,7 +367,7 @@ def fake_initializer(
 
     async def matrix_only(plan: InitPlan) -> None:
         if plan.backend == "jaccl":
-            from states.topology import check_matrix
+            from clusterfsm.states.topology import check_matrix
 
             check_matrix(plan.topology, plan.world_size)
         await trio.lowlevel.checkpoint()

@@ -69,8 +69,8 @@ import secrets
 from collections.abc import Container, Mapping
 from typing import Final, NoReturn
 
-from states.codec import Auth, Challenge, Hello, Message, Reject, Welcome
-from states.errors import FrameError, FrameErrorKind, HandshakeRejected, RejectReason
+from clusterfsm.states.codec import Auth, Challenge, Hello, Message, Reject, Welcome
+from clusterfsm.states.errors import FrameError, FrameErrorKind, HandshakeRejected, RejectReason
 
 __all__ = [
     "COORDINATOR_LABEL",

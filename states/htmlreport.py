@@ -23,9 +23,9 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from states.exitcodes import EXIT_OK, EXIT_USAGE
-from states.machine import BOOTSTRAP
-from states.tracereport import (
+from clusterfsm.states.exitcodes import EXIT_OK, EXIT_USAGE
+from clusterfsm.states.machine import BOOTSTRAP
+from clusterfsm.states.tracereport import (
     RankRun,
     ReportError,
     diagram_source,
@@ -249,7 +249,7 @@ def run_demo_with_report(demo: Callable[[str | None], int], *, ranks: int,
     removed afterwards. The ranks' file names come from ``states.demo.rank_trace_path``,
     the demo's own naming, so the two cannot disagree.
     """
-    from states.demo import rank_trace_path
+    from clusterfsm.states.demo import rank_trace_path
 
     with tempfile.TemporaryDirectory(prefix="clusterfsm-report-") as tmp:
         base = trace_json or str(Path(tmp) / "trace.jsonl")

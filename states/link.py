@@ -24,7 +24,7 @@ import math
 
 import trio
 
-from states.codec import (
+from clusterfsm.states.codec import (
     Abort,
     FrameDecoder,
     Goodbye,
@@ -34,8 +34,8 @@ from states.codec import (
     decode_message,
     encode_message,
 )
-from states.errors import FrameError, FrameErrorKind, PeerAborted, PeerDisconnected
-from states.transport import Conn
+from clusterfsm.states.errors import FrameError, FrameErrorKind, PeerAborted, PeerDisconnected
+from clusterfsm.states.transport import Conn
 
 _READ_CHUNK = 65536
 _INBOX = 32

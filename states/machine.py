@@ -3,9 +3,9 @@
 Theory of operation
 -------------------
 Rule 1: everything that decides *which state comes next* lives in this file, in the
-table below. Activities (:mod:`states.activities`) only do the work of a state and
+table below. Activities (:mod:`clusterfsm.states.activities`) only do the work of a state and
 return a trigger or raise a typed error; the table says where that leads. The runner
-(:mod:`fsm.runner`) compiles the table to a ``transitions.Machine`` and refuses any
+(:mod:`clusterfsm.fsm.runner`) compiles the table to a ``transitions.Machine`` and refuses any
 move the table does not allow, so the diagram (``diagrams/bootstrap.mmd``, drawn from
 this table) is exactly what can happen.
 
@@ -27,10 +27,10 @@ frozen attrs error value; nothing ends in a silent size-1 group.
 
 from __future__ import annotations
 
-from fsm import ErrorState, MachineSpec, State, Transition, machine_spec
-from states import activities as act
-from states.config import DEFAULT_DEADLINES
-from states.errors import (
+from clusterfsm.fsm import ErrorState, MachineSpec, State, Transition, machine_spec
+from clusterfsm.states import activities as act
+from clusterfsm.states.config import DEFAULT_DEADLINES
+from clusterfsm.states.errors import (
     BackendUnavailable,
     BootstrapRejected,
     BootstrapTimeout,
@@ -51,7 +51,7 @@ from states.errors import (
     PrecheckFailed,
     SessionUnavailable,
 )
-from states.transport import BindFailed
+from clusterfsm.states.transport import BindFailed
 
 D = DEFAULT_DEADLINES
 LINK_ERRORS = (FrameError, PeerDisconnected, PeerAborted)

@@ -23,7 +23,7 @@ import sys
 
 import attrs
 
-from states.errors import InterfaceUnavailable
+from clusterfsm.states.errors import InterfaceUnavailable
 
 IFF_UP = 0x1
 IFF_RUNNING = 0x40

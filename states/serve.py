@@ -17,18 +17,18 @@ from typing import Any
 
 import trio
 
-from fsm import TraceRecord
-from states.config import ClusterConfig
-from states.epochs import (
+from clusterfsm.fsm import TraceRecord
+from clusterfsm.states.config import ClusterConfig
+from clusterfsm.states.epochs import (
     EPOCH_ENV,
     EPOCH_FLOORS_ENV,
     parse_epoch,
     parse_floors,
     report_admissions,
 )
-from states.exitcodes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
-from states.keys import KeyFileError, load_key
-from states.nodeid import load_or_create_node_id
+from clusterfsm.states.exitcodes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from clusterfsm.states.keys import KeyFileError, load_key
+from clusterfsm.states.nodeid import load_or_create_node_id
 
 
 def _config_from(args: argparse.Namespace) -> ClusterConfig:
@@ -71,12 +71,12 @@ def _config_from(args: argparse.Namespace) -> ClusterConfig:
 
 def run_serve(args: argparse.Namespace) -> int:
     if getattr(args, "supervise", False):
-        from states.supervisor_cli import run_supervised
+        from clusterfsm.states.supervisor_cli import run_supervised
 
         return run_supervised(args)
     try:
         config = _config_from(args)
-        from states.machine import BOOTSTRAP
+        from clusterfsm.states.machine import BOOTSTRAP
 
         known = {s.name for s in BOOTSTRAP.states if not s.final}
         for state in config.deadlines:
@@ -113,8 +113,8 @@ def _check_trace_path(path: str) -> None:
 
 async def _serve_async(config: ClusterConfig, trace: str | None, once: bool,
                        quiet: bool) -> int:
-    from states.api import bootstrap_cluster
-    from states.errors import PeerLost, printable
+    from clusterfsm.states.api import bootstrap_cluster
+    from clusterfsm.states.errors import PeerLost, printable
 
     # --rank auto: the rank is elected in discovering; name the node until then.
     prefix = (f"rank {config.rank}" if config.rank is not None

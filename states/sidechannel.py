@@ -24,15 +24,15 @@ from collections.abc import Callable, Mapping
 
 import trio
 
-from states.codec import MAX_PAYLOAD, GatherPart, GatherResult, Message
-from states.errors import (
+from clusterfsm.states.codec import MAX_PAYLOAD, GatherPart, GatherResult, Message
+from clusterfsm.states.errors import (
     BootstrapRejected,
     FrameError,
     PeerAborted,
     PeerDisconnected,
     PrecheckFailed,
 )
-from states.link import ControlLink, unexpected_message
+from clusterfsm.states.link import ControlLink, unexpected_message
 
 #: Upper bound on one all-gather round (jaccl's exchanges are a few hundred bytes).
 ROUND_TIMEOUT = 10.0

@@ -19,7 +19,7 @@ What in-process supervision can and cannot do, honestly:
 - Hence the group lives in a *child* process per generation, and this iterator tells
   the app (in the parent, which never imports MLX) when a generation is ready, lost or
   failed, with its session id. Work that needs the group runs in the child; the child
-  is ``python -m states.cli serve ...`` by default, or any command that keeps the
+  is ``python -m clusterfsm.states.cli serve ...`` by default, or any command that keeps the
   ``serve`` line contract (DESIGN.md section 4), passed as ``command``.
 - What *can* be retried in one process is a failure before init (a handshake timeout,
   a peer that disconnected before the barrier): ``bootstrap_cluster`` raised, nothing
@@ -41,8 +41,8 @@ from typing import Literal
 import attrs
 import trio
 
-from fsm import Outcome
-from states.supervisor import (
+from clusterfsm.fsm import Outcome
+from clusterfsm.states.supervisor import (
     ProcessLauncher,
     RestartPolicy,
     SupervisorContext,

@@ -6,7 +6,7 @@ MLX keeps one distributed group per process, and ``mx.distributed.init`` holds t
 GIL and cannot be cancelled from inside (DESIGN.md section 3). So after a lost peer
 or a hung init the only clean way back is a *new process* that bootstraps a *new
 session*. The supervisor is that outside party: a small process (or task, see
-:mod:`states.supervised`) that never imports MLX, runs the rank as a child, watches
+:mod:`clusterfsm.states.supervised`) that never imports MLX, runs the rank as a child, watches
 what the child reports, and replaces it::
 
     launching -> bootstrapping -> running
@@ -14,7 +14,7 @@ what the child reports, and replaces it::
         |             v                v
         +-- backing_off <---------- stopping
 
-Rule 1 (as in :mod:`states.machine`): which state comes next is decided only by the
+Rule 1 (as in :mod:`clusterfsm.states.machine`): which state comes next is decided only by the
 table :data:`SUPERVISOR` below. Activities start, watch and stop the child and return
 a trigger; a child's failure is an *event* (it leads to a restart), not an error of
 the supervisor. The supervisor's own error states are for what a restart cannot fix:
@@ -67,7 +67,7 @@ from typing import Protocol
 import attrs
 import trio
 
-from fsm import (
+from clusterfsm.fsm import (
     ErrorState,
     MachineSpec,
     Outcome,
@@ -79,8 +79,8 @@ from fsm import (
     machine_spec,
     report_progress,
 )
-from fsm.runner import Observer
-from states.epochs import (
+from clusterfsm.fsm.runner import Observer
+from clusterfsm.states.epochs import (
     EPOCH_ENV,
     EPOCH_FLOORS_ENV,
     format_floors,
@@ -778,7 +778,7 @@ def child_command(serve_argv: Sequence[str], trace: str | None
     base = strip_flags(serve_argv)
 
     def command(generation: int, _epoch: int) -> list[str]:
-        cmd = [sys.executable, "-m", "states.cli", *base]
+        cmd = [sys.executable, "-m", "clusterfsm.states.cli", *base]
         if trace:
             cmd += ["--trace-json", generation_trace_path(trace, generation)]
         return cmd

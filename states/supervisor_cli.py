@@ -1,10 +1,10 @@
 """``clusterfsm serve --supervise``: the supervisor process of one rank.
 
-It runs the rank as ``python -m states.cli serve ...`` (the same flags, without the
+It runs the rank as ``python -m clusterfsm.states.cli serve ...`` (the same flags, without the
 supervisor's own) in a child process, echoes the child's lines prefixed with its
 generation (``[gen 2] rank 0: ...``), logs its own transitions
 (``supervisor rank 0: running --child_lost--> stopping (...)``) and the time each
-recovery took, and restarts the child as :mod:`states.supervisor` decides.
+recovery took, and restarts the child as :mod:`clusterfsm.states.supervisor` decides.
 
 Exit codes: 0 stopped on request (SIGINT/SIGTERM; the child is stopped first);
 1 the supervisor ended in an error state (``restart_budget_exhausted``, ...), printed
@@ -20,10 +20,10 @@ import sys
 
 import trio
 
-from fsm import TraceRecord, TraceWriter
-from states.config import DEFAULT_DEADLINES
-from states.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
-from states.supervisor import (
+from clusterfsm.fsm import TraceRecord, TraceWriter
+from clusterfsm.states.config import DEFAULT_DEADLINES
+from clusterfsm.states.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from clusterfsm.states.supervisor import (
     ProcessLauncher,
     RestartPolicy,
     SupervisorContext,

@@ -3,7 +3,7 @@
 - ``diagrams/supervisor.mmd`` and ``diagrams/supervisor.dot``: the machine;
 - the Mermaid block between the supervisor markers in ``docs/operations.md``.
 
-Kept apart from :mod:`states.generated` (which calls :func:`expected_files`) so the
+Kept apart from :mod:`clusterfsm.states.generated` (which calls :func:`expected_files`) so the
 bootstrap's generated files and the supervisor's have one owner each.
 """
 
@@ -12,8 +12,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from fsm.diagram import to_dot, to_mermaid
-from states.supervisor import SUPERVISOR
+from clusterfsm.fsm.diagram import to_dot, to_mermaid
+from clusterfsm.states.supervisor import SUPERVISOR
 
 START = "<!-- generated: supervisor diagram (clusterfsm diagram) -->"
 END = "<!-- end of generated diagram -->"

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from states.codec import JacclEntry, Topology
-from states.errors import PrecheckFailed
+from clusterfsm.states.codec import JacclEntry, Topology
+from clusterfsm.states.errors import PrecheckFailed
 
 #: What ``ibv_devices`` calls the RDMA device of a Thunderbolt interface.
 RDMA_PREFIX = "rdma_"

@@ -1,6 +1,6 @@
 """``clusterfsm trace``: a run's latency decomposition and its path on the diagram.
 
-A trace (``fsm.trace``, one JSON line per transition) says how long each state took
+A trace (``clusterfsm.fsm.trace``, one JSON line per transition) says how long each state took
 on one rank. Reviewing a cluster run means reading several of them at once, so this
 module turns N traces into:
 
@@ -28,11 +28,11 @@ from pathlib import Path
 
 import attrs
 
-from fsm import MachineSpec
-from fsm.diagram import to_dot, to_mermaid
-from fsm.trace import Trace, TraceEnd, read_trace
-from states.exitcodes import EXIT_OK, EXIT_USAGE
-from states.machine import BOOTSTRAP
+from clusterfsm.fsm import MachineSpec
+from clusterfsm.fsm.diagram import to_dot, to_mermaid
+from clusterfsm.fsm.trace import Trace, TraceEnd, read_trace
+from clusterfsm.states.exitcodes import EXIT_OK, EXIT_USAGE
+from clusterfsm.states.machine import BOOTSTRAP
 
 DOT_TIMEOUT_S = 30.0
 INSTALL_HINT = "install Graphviz: apt-get install -y graphviz (macOS: brew install graphviz)"
@@ -219,7 +219,7 @@ def format_report(runs: Sequence[RankRun]) -> str:
 
 @attrs.frozen
 class RunOverlay:
-    """What the diagram shows of the runs (the arguments of ``fsm.diagram``'s overlay)."""
+    """What the diagram shows of the runs (the arguments of the diagram's overlay)."""
 
     visited: tuple[str, ...]
     taken: frozenset[tuple[str, str]]

@@ -18,8 +18,8 @@ from typing import Protocol
 import attrs
 import trio
 
-from states.config import Address
-from states.netif import bind_to_interface
+from clusterfsm.states.config import Address
+from clusterfsm.states.netif import bind_to_interface
 
 
 @attrs.frozen(auto_exc=True)

@@ -36,7 +36,7 @@ from typing import Any
 
 import trio
 
-from states.errors import PrecheckFailed
+from clusterfsm.states.errors import PrecheckFailed
 
 # The watchdog's whole program. Kept dependency-free and started with -I -S so it
 # starts fast and cannot be affected by the rank's environment or site-packages.

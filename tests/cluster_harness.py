@@ -13,13 +13,13 @@ from typing import Any
 import attrs
 import trio
 
-from states.api import bootstrap_cluster
-from states.config import Address, ClusterConfig
-from states.context import FakePortReservation
-from states.discovery import DiscoveryNet
-from states.groupinit import GroupInitializer, fake_initializer
-from states.transport import MemoryNetwork
-from states.watchdog import NoWatchdog
+from clusterfsm.states.api import bootstrap_cluster
+from clusterfsm.states.config import Address, ClusterConfig
+from clusterfsm.states.context import FakePortReservation
+from clusterfsm.states.discovery import DiscoveryNet
+from clusterfsm.states.groupinit import GroupInitializer, fake_initializer
+from clusterfsm.states.transport import MemoryNetwork
+from clusterfsm.states.watchdog import NoWatchdog
 
 KEY = b"k" * 32
 COORD = Address("node0", 7700)

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from fsm.testing import TransitionCoverage
+from clusterfsm.fsm.testing import TransitionCoverage
 
 COVERAGE = TransitionCoverage()
 

@@ -8,7 +8,7 @@ can reach the host's real network.
 Usage (a pytest fixture, ``netns_pair``, wraps it)::
 
     with NetnsPair.create() as pair:           # skips the test if namespaces can't be made
-        proc = pair.a.popen(["python", "-m", "states.cli", "serve", ...])
+        proc = pair.a.popen(["python", "-m", "clusterfsm.states.cli", "serve", ...])
         pair.link_down()                       # both ends; link_down("b") for one end
         pair.link_up()
 

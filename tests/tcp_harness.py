@@ -16,12 +16,12 @@ from typing import Any
 import attrs
 import trio
 
-from fsm import TraceRecord
-from states.api import Cluster, bootstrap_cluster
-from states.config import Address, ClusterConfig
-from states.groupinit import GroupInitializer, fake_initializer
-from states.transport import TcpListener, TcpTransport
-from states.watchdog import NoWatchdog
+from clusterfsm.fsm import TraceRecord
+from clusterfsm.states.api import Cluster, bootstrap_cluster
+from clusterfsm.states.config import Address, ClusterConfig
+from clusterfsm.states.groupinit import GroupInitializer, fake_initializer
+from clusterfsm.states.transport import TcpListener, TcpTransport
+from clusterfsm.states.watchdog import NoWatchdog
 
 KEY = b"k" * 32
 LOOPBACK = "127.0.0.1"

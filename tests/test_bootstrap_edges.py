@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import pytest
 
-from fsm import Edge
-from fsm.testing import drive_edge
-from states.machine import BOOTSTRAP
+from clusterfsm.fsm import Edge
+from clusterfsm.fsm.testing import drive_edge
+from clusterfsm.states.machine import BOOTSTRAP
 
 
 @pytest.mark.parametrize("edge", BOOTSTRAP.edges(),

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 import trio
 
-from fsm.errors import MachineCancelled, StateTimeout
-from states.codec import Backend, JacclBootstrapPayload
-from states.errors import (
+from clusterfsm.fsm.errors import MachineCancelled, StateTimeout
+from clusterfsm.states.codec import Backend, JacclBootstrapPayload
+from clusterfsm.states.errors import (
     BackendUnavailable,
     BootstrapRejected,
     FrameError,
@@ -23,8 +23,8 @@ from states.errors import (
     PeerLost,
     RejectReason,
 )
-from states.groupinit import fake_initializer
-from states.transport import BindFailed, MemoryNetwork
+from clusterfsm.states.groupinit import fake_initializer
+from clusterfsm.states.transport import BindFailed, MemoryNetwork
 from tests.cluster_harness import COORD, RankResult, config, run_rank, run_ranks
 
 HAPPY = ["discovering", "handshaking", "awaiting_session", "exchanging_bootstrap",
@@ -148,9 +148,9 @@ async def test_cancellation_in_every_state_ends_in_cancelled(
                     scope.cancel()
 
             async def rank0() -> None:
-                from states.api import bootstrap_cluster
-                from states.context import FakePortReservation
-                from states.watchdog import NoWatchdog
+                from clusterfsm.states.api import bootstrap_cluster
+                from clusterfsm.states.context import FakePortReservation
+                from clusterfsm.states.watchdog import NoWatchdog
 
                 try:
                     async with bootstrap_cluster(
@@ -198,9 +198,9 @@ class ScriptedCoordinator:
         self.after = after_handshake
 
     async def run(self) -> None:
-        from states.codec import Ping, Pong
-        from states.handshake import CoordinatorHandshake
-        from states.link import ControlLink
+        from clusterfsm.states.codec import Ping, Pong
+        from clusterfsm.states.handshake import CoordinatorHandshake
+        from clusterfsm.states.link import ControlLink
 
         async with self.network.transport("node0").listen(COORD) as listener:
             conn = await listener.accept()
@@ -254,9 +254,9 @@ class ScriptedJoiner:
         self.network = network
 
     async def run(self) -> None:
-        from states.codec import BootstrapAck, InitReady, LinkReport
-        from states.handshake import JoinerHandshake
-        from states.link import ControlLink
+        from clusterfsm.states.codec import BootstrapAck, InitReady, LinkReport
+        from clusterfsm.states.handshake import JoinerHandshake
+        from clusterfsm.states.link import ControlLink
 
         transport = self.network.transport("node1")
         while True:
@@ -301,7 +301,8 @@ def test_importing_the_library_does_not_import_pytest() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, states.api, states.serve, states.transport; "
+    code = ("import sys, clusterfsm.states.api, clusterfsm.states.serve, "
+            "clusterfsm.states.transport; "
             "bad = sorted(m for m in ('pytest', 'trio.testing') if m in sys.modules); "
             "print(bad); sys.exit(1 if bad else 0)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from states.cli import main
-from states.keys import KeyFileError, load_key
+from clusterfsm.states.cli import main
+from clusterfsm.states.keys import KeyFileError, load_key
 
 ROOT = Path(__file__).resolve().parents[1]
 

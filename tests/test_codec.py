@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from states.codec import (
+from clusterfsm.states.codec import (
     MAX_PAYLOAD,
     MESSAGE_TYPES,
     Abort,
@@ -52,8 +52,8 @@ from states.codec import (
     encode_frame,
     encode_message,
 )
-from states.errors import FrameError, FrameErrorKind, RejectReason
-from states.handshake import CoordinatorHandshake
+from clusterfsm.states.errors import FrameError, FrameErrorKind, RejectReason
+from clusterfsm.states.handshake import CoordinatorHandshake
 
 # --------------------------------------------------------------------------- profiles
 

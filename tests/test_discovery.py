@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 import trio
 
-from states.codec import Topology
-from states.config import ClusterConfig
-from states.discovery import (
+from clusterfsm.states.codec import Topology
+from clusterfsm.states.config import ClusterConfig
+from clusterfsm.states.discovery import (
     AUTO_RANK,
     Beacon,
     BeaconIgnored,
@@ -28,7 +28,7 @@ from states.discovery import (
     decode_beacon,
     elect,
 )
-from states.errors import (
+from clusterfsm.states.errors import (
     BackendUnavailable,
     DiscoveryTimeout,
     DuplicateNodeId,
@@ -36,10 +36,10 @@ from states.errors import (
     InterfaceUnavailable,
     PrecheckFailed,
 )
-from states.groupinit import GroupInitializer, InitPlan, fake_initializer
-from states.nodeid import load_or_create_node_id
-from states.rdma import check_jaccl_plan
-from states.transport import MemoryNetwork
+from clusterfsm.states.groupinit import GroupInitializer, InitPlan, fake_initializer
+from clusterfsm.states.nodeid import load_or_create_node_id
+from clusterfsm.states.rdma import check_jaccl_plan
+from clusterfsm.states.transport import MemoryNetwork
 from tests.cluster_harness import KEY, RankResult, run_rank
 
 SAMPLES = Path(__file__).parent / "samples"
@@ -346,7 +346,7 @@ async def test_jaccl_prechecks_name_what_is_wrong(topology: Topology, kw: dict[s
 
 
 def test_thunderbolt_ports_are_read_from_networksetup() -> None:
-    from states.rdma import parse_hardware_ports
+    from clusterfsm.states.rdma import parse_hardware_ports
 
     text = (SAMPLES / "networksetup_listallhardwareports.txt").read_text()
     ports = parse_hardware_ports(text)
@@ -356,7 +356,7 @@ def test_thunderbolt_ports_are_read_from_networksetup() -> None:
 
 
 async def test_missing_tools_are_a_typed_precheck_failure() -> None:
-    from states.rdma import run_tool
+    from clusterfsm.states.rdma import run_tool
 
     with pytest.raises(PrecheckFailed) as info:
         await run_tool(["clusterfsm-no-such-tool-xyz"])
@@ -379,7 +379,7 @@ async def test_a_failed_precheck_on_a_joiner_reaches_rank_0_as_peer_aborted(
 
 
 def test_jaccl_env_is_private_and_twins_are_cleared(tmp_path: Path) -> None:
-    from states.groupinit import TopologyDir, backend_env
+    from clusterfsm.states.groupinit import TopologyDir, backend_env
 
     files = TopologyDir()
     try:

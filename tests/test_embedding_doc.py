@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from states.demo import free_port
-from states.keys import write_key
+from clusterfsm.states.demo import free_port
+from clusterfsm.states.keys import write_key
 from tests.processes import kill_and_reap
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "embedding.md"

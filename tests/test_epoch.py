@@ -28,8 +28,8 @@ import pytest
 import trio
 import trio.testing
 
-from states.api import bootstrap_cluster
-from states.codec import (
+from clusterfsm.states.api import bootstrap_cluster
+from clusterfsm.states.codec import (
     Auth,
     Challenge,
     FrameDecoder,
@@ -39,12 +39,12 @@ from states.codec import (
     decode_message,
     encode_message,
 )
-from states.config import ClusterConfig
-from states.context import FakePortReservation
-from states.errors import HandshakeRejected, RejectReason
-from states.groupinit import fake_initializer
-from states.handshake import CoordinatorHandshake, JoinerHandshake
-from states.supervisor import (
+from clusterfsm.states.config import ClusterConfig
+from clusterfsm.states.context import FakePortReservation
+from clusterfsm.states.errors import HandshakeRejected, RejectReason
+from clusterfsm.states.groupinit import fake_initializer
+from clusterfsm.states.handshake import CoordinatorHandshake, JoinerHandshake
+from clusterfsm.states.supervisor import (
     EPOCH_ENV,
     EPOCH_FLOORS_ENV,
     InboxItem,
@@ -53,8 +53,8 @@ from states.supervisor import (
     parse_admission,
     parse_floors,
 )
-from states.transport import MemoryNetwork
-from states.watchdog import NoWatchdog
+from clusterfsm.states.transport import MemoryNetwork
+from clusterfsm.states.watchdog import NoWatchdog
 from tests.cluster_harness import KEY, RankResult, config
 from tests.test_supervisor_processes import Cluster, cluster  # noqa: F401 - fixture
 
@@ -192,7 +192,7 @@ def assert_stale(result: RankResult) -> None:
 
 async def test_rank_0_refuses_a_joiner_older_than_its_remembered_floor(
         autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="states.epochs")
+    caplog.set_level(logging.INFO, logger="clusterfsm.states.epochs")
     network = MemoryNetwork()
     rank0, stale, fresh = RankResult(0), RankResult(1), RankResult(1)
     both_ready = trio.Event()
@@ -206,7 +206,7 @@ async def test_rank_0_refuses_a_joiner_older_than_its_remembered_floor(
                        on_state=lambda s: both_ready.set() if s == "ready" else None)
     assert rank0.error is None and rank0.group_size == 2
     assert fresh.error is None and fresh.group_size == 2
-    admitted = [r.getMessage() for r in caplog.records if r.name == "states.epochs"]
+    admitted = [r.getMessage() for r in caplog.records if r.name == "clusterfsm.states.epochs"]
     assert len(admitted) == 1
     assert admitted[0].startswith("admitted rank 1 epoch 300 from node1-300:")
     assert [parse_admission(line) for line in admitted] == [(1, 300)]

@@ -24,17 +24,17 @@ import attrs
 import pytest
 import trio
 
-from fsm import TraceRecord
-from states.api import ABORT_GRACE
-from states.config import Address
-from states.demo import free_port
-from states.errors import (
+from clusterfsm.fsm import TraceRecord
+from clusterfsm.states.api import ABORT_GRACE
+from clusterfsm.states.config import Address
+from clusterfsm.states.demo import free_port
+from clusterfsm.states.errors import (
     GroupInitTimeout,
     HandshakeTimeout,
     PeerDisconnected,
 )
-from states.groupinit import FAULT_ENV, GroupInitializer, fake_initializer
-from states.keys import write_key
+from clusterfsm.states.groupinit import FAULT_ENV, GroupInitializer, fake_initializer
+from clusterfsm.states.keys import write_key
 from tests.netns import NetnsPair, netns_pair  # noqa: F401 - fixture
 from tests.processes import kill_and_reap
 from tests.tcp_harness import (
@@ -48,7 +48,7 @@ from tests.tcp_harness import (
     run_rank,
 )
 
-CLI = [sys.executable, "-m", "states.cli"]
+CLI = [sys.executable, "-m", "clusterfsm.states.cli"]
 BEFORE_READY = ["handshaking", "awaiting_session", "exchanging_bootstrap",
                 "initializing_group", "confirming_group"]
 NEXT = dict(zip(BEFORE_READY, [*BEFORE_READY[1:], "ready"], strict=True))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fsm.diagram import to_dot, to_mermaid
+from clusterfsm.fsm.diagram import to_dot, to_mermaid
 from tests.toy_machine import TOY
 
 

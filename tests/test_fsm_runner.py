@@ -9,14 +9,14 @@ import pytest
 import trio
 import trio.testing
 
-from fsm import (
+from clusterfsm.fsm import (
     IllegalTransition,
     MachineCancelled,
     Runner,
     UnexpectedError,
     report_progress,
 )
-from fsm.testing import HANG, After, Script, run_scripted
+from clusterfsm.fsm.testing import HANG, After, Script, run_scripted
 from tests.toy_machine import TOY, Lost, WarmupTimeout, WorkFailed, WorkFailedBadly, WorkTimeout
 
 HAPPY = {"idle": "start", "warming": "warm", "working": "done", "serving": "stop"}
@@ -206,7 +206,7 @@ def test_a_failing_observer_is_logged_and_the_run_goes_on(
     def broken(_rec: object) -> None:
         raise RuntimeError("display crashed")
 
-    with caplog.at_level(logging.ERROR, logger="fsm.runner"):
+    with caplog.at_level(logging.ERROR, logger="clusterfsm.fsm.runner"):
         out = run_scripted(TOY, HAPPY, observers=[broken])
     assert out.ok
     assert "display crashed" in caplog.text

@@ -5,7 +5,7 @@ from __future__ import annotations
 import attrs
 import pytest
 
-from fsm import ErrorState, SpecError, State, Transition, machine_spec
+from clusterfsm.fsm import ErrorState, SpecError, State, Transition, machine_spec
 from tests.toy_machine import TOY, Lost, WarmupTimeout, WorkFailed, never
 
 

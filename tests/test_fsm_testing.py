@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from fsm import Edge, Runner
-from fsm.testing import (
+from clusterfsm.fsm import Edge, Runner
+from clusterfsm.fsm.testing import (
     Script,
     ScriptExhausted,
     TransitionCoverage,

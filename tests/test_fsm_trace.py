@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from fsm import TraceWriter, read_trace, state_totals
-from fsm.testing import After, run_scripted
-from fsm.trace import format_decomposition, parse_trace
+from clusterfsm.fsm import TraceWriter, read_trace, state_totals
+from clusterfsm.fsm.testing import After, run_scripted
+from clusterfsm.fsm.trace import format_decomposition, parse_trace
 from tests.toy_machine import TOY, WorkFailed
 
 

@@ -23,7 +23,7 @@ import tracemalloc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from states.codec import (
+from clusterfsm.states.codec import (
     HEADER_SIZE,
     MAX_PAYLOAD,
     Auth,
@@ -33,8 +33,8 @@ from states.codec import (
     decode_message,
     encode_message,
 )
-from states.errors import FrameError, FrameErrorKind, HandshakeRejected
-from states.handshake import CoordinatorHandshake, JoinerHandshake
+from clusterfsm.states.errors import FrameError, FrameErrorKind, HandshakeRejected
+from clusterfsm.states.handshake import CoordinatorHandshake, JoinerHandshake
 
 KEY = bytes(range(32))
 J_ID, C_ID = b"J" * 16, b"C" * 16

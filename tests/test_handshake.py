@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from states.codec import (
+from clusterfsm.states.codec import (
     Auth,
     Challenge,
     FrameDecoder,
@@ -24,8 +24,8 @@ from states.codec import (
     decode_message,
     encode_message,
 )
-from states.errors import FrameError, FrameErrorKind, HandshakeRejected, RejectReason
-from states.handshake import (
+from clusterfsm.states.errors import FrameError, FrameErrorKind, HandshakeRejected, RejectReason
+from clusterfsm.states.handshake import (
     COORDINATOR_LABEL,
     JOINER_LABEL,
     PROTOCOL_VERSION,

@@ -1,7 +1,7 @@
 """Hostile input on rank 0's control port: real sockets on loopback, real clock.
 
 For every attack: the offending connection is closed by rank 0 and the refusal is
-recorded as a typed error (``ctx.rejections``, the ``states.admission`` log, and the
+recorded as a typed error (``ctx.rejections``, the ``clusterfsm.states.admission`` log, and the
 ``HandshakeTimeout`` detail), memory stays bounded, and a legitimate peer arriving
 meanwhile or afterwards still reaches ``ready``. Where the attacker is the only peer,
 rank 0 ends in ``handshake_timeout`` when its deadline passes, naming the refusal.
@@ -26,8 +26,8 @@ import attrs
 import pytest
 import trio
 
-from states import activities
-from states.codec import (
+from clusterfsm.states import activities
+from clusterfsm.states.codec import (
     MAX_PAYLOAD,
     Auth,
     Backend,
@@ -41,8 +41,8 @@ from states.codec import (
     decode_message,
     encode_message,
 )
-from states.config import Address
-from states.errors import (
+from clusterfsm.states.config import Address
+from clusterfsm.states.errors import (
     BootstrapRejected,
     FrameError,
     FrameErrorKind,
@@ -51,15 +51,15 @@ from states.errors import (
     PeerDisconnected,
     RejectReason,
 )
-from states.handshake import (
+from clusterfsm.states.handshake import (
     JOINER_LABEL,
     PROTOCOL_VERSION,
     CoordinatorHandshake,
     JoinerHandshake,
     transcript,
 )
-from states.link import ControlLink
-from states.transport import Conn
+from clusterfsm.states.link import ControlLink
+from clusterfsm.states.transport import Conn
 from tests.tcp_harness import (
     KEY,
     LOOPBACK,
@@ -237,7 +237,7 @@ async def test_attack_is_refused_typed_and_the_legitimate_peer_still_gets_in(
     r0, r1 = RankRun(0), RankRun(1)
     hold = all_ready(2)
     verdicts: list[Verdict] = []
-    caplog.set_level(logging.WARNING, logger="states.admission")
+    caplog.set_level(logging.WARNING, logger="clusterfsm.states.admission")
     tracemalloc.start()
     try:
         async with trio.open_nursery() as nursery:
@@ -341,7 +341,7 @@ class EvictionCounter(logging.Handler):
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
-        log = logging.getLogger("states.admission")
+        log = logging.getLogger("clusterfsm.states.admission")
         log.addHandler(self)
         try:
             yield

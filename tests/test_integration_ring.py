@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from states.demo import free_port
+from clusterfsm.states.demo import free_port
 from tests.processes import kill_and_reap
 
 pytestmark = pytest.mark.integration
-CLI = [sys.executable, "-m", "states.cli"]
+CLI = [sys.executable, "-m", "clusterfsm.states.cli"]
 
 
 class Ranks:

@@ -18,17 +18,17 @@ from typing import Any
 import pytest
 import trio
 
-from states.api import bootstrap_cluster
-from states.codec import Ping
-from states.config import Address, ClusterConfig
-from states.context import PortReservation
-from states.discovery import MemoryLinks
-from states.errors import PeerDisconnected, PrecheckFailed
-from states.groupinit import fake_initializer
-from states.link import ControlLink
-from states.sidechannel import JacclSideChannel, SideChannelError
-from states.transport import TcpTransport
-from states.watchdog import NoWatchdog
+from clusterfsm.states.api import bootstrap_cluster
+from clusterfsm.states.codec import Ping
+from clusterfsm.states.config import Address, ClusterConfig
+from clusterfsm.states.context import PortReservation
+from clusterfsm.states.discovery import MemoryLinks
+from clusterfsm.states.errors import PeerDisconnected, PrecheckFailed
+from clusterfsm.states.groupinit import fake_initializer
+from clusterfsm.states.link import ControlLink
+from clusterfsm.states.sidechannel import JacclSideChannel, SideChannelError
+from clusterfsm.states.transport import TcpTransport
+from clusterfsm.states.watchdog import NoWatchdog
 from tests.tcp_harness import KEY, MLX_ENV
 
 SESSION = b"S" * 16

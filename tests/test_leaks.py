@@ -16,7 +16,7 @@ from typing import Any
 
 import trio
 
-from states.link import ControlLink
+from clusterfsm.states.link import ControlLink
 from tests.cluster_harness import config, run_ranks
 from tests.tcp_harness import RankRun, RecordingTransport, all_ready, joiner_config
 from tests.tcp_harness import rank0_config as tcp_rank0

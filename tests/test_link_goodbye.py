@@ -7,9 +7,9 @@ from typing import Any
 import trio
 import trio.testing
 
-from states.codec import Goodbye
-from states.link import ControlLink
-from states.transport import Conn
+from clusterfsm.states.codec import Goodbye
+from clusterfsm.states.link import ControlLink
+from clusterfsm.states.transport import Conn
 
 RIGHT, OTHER = b"R" * 16, b"O" * 16
 

@@ -19,10 +19,10 @@ from typing import Any
 
 import pytest
 
-from states.keys import write_key
+from clusterfsm.states.keys import write_key
 from tests.netns import NetnsPair, netns_pair  # noqa: F401 - fixture
 
-CLI = [sys.executable, "-m", "states.cli"]
+CLI = [sys.executable, "-m", "clusterfsm.states.cli"]
 pytestmark = [pytest.mark.netns, pytest.mark.integration]
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import trio
 
-from states.groupinit import Group, fake_initializer
+from clusterfsm.states.groupinit import Group, fake_initializer
 from tests.cluster_harness import config, run_ranks
 
 
@@ -51,8 +51,8 @@ class QuietLink:
 async def test_silence_is_counted_from_entering_ready(autojump_clock: Any) -> None:
     import pytest
 
-    from states.activities import _watch_peer
-    from states.errors import PeerLost
+    from clusterfsm.states.activities import _watch_peer
+    from clusterfsm.states.errors import PeerLost
 
     await trio.sleep(100)
     link = QuietLink(last_heard=trio.current_time() - 10)  # quiet during a long init

@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
-from states.htmlreport import write_html
-from states.tracereport import diagram_source, load_runs
+from clusterfsm.states.htmlreport import write_html
+from clusterfsm.states.tracereport import diagram_source, load_runs
 from tests.test_trace_report import good_rank, wrong_key
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from states.demo import free_port
+from clusterfsm.states.demo import free_port
 from tests.test_integration_ring import Ranks, ranks, trace_end  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.integration

@@ -8,7 +8,7 @@ from typing import Any
 
 import trio
 
-from states.api import session_health
+from clusterfsm.states.api import session_health
 
 
 def link(last_heard: float, *, answered: bool = True, failure: Any = None,

@@ -14,9 +14,9 @@ import attrs
 import pytest
 import trio
 
-from fsm import Edge, Outcome
-from fsm.testing import drive_edge
-from states.supervisor import (
+from clusterfsm.fsm import Edge, Outcome
+from clusterfsm.fsm.testing import drive_edge
+from clusterfsm.states.supervisor import (
     SUPERVISOR,
     ChildEvent,
     ChildExited,

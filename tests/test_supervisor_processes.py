@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 import trio
 
-from states.demo import free_port
-from states.keys import write_key
+from clusterfsm.states.demo import free_port
+from clusterfsm.states.keys import write_key
 
 pytestmark = pytest.mark.integration
-CLI = [sys.executable, "-m", "states.cli"]
+CLI = [sys.executable, "-m", "clusterfsm.states.cli"]
 RECOVERED = re.compile(r"recovered ([0-9.]+) s after the loss")
 
 
@@ -187,7 +187,7 @@ async def test_restart_budget_exhausted_is_the_typed_final_error(cluster: Cluste
 
 
 async def test_embedding_iterator_yields_ready_generations(tmp_path: Path) -> None:
-    from states.supervised import supervise_ranks
+    from clusterfsm.states.supervised import supervise_ranks
 
     key, port = write_key(tmp_path / "k"), free_port()
     common = ["--world-size", "2", "--key-file", str(key), "--verify"]

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from states.groupinit import TopologyDir
+from clusterfsm.states.groupinit import TopologyDir
 
 
 def test_private_modes_exclusive_file_and_close_removes_it() -> None:

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from fsm.diagram import to_dot, to_mermaid
-from states.cli import main
-from states.htmlreport import build_html, run_demo_with_report
-from states.tracereport import decompose, diagram_source, load_runs, overlay
+from clusterfsm.fsm.diagram import to_dot, to_mermaid
+from clusterfsm.states.cli import main
+from clusterfsm.states.htmlreport import build_html, run_demo_with_report
+from clusterfsm.states.tracereport import decompose, diagram_source, load_runs, overlay
 from tests.toy_machine import TOY
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -276,7 +276,8 @@ def test_demo_report_end_to_end(tmp_path: Path) -> None:
 
     need_dot()
     out = tmp_path / "demo.html"
-    done = subprocess.run([sys.executable, "-m", "states.cli", "demo", "--report", str(out)],
+    done = subprocess.run([sys.executable, "-m", "clusterfsm.states.cli", "demo",
+                           "--report", str(out)],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"report: {out} (" in done.stdout

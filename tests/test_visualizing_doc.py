@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from states.cli import main
+from clusterfsm.states.cli import main
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "visualizing.md"
 

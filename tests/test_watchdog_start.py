@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from states import watchdog
-from states.errors import PrecheckFailed
+from clusterfsm.states import watchdog
+from clusterfsm.states.errors import PrecheckFailed
 
 
 async def test_a_watchdog_that_cannot_start_fails_typed_in_ready(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from states.machine import BOOTSTRAP
+from clusterfsm.states.machine import BOOTSTRAP
 from tests.conftest import COVERAGE
 from tests.toy_machine import TOY
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import attrs
 
-from fsm import ErrorState, State, StateTimeout, Transition, machine_spec
+from clusterfsm.fsm import ErrorState, State, StateTimeout, Transition, machine_spec
 
 
 @attrs.frozen(auto_exc=True)
