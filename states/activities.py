@@ -45,6 +45,7 @@ from clusterfsm.states.errors import (
 )
 from clusterfsm.states.groupinit import InitPlan, TopologyDir, release_delay, resolve_backend
 from clusterfsm.states.handshake import PROTOCOL_VERSION, CoordinatorHandshake, JoinerHandshake
+from clusterfsm.states.lines import AdmissionLine, ErrorLine
 from clusterfsm.states.link import GOODBYE_GRACE, ControlLink, unexpected_message, wait_any
 from clusterfsm.states.sidechannel import JacclSideChannel
 from clusterfsm.states.topology import build_device_matrix
@@ -68,7 +69,7 @@ MAX_REJECTIONS_KEPT = 16
 
 #: Every refused connection is logged here (peer, error type, error), never the key.
 _admission_log = logging.getLogger("clusterfsm.states.admission")
-#: Every admitted joiner's epoch, at INFO: ``admitted rank K epoch E from HOST``. A
+#: Every admitted joiner's epoch, at INFO: an admission line (states.lines). A
 #: supervised ``serve`` prints these on stdout for its supervisor, which remembers the
 #: newest epoch per rank for its next coordinator (states.epochs).
 _epoch_log = logging.getLogger(EPOCH_LOGGER)
@@ -312,8 +313,7 @@ async def _admit_joiners(ctx: ClusterContext) -> None:
             ctx.hosts[hs.rank] = conn.remote_host
             ctx.data_ports[hs.rank] = hs.data_port
             if hs.epoch:
-                _epoch_log.info("admitted rank %d epoch %d from %s",
-                                hs.rank, hs.epoch, conn.remote)
+                _epoch_log.info("%s", AdmissionLine(hs.rank, hs.epoch, conn.remote).format())
             if 0 not in ctx.hosts:
                 ctx.hosts[0] = conn.local_host
             progress()
@@ -550,9 +550,9 @@ async def _arm_watchdog(ctx: ClusterContext) -> None:
     entered = ctx.state_entered_at.get("initializing_group", now)
     budget = ctx.config.effective_deadlines()["initializing_group"]
     seconds = max(0.1, budget - (now - entered)) + HARD_DEADLINE_GRACE
-    message = (f"clusterfsm rank {ctx.rank}: state group_init_timeout, error GroupInitTimeout: "
-               f"mx.distributed.init did not return within {seconds:g} s "
-               "(hard deadline; the rank was killed)")
+    message = ErrorLine(f"clusterfsm rank {ctx.rank}", "group_init_timeout", "GroupInitTimeout",
+                        f"mx.distributed.init did not return within {seconds:g} s "
+                        "(hard deadline; the rank was killed)").format()
     await ctx.watchdog.arm(
         seconds,
         message=message,

@@ -37,7 +37,6 @@ from clusterfsm.states.context import ClusterContext, PortAllocator, PortReserva
 from clusterfsm.states.discovery import DiscoveryNet, UdpDiscoveryNet
 from clusterfsm.states.groupinit import Group, GroupInitializer
 from clusterfsm.states.machine import BOOTSTRAP
-from clusterfsm.states.supervised import GenerationEvent, supervise_ranks
 from clusterfsm.states.transport import TcpTransport, Transport
 from clusterfsm.states.watchdog import InitWatchdog, NoWatchdog
 
@@ -242,4 +241,4 @@ async def _teardown(ctx: ClusterContext) -> None:
     await ctx.watchdog.aclose()
 
 
-__all__ = ["Cluster", "ClusterConfig", "GenerationEvent", "bootstrap_cluster", "supervise_ranks"]
+__all__ = ["Cluster", "ClusterConfig", "bootstrap_cluster"]

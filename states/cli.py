@@ -1,4 +1,6 @@
-"""``clusterfsm``: demo, serve, diagram, keygen (the contract is DESIGN.md section 4).
+"""``clusterfsm``: demo, serve, diagram, keygen, trace, report.
+
+What ``serve`` prints is the ``serve`` line protocol (:mod:`clusterfsm.states.lines`).
 
 Exit codes: 0 success; 1 the machine ended in an error state (the state and error
 type are printed); 2 bad usage or configuration; 130 interrupted before ready.
@@ -113,24 +115,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _keygen(args.path)
     if args.command == "diagram":
         return _diagram(Path(args.root), check=args.check)
+    if args.command == "serve" and args.supervise:
+        from clusterfsm.states.supervisor_cli import run_supervised
+
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # the child re-runs it
+        return run_supervised(args)
     if args.command == "serve":
         from clusterfsm.states.serve import run_serve
 
-        args.argv = list(sys.argv[1:] if argv is None else argv)  # --supervise re-runs it
         return run_serve(args)
     if args.command == "demo":
-        from clusterfsm.states.demo import run_demo
+        from clusterfsm.states.demo import DemoRun, run_demo
 
-        def demo(trace_json: str | None) -> int:
+        def demo(trace_json: str | None) -> DemoRun:
             return run_demo(ranks=args.ranks, backend=args.backend, trace_json=trace_json,
                             deadlines=dict(args.deadline), timeout=args.timeout)
 
         if args.report:
             from clusterfsm.states.htmlreport import run_demo_with_report
 
-            return run_demo_with_report(demo, ranks=args.ranks, trace_json=args.trace_json,
-                                        out=args.report)
-        return demo(args.trace_json)
+            def traced(base: str) -> tuple[int, Sequence[Path]]:
+                run = demo(base)
+                return run.code, run.traces
+
+            return run_demo_with_report(traced, trace_json=args.trace_json, out=args.report)
+        return demo(args.trace_json).code
     if args.command == "trace":
         from clusterfsm.states.tracereport import run_trace
 

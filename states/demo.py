@@ -1,8 +1,10 @@
 """``clusterfsm demo``: a real N-rank bootstrap on this machine.
 
 It makes a throwaway key (0600, in a private temp directory), picks a free loopback
-port for rank 0, starts N ``clusterfsm serve --once --verify`` processes, and prints
-for every rank the path it took, the time spent in each state and its ``all_sum``.
+port for rank 0, forks N ranks that each run :func:`clusterfsm.states.serve.serve`
+(what ``clusterfsm serve --once --verify --quiet`` runs) with a typed config, and
+prints for every rank the path it took, the time spent in each state and its
+``all_sum`` (read from the rank's output with :mod:`clusterfsm.states.lines`).
 Exit 0 only if every rank reached ``ready`` and every sum was right. Child processes
 are killed and reaped if the demo times out or is interrupted, and the temp directory
 is removed.
@@ -20,12 +22,18 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import attrs
 
 from clusterfsm.fsm import read_trace, state_totals
-from clusterfsm.states.keys import write_key
+from clusterfsm.states.config import Address, Backend, ClusterConfig
+from clusterfsm.states.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from clusterfsm.states.keys import load_key, write_key
+from clusterfsm.states.lines import AllSumLine, ReadyLine
+from clusterfsm.states.serve import ServeOptions, check_config, serve
 
 #: After a timeout or an interrupt, how long ranks get to exit on SIGTERM before SIGKILL.
 STOP_GRACE = 1.0
@@ -43,33 +51,48 @@ def rank_trace_path(base: str | Path, rank: int) -> Path:
     return base.with_name(f"{base.stem}.rank{rank}{base.suffix or '.jsonl'}")
 
 
-def serve_argv(rank: int, ranks: int, port: int, key: Path, trace: Path, backend: str,
-               deadlines: dict[str, float]) -> list[str]:
-    """The ``clusterfsm serve`` arguments of one rank (what ``serve --help`` documents)."""
-    argv = ["serve", "--rank", str(rank), "--world-size", str(ranks), "--key-file", str(key),
-            "--backend", backend, "--trace-json", str(trace), "--once", "--verify", "--quiet"]
-    argv += ["--listen", f"127.0.0.1:{port}"] if rank == 0 else ["--peer", f"127.0.0.1:{port}"]
-    for state, seconds in deadlines.items():
-        argv += ["--deadline", f"{state}={seconds:g}"]
-    return argv
+def rank_config(rank: int, ranks: int, port: int, key: bytes, backend: Backend,
+                deadlines: dict[str, float]) -> ClusterConfig:
+    """One rank's config: rank 0 listens on loopback ``port``, the others dial it."""
+    where = Address("127.0.0.1", port)
+    peers: Iterable[Any] = () if rank == 0 else (where,)  # attrs converter: tuple
+    return ClusterConfig(rank=rank, world_size=ranks, key=key, backend=backend,
+                         listen=where if rank == 0 else None, peers=peers,
+                         deadlines=dict(deadlines), verify=True)
 
 
-def run_demo(*, ranks: int, backend: str, trace_json: str | None,
-             deadlines: dict[str, float], timeout: float) -> int:
+@attrs.frozen
+class DemoRun:
+    """How a demo ended: its exit code and the trace file each rank was given (in a
+    private temporary directory, already removed, unless ``trace_json`` was given)."""
+
+    code: int
+    traces: tuple[Path, ...]
+
+
+def run_demo(*, ranks: int, backend: Backend, trace_json: str | None,
+             deadlines: dict[str, float], timeout: float) -> DemoRun:
     if ranks < 2:
         print("clusterfsm demo: --ranks must be at least 2", file=sys.stderr)
-        return 2
+        return DemoRun(EXIT_USAGE, ())
     with tempfile.TemporaryDirectory(prefix="clusterfsm-demo-") as tmp:
-        key = write_key(Path(tmp) / "cluster.key")
-        traces = [rank_trace_path(trace_json or Path(tmp) / "trace.jsonl", r)
-                  for r in range(ranks)]
+        key = load_key(write_key(Path(tmp) / "cluster.key"))
+        traces = tuple(rank_trace_path(trace_json or Path(tmp) / "trace.jsonl", r)
+                       for r in range(ranks))
         port = free_port()
-        argvs = [serve_argv(r, ranks, port, key, traces[r], backend, deadlines)
-                 for r in range(ranks)]
+        try:
+            configs = [rank_config(r, ranks, port, key, backend, deadlines)
+                       for r in range(ranks)]
+            check_config(configs[0])
+        except ValueError as exc:
+            print(f"clusterfsm demo: {exc}", file=sys.stderr)
+            return DemoRun(EXIT_USAGE, traces)
+        runs = [(config, ServeOptions(str(trace), once=True, quiet=True))
+                for config, trace in zip(configs, traces, strict=True)]
         started = time.monotonic()
-        results = run_ranks(argvs, timeout)
+        results = run_ranks(runs, timeout)
         wall = time.monotonic() - started
-        return _report(results, traces, ranks, wall)
+        return DemoRun(_report(results, traces, ranks, wall), traces)
 
 
 # -- rank processes forked from this (warm) interpreter -------------------------------
@@ -78,9 +101,9 @@ def run_demo(*, ranks: int, backend: str, trace_json: str | None,
 def preload() -> None:
     """Import what every rank needs once, here, so forked ranks start warm.
 
-    Starting ``python -m clusterfsm.states.cli serve`` per rank costs each rank an interpreter
-    and ~200 ms of imports (trio, attrs, the machine), on top of this process's own;
-    a fork of this process costs ~1 ms. MLX is preloaded only on Linux: on macOS a
+    Starting ``python -m clusterfsm.states.cli serve`` per rank would cost each rank an
+    interpreter and ~200 ms of imports (trio, attrs, the machine), on top of this
+    process's own; a fork of this process costs ~1 ms. MLX is preloaded only on Linux: on macOS a
     forked child must not inherit Metal/Objective-C state, so ranks import it there.
     """
     modules = [f"clusterfsm.states.{name}" for name in ("api", "serve", "machine", "errors")]
@@ -94,7 +117,7 @@ def preload() -> None:
 class RankProcess:
     """A forked rank: its pid and the read ends of its stdout and stderr pipes."""
 
-    argv: list[str]
+    rank: int
     pid: int
     fds: dict[int, str]  # open read ends: fd -> "stdout" | "stderr"
     out: dict[str, bytearray] = attrs.field(
@@ -113,12 +136,14 @@ class RankProcess:
                 self.returncode = os.waitstatus_to_exitcode(status)
 
 
-def fork_rank(argv: list[str], close_in_child: list[int]) -> RankProcess:
-    """Fork one rank that runs ``clusterfsm <argv>`` in this already-warm interpreter.
+def fork_rank(config: ClusterConfig, options: ServeOptions,
+              close_in_child: list[int]) -> RankProcess:
+    """Fork one rank that runs :func:`~clusterfsm.states.serve.serve` in this
+    already-warm interpreter.
 
     Must be called before any ``trio.run`` or thread of this process. The child never
-    returns: it exits with the command's exit code via ``os._exit`` (no atexit
-    handlers, so this process's temp directory is not removed by a child).
+    returns: it exits with the rank's exit code via ``os._exit`` (no atexit handlers,
+    so this process's temp directory is not removed by a child).
     """
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
@@ -126,17 +151,15 @@ def fork_rank(argv: list[str], close_in_child: list[int]) -> RankProcess:
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:  # the rank
-        code = 1
+        code = EXIT_FAILED
         try:
             os.dup2(out_w, 1)
             os.dup2(err_w, 2)
             for fd in (out_r, out_w, err_r, err_w, *close_in_child):
                 os.close(fd)
-            from clusterfsm.states.cli import main
-
-            code = main(argv)
+            code = serve(config, options)
         except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
+            code = exc.code if isinstance(exc.code, int) else EXIT_FAILED
         except BaseException:  # noqa: BLE001 - a crash is reported on stderr, exit 1
             traceback.print_exc()
         finally:
@@ -145,10 +168,11 @@ def fork_rank(argv: list[str], close_in_child: list[int]) -> RankProcess:
             os._exit(code)
     os.close(out_w)
     os.close(err_w)
-    return RankProcess(argv, pid, {out_r: "stdout", err_r: "stderr"})
+    assert config.rank is not None
+    return RankProcess(config.rank, pid, {out_r: "stdout", err_r: "stderr"})
 
 
-def run_ranks(argvs: list[list[str]], limit_s: float
+def run_ranks(runs: list[tuple[ClusterConfig, ServeOptions]], limit_s: float
               ) -> list[subprocess.CompletedProcess[bytes] | None]:
     """Fork every rank (rank 0 first, so it listens first) and collect their output.
 
@@ -159,16 +183,17 @@ def run_ranks(argvs: list[list[str]], limit_s: float
     preload()
     children: list[RankProcess] = []
     try:
-        for argv in argvs:
-            children.append(fork_rank(argv, [fd for c in children for fd in c.fds]))
+        for config, options in runs:
+            children.append(fork_rank(config, options,
+                                      [fd for c in children for fd in c.fds]))
         if not _drain(children, time.monotonic() + limit_s):
             for child in children:
                 child.timed_out = child.returncode is None
     finally:
         _stop(children)
     return [None if c.timed_out or c.returncode is None
-            else subprocess.CompletedProcess(c.argv, c.returncode, bytes(c.out["stdout"]),
-                                             bytes(c.out["stderr"]))
+            else subprocess.CompletedProcess(f"rank {c.rank}", c.returncode,
+                                             bytes(c.out["stdout"]), bytes(c.out["stderr"]))
             for c in children]
 
 
@@ -229,7 +254,8 @@ def read_summary(trace: Path) -> tuple[list[str], dict[str, float], str]:
     return parsed.path, state_totals(parsed.records), end
 
 
-def _report(results: list[subprocess.CompletedProcess[bytes] | None], traces: list[Path],
+def _report(results: list[subprocess.CompletedProcess[bytes] | None],
+            traces: Sequence[Path],
             ranks: int, wall: float) -> int:
     expected = ranks * (ranks + 1) / 2
     ok = True
@@ -244,14 +270,15 @@ def _report(results: list[subprocess.CompletedProcess[bytes] | None], traces: li
             print("  killed: the demo timed out")
             ok = False
             continue
-        out = result.stdout.decode(errors="replace")
-        sums = [line for line in out.splitlines() if "all_sum" in line]
-        print(f"  {sums[-1].split(': ', 1)[-1] if sums else 'no all_sum result'}")
-        if result.returncode != 0 or "DistributedGroup ready" not in out:
+        lines = result.stdout.decode(errors="replace").splitlines()
+        sums = [s for s in map(AllSumLine.parse, lines) if s is not None]
+        print(f"  {sums[-1].result() if sums else 'no all_sum result'}")
+        ready = any(ReadyLine.parse(line) for line in lines)
+        if result.returncode != EXIT_OK or not ready:
             ok = False
             err = result.stderr.decode(errors="replace").strip().splitlines()
             print(f"  FAILED (exit {result.returncode}): {err[-1] if err else end}")
     verdict = "OK" if ok else "FAILED"
     print(f"demo {verdict}: {ranks} ranks, expected all_sum {expected:g}, "
           f"wall time {wall * 1000:.0f} ms (process start included)")
-    return 0 if ok else 1
+    return EXIT_OK if ok else EXIT_FAILED

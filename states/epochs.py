@@ -1,17 +1,17 @@
 """A supervised rank's epoch, and the admissions its supervisor remembers.
 
-Kept apart from :mod:`clusterfsm.states.supervisor` (a whole machine, compiled at import) so that
-every ``serve`` process can read its epoch without importing the supervisor.
-A supervisor hands each child its generation's epoch (:data:`EPOCH_ENV`) and the
-newest epoch admitted per joiner rank by earlier children (:data:`EPOCH_FLOORS_ENV`);
-a coordinator child reports each admission on stdout (:func:`report_admissions`),
-where the supervisor reads it back (:func:`parse_admission`).
+Kept apart from :mod:`clusterfsm.states.supervisor` (a whole machine, compiled at
+import) so that every ``serve`` process can read its epoch without importing the
+supervisor. A supervisor hands each child its generation's epoch (:data:`EPOCH_ENV`)
+and the newest epoch admitted per joiner rank by earlier children
+(:data:`EPOCH_FLOORS_ENV`); a coordinator child reports each admission on stdout
+(:func:`report_admissions`) as an admission line, which the supervisor reads back
+(:class:`clusterfsm.states.lines.AdmissionLine` owns its text).
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Mapping
 from typing import TextIO
 
@@ -19,21 +19,8 @@ from typing import TextIO
 EPOCH_ENV = "CLUSTERFSM_EPOCH"
 #: The newest epoch admitted per joiner rank by earlier children: ``RANK=EPOCH,...``.
 EPOCH_FLOORS_ENV = "CLUSTERFSM_EPOCH_FLOORS"
-#: The logger whose INFO lines are the admissions (states.activities).
+#: The logger whose INFO lines are the admission lines (states.activities writes them).
 EPOCH_LOGGER = "clusterfsm.states.epochs"
-
-_ADMITTED = re.compile(r"^admitted rank (\d{1,3}) epoch (\d{1,20}) from \S+$")
-
-
-def parse_admission(line: str) -> tuple[int, int] | None:
-    """``(rank, epoch)`` from a child's ``admitted rank K epoch E from HOST`` line."""
-    m = _ADMITTED.match(line)
-    if m is None:
-        return None
-    rank, epoch = int(m[1]), int(m[2])
-    if not 1 <= rank <= 254 or not 0 < epoch < 2**64:
-        return None
-    return rank, epoch
 
 
 def format_floors(floors: Mapping[int, int]) -> str:
@@ -78,7 +65,6 @@ __all__ = [
     "EPOCH_FLOORS_ENV",
     "EPOCH_LOGGER",
     "format_floors",
-    "parse_admission",
     "parse_epoch",
     "parse_floors",
     "report_admissions",

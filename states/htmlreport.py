@@ -241,20 +241,16 @@ def run_report(files: Sequence[str], out: str) -> int:
     return EXIT_OK
 
 
-def run_demo_with_report(demo: Callable[[str | None], int], *, ranks: int,
+def run_demo_with_report(demo: Callable[[str], tuple[int, Sequence[Path]]], *,
                          trace_json: str | None, out: str) -> int:
     """``clusterfsm demo --report OUT``: run ``demo(trace_base)``, then report its traces.
 
-    Without ``--trace-json`` the traces go to a private temporary directory that is
-    removed afterwards. The ranks' file names come from ``states.demo.rank_trace_path``,
-    the demo's own naming, so the two cannot disagree.
+    ``demo`` returns its exit code and the trace files its ranks were given. Without
+    ``--trace-json`` the traces go to a private temporary directory that is removed
+    afterwards.
     """
-    from clusterfsm.states.demo import rank_trace_path
-
     with tempfile.TemporaryDirectory(prefix="clusterfsm-report-") as tmp:
-        base = trace_json or str(Path(tmp) / "trace.jsonl")
-        code = demo(base)
-        traces = [rank_trace_path(base, r) for r in range(ranks)]
+        code, traces = demo(trace_json or str(Path(tmp) / "trace.jsonl"))
         return write_demo_report(traces, out, code)
 
 

@@ -3,7 +3,14 @@
 Logs each transition, prints ``DistributedGroup ready rank= size=`` when the group is
 up (after an ``all_sum`` with ``--verify``), and on failure prints the error state and
 the error type and exits 1. SIGINT/SIGTERM before ready cancel the machine (exit 130);
-in ready they close the cluster cleanly.
+in ready they close the cluster cleanly. Every line it prints is a kind of the
+``serve`` line protocol (:mod:`clusterfsm.states.lines`), which supervisors and the
+demo read.
+
+:func:`run_serve` is the command line (flags to a :class:`ClusterConfig`);
+:func:`serve` runs one rank from a config and is what the demo's forked ranks call.
+``serve --supervise`` is not here: the CLI hands it to
+:mod:`clusterfsm.states.supervisor_cli`, so a rank never imports the supervisor.
 """
 
 from __future__ import annotations
@@ -13,11 +20,13 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
+import attrs
 import trio
 
 from clusterfsm.fsm import TraceRecord
+from clusterfsm.fsm.spec import UNEXPECTED_STATE
 from clusterfsm.states.config import ClusterConfig
 from clusterfsm.states.epochs import (
     EPOCH_ENV,
@@ -28,7 +37,31 @@ from clusterfsm.states.epochs import (
 )
 from clusterfsm.states.exitcodes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from clusterfsm.states.keys import KeyFileError, load_key
+from clusterfsm.states.lines import (
+    AllSumLine,
+    ErrorLine,
+    PeerLeftLine,
+    RankLine,
+    ReadyLine,
+    StoppedLine,
+    TransitionLine,
+    VerifyFailedLine,
+    rank_speaker,
+)
 from clusterfsm.states.nodeid import load_or_create_node_id
+
+
+@attrs.frozen
+class ServeOptions:
+    """How :func:`serve` runs a rank, besides its :class:`ClusterConfig`.
+
+    ``trace_json``: write the trace there; ``once``: exit 0 once ready instead of
+    staying in ready until a signal or a lost peer; ``quiet``: no transition lines.
+    """
+
+    trace_json: str | None = None
+    once: bool = False
+    quiet: bool = False
 
 
 def _config_from(args: argparse.Namespace) -> ClusterConfig:
@@ -70,29 +103,39 @@ def _config_from(args: argparse.Namespace) -> ClusterConfig:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    if getattr(args, "supervise", False):
-        from clusterfsm.states.supervisor_cli import run_supervised
-
-        return run_supervised(args)
+    """``clusterfsm serve`` without ``--supervise``: flags to a config, then :func:`serve`."""
     try:
         config = _config_from(args)
-        from clusterfsm.states.machine import BOOTSTRAP
-
-        known = {s.name for s in BOOTSTRAP.states if not s.final}
-        for state in config.deadlines:
-            if state not in known:
-                raise ValueError(f"--deadline {state}=...: no such state "
-                                 f"(one of: {', '.join(sorted(known))})")
+        check_config(config)
         if args.trace_json:
             _check_trace_path(args.trace_json)
     except (ValueError, KeyFileError) as exc:
         print(f"clusterfsm serve: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    return serve(config, ServeOptions(args.trace_json, args.once, args.quiet))
+
+
+def check_config(config: ClusterConfig) -> None:
+    """ValueError if ``config`` names a deadline for a state the machine does not have."""
+    from clusterfsm.states.machine import BOOTSTRAP
+
+    known = {s.name for s in BOOTSTRAP.states if not s.final}
+    for state in config.deadlines:
+        if state not in known:
+            raise ValueError(f"--deadline {state}=...: no such state "
+                             f"(one of: {', '.join(sorted(known))})")
+
+
+def serve(config: ClusterConfig, options: ServeOptions) -> int:
+    """Run one rank in this process until ready (``once``) or stopped; its exit code.
+
+    Blocks (it runs its own ``trio.run``); prints the ``serve`` line protocol on this
+    process's stdout and stderr.
+    """
     if config.epoch:
         # Supervised: the supervisor learns admitted epochs from these stdout lines.
         report_admissions(sys.stdout)
-    return trio.run(_serve_async, config, args.trace_json, args.once, args.quiet)
-
+    return trio.run(_serve_async, config, options)
 
 
 def _check_trace_path(path: str) -> None:
@@ -111,19 +154,31 @@ def _check_trace_path(path: str) -> None:
         raise ValueError(f"--trace-json {path}: directory {str(parent)!r} is not writable")
 
 
-async def _serve_async(config: ClusterConfig, trace: str | None, once: bool,
-                       quiet: bool) -> int:
+def _emit(line: RankLine) -> None:
+    """Print one line of the ``serve`` line protocol on its own stream."""
+    stream: TextIO = sys.stdout if line.stream == "stdout" else sys.stderr
+    print(line.format(), file=stream, flush=True)
+
+
+def error_state_of(exc: BaseException) -> str:
+    """The bootstrap machine's error state for ``exc`` (``unexpected`` if none is bound)."""
+    from clusterfsm.states.machine import BOOTSTRAP
+
+    bound = BOOTSTRAP.error_state_for(type(exc))
+    return UNEXPECTED_STATE if bound is None else bound.name
+
+
+async def _serve_async(config: ClusterConfig, options: ServeOptions) -> int:
     from clusterfsm.states.api import bootstrap_cluster
-    from clusterfsm.states.errors import PeerLost, printable
+    from clusterfsm.states.errors import PeerLost
 
     # --rank auto: the rank is elected in discovering; name the node until then.
-    prefix = (f"rank {config.rank}" if config.rank is not None
-              else f"node {config.node_id.hex()[:8]}")
+    speaker = rank_speaker(config.rank, config.node_id)
 
     def log(record: TraceRecord) -> None:
-        if not quiet:
-            print(f"{prefix}: {record.source} --{record.event}--> {record.dest} "
-                  f"({record.elapsed_ms:.1f} ms)", flush=True)
+        if not options.quiet:
+            _emit(TransitionLine(speaker, record.source, record.event, record.dest,
+                                 record.elapsed_ms))
 
     stop = trio.Event()
     code = EXIT_OK
@@ -146,21 +201,19 @@ async def _serve_async(config: ClusterConfig, trace: str | None, once: bool,
             nursery.start_soon(cancel_on_stop)
             try:
                 async with bootstrap_cluster(config, observers=[log],
-                                             trace_path=trace) as cluster:
+                                             trace_path=options.trace_json) as cluster:
                     if config.verify:
                         total = await _verify(cluster.group)
                         expected = config.world_size * (config.world_size + 1) / 2
-                        print(f"{prefix}: all_sum = {total:g} (expected {expected:g})",
-                              flush=True)
+                        _emit(AllSumLine(speaker, total, expected))
                         if total != expected:
-                            print(f"{prefix}: all_sum is wrong", file=sys.stderr)
+                            _emit(VerifyFailedLine(speaker))
                             code = EXIT_FAILED
                     if code == EXIT_OK:
-                        print(f"DistributedGroup ready rank={cluster.rank} "
-                              f"size={cluster.group.size()} backend={config.backend} "
-                              f"session={cluster.session_id.hex()}", flush=True)
+                        _emit(ReadyLine(cluster.rank, cluster.group.size(), config.backend,
+                                        cluster.session_id.hex()))
                     is_ready = True
-                    if not once and code == EXIT_OK:
+                    if not options.once and code == EXIT_OK:
                         async with trio.open_nursery() as waiters:
                             async def lost() -> None:
                                 await cluster.wait_lost()
@@ -170,30 +223,19 @@ async def _serve_async(config: ClusterConfig, trace: str | None, once: bool,
                             await stop.wait()
                             waiters.cancel_scope.cancel()
                         if isinstance(cluster.error, PeerLost):
-                            print(f"{prefix}: state peer_lost, error PeerLost: "
-                                  f"{printable(cluster.error)}", file=sys.stderr)
+                            _emit(ErrorLine(speaker, "peer_lost", "PeerLost",
+                                            str(cluster.error)))
                             code = EXIT_FAILED
                         elif cluster.state == "peer_left":
-                            print(f"{prefix}: state peer_left (a peer closed the cluster "
-                                  "on purpose; the group is no longer usable)", flush=True)
+                            _emit(PeerLeftLine(speaker))
             except Exception as exc:  # noqa: BLE001 - every machine error is reported
-                state = _state_of(exc)
-                print(f"{prefix}: state {state}, error {type(exc).__name__}: "
-                      f"{printable(exc)}",
-                      file=sys.stderr, flush=True)
+                _emit(ErrorLine(speaker, error_state_of(exc), type(exc).__name__, str(exc)))
                 code = EXIT_FAILED
         if scope.cancelled_caught:
-            print(f"{prefix}: stopped by signal", file=sys.stderr)
-            code = EXIT_INTERRUPTED if code == EXIT_OK and once else code
+            _emit(StoppedLine(speaker))
+            code = EXIT_INTERRUPTED if code == EXIT_OK and options.once else code
         nursery.cancel_scope.cancel()
     return code
-
-
-def _state_of(exc: BaseException) -> str:
-    for note in getattr(exc, "__notes__", []):
-        if "ended in state" in note:
-            return str(note.rsplit("'", 2)[-2])
-    return "unexpected"
 
 
 async def _verify(group: Any) -> float:

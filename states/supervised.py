@@ -20,14 +20,14 @@ What in-process supervision can and cannot do, honestly:
   the app (in the parent, which never imports MLX) when a generation is ready, lost or
   failed, with its session id. Work that needs the group runs in the child; the child
   is ``python -m clusterfsm.states.cli serve ...`` by default, or any command that keeps the
-  ``serve`` line contract (DESIGN.md section 4), passed as ``command``.
+  ``serve`` line protocol (:mod:`clusterfsm.states.lines`), passed as ``command``.
 - What *can* be retried in one process is a failure before init (a handshake timeout,
   a peer that disconnected before the barrier): ``bootstrap_cluster`` raised, nothing
   is cached, a new call makes a new session. That needs no supervisor: call
   ``bootstrap_cluster`` again.
 
 The iterator ends when the supervisor stops; if it ended in an error state, iterating
-raises that typed error (e.g. :class:`~states.supervisor.RestartBudgetExhausted`).
+raises that typed error (e.g. :class:`~clusterfsm.states.supervisor.RestartBudgetExhausted`).
 """
 
 from __future__ import annotations
@@ -42,13 +42,9 @@ import attrs
 import trio
 
 from clusterfsm.fsm import Outcome
-from clusterfsm.states.supervisor import (
-    ProcessLauncher,
-    RestartPolicy,
-    SupervisorContext,
-    child_command,
-    run_supervisor,
-)
+from clusterfsm.states.supervisor import RestartPolicy, SupervisorContext, run_supervisor
+from clusterfsm.states.supervisor_child import ProcessLauncher
+from clusterfsm.states.supervisor_cli import child_command
 
 GenerationKind = Literal["ready", "lost", "failed"]
 

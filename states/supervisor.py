@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 MLX keeps one distributed group per process, and ``mx.distributed.init`` holds the
-GIL and cannot be cancelled from inside (DESIGN.md section 3). So after a lost peer
+GIL and cannot be cancelled from inside (docs/design.md, the MLX facts). So after a lost peer
 or a hung init the only clean way back is a *new process* that bootstraps a *new
 session*. The supervisor is that outside party: a small process (or task, see
 :mod:`clusterfsm.states.supervised`) that never imports MLX, runs the rank as a child, watches
@@ -32,18 +32,23 @@ the supervisor. The supervisor's own error states are for what a restart cannot 
 Every child gets a new *epoch* (nanoseconds since the epoch, strictly increasing per
 supervisor, in ``CLUSTERFSM_EPOCH``), so a coordinator can tell an old generation of a
 node from its current one (docs/protocol.md, HELLO; docs/operations.md). A child that
-is rank 0 prints ``admitted rank K epoch E from HOST`` on stdout for each supervised
-joiner it admits; the launcher keeps the newest epoch per rank and hands the table to
-every later child in ``CLUSTERFSM_EPOCH_FLOORS``, so a restarted coordinator still
-refuses the older generations its predecessor had already replaced (``STALE_SESSION``).
+is rank 0 prints an admission line (``admitted rank K epoch E from HOST``) on stdout
+for each supervised joiner it admits; the launcher keeps the newest epoch per rank and
+hands the table to every later child in ``CLUSTERFSM_EPOCH_FLOORS``, so a restarted
+coordinator still refuses the older generations its predecessor had already replaced
+(``STALE_SESSION``).
 The table lives in this process's memory only: restarting the supervisor forgets it.
 
-The child is watched through its output lines (the ``serve`` contract, DESIGN.md
-section 4): each transition ``rank R: SRC --EVENT--> DEST (T ms)``, the
-``DistributedGroup ready ...`` line, and on failure ``state STATE, error TYPE: ...``
-on stderr (the init watchdog prints the same shape when it kills a frozen rank).
-A ``peer_lost`` transition is acted on at once; the child's exit is seen by
-``wait()``, not by the pipes' EOF (the watchdog grandchild may hold them open).
+The child is watched through its output lines (the ``serve`` line protocol, owned by
+:mod:`clusterfsm.states.lines`): its transitions, its ``DistributedGroup ready`` line
+and, on failure, its error line on stderr (the init watchdog prints the same kind when
+it kills a frozen rank). A ``peer_lost`` transition is acted on at once.
+
+Where the rest lives: the child process, its launcher and the events its lines become
+are :mod:`clusterfsm.states.supervisor_child`; ``serve --supervise`` (flags, the
+child's command line, the supervisor's own output) is
+:mod:`clusterfsm.states.supervisor_cli`; the embedding API is
+:mod:`clusterfsm.states.supervised`.
 
 Cancellation: the supervisor's nursery owns the child and its reader tasks. Leaving
 :func:`run_supervisor` - normally, by error, or cancelled - kills and reaps the
@@ -53,16 +58,9 @@ child (shielded), so no rank outlives its supervisor.
 from __future__ import annotations
 
 import math
-import os
 import random
-import re
-import shutil
-import subprocess
-import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Protocol
+from collections.abc import Callable, Iterable
 
 import attrs
 import trio
@@ -80,13 +78,16 @@ from clusterfsm.fsm import (
     report_progress,
 )
 from clusterfsm.fsm.runner import Observer
-from clusterfsm.states.epochs import (
-    EPOCH_ENV,
-    EPOCH_FLOORS_ENV,
-    format_floors,
-    parse_admission,
-    parse_epoch,
-    parse_floors,
+from clusterfsm.states.exitcodes import EXIT_USAGE
+from clusterfsm.states.supervisor_child import (
+    Child,
+    ChildExited,
+    ChildFailed,
+    ChildReady,
+    ChildTransition,
+    InboxItem,
+    Launcher,
+    StopRequested,
 )
 
 # -- errors -------------------------------------------------------------------------
@@ -139,76 +140,6 @@ class SupervisorStalled(StateTimeout):
     """A backstop deadline of the supervisor itself passed (a supervisor bug)."""
 
 
-# -- what a child reports -----------------------------------------------------------
-
-
-@attrs.frozen
-class ChildTransition:
-    """The child's machine moved to ``dest`` (a transition log line)."""
-
-    generation: int
-    source: str
-    event: str
-    dest: str
-
-
-@attrs.frozen
-class ChildReady:
-    """The child printed ``DistributedGroup ready`` (after ``--verify``'s all_sum)."""
-
-    generation: int
-    session: str
-    line: str
-
-
-@attrs.frozen
-class ChildFailed:
-    """The child printed its error state and error type (stderr)."""
-
-    generation: int
-    state: str
-    error: str
-    detail: str
-
-
-@attrs.frozen
-class ChildExited:
-    """The child process ended and was reaped."""
-
-    generation: int
-    returncode: int
-
-
-@attrs.frozen
-class StopRequested:
-    """The operator (a signal) or the embedding app asked the supervisor to stop."""
-
-
-ChildEvent = ChildTransition | ChildReady | ChildFailed | ChildExited
-InboxItem = ChildEvent | StopRequested
-
-# serve prefixes its lines "rank R:" or, before --rank auto is elected, "node ID:".
-_TRANSITION = re.compile(r"^(?:rank|node) \S+: (\w+) --(\w+)--> (\w+) \(")
-# Anchored: serve prints it unprefixed; a peer's words quoted in an error line
-# ("... error HandshakeRejected: DistributedGroup ready ...") must not match.
-_READY = re.compile(r"^DistributedGroup ready\b.*?(?:session=(\w+))?\s*$")
-_FAILED = re.compile(r"\bstate (\w+), error (\w+): ?(.*)$")
-
-
-def parse_line(generation: int, line: str) -> ChildEvent | None:
-    """The event a child's output line reports, or None for any other line."""
-    m = _TRANSITION.match(line)
-    if m:
-        return ChildTransition(generation, m[1], m[2], m[3])
-    m = _READY.search(line)
-    if m:
-        return ChildReady(generation, m[1] or "", line)
-    m = _FAILED.search(line)
-    if m:
-        return ChildFailed(generation, m[1], m[2], m[3])
-    return None
-
-
 @attrs.frozen
 class ChildFailure:
     """How one generation ended, for the log and the final error."""
@@ -225,157 +156,7 @@ class ChildFailure:
         return f"generation {self.generation} ended in {self.state} ({self.error}{code}){tail}"
 
 
-# -- the child process --------------------------------------------------------------
-
-
-class Child(Protocol):
-    """One running generation, as the supervisor sees it."""
-
-    generation: int
-    epoch: int
-
-    @property
-    def pid(self) -> int | None: ...
-
-    @property
-    def returncode(self) -> int | None: ...
-
-    def terminate(self) -> None: ...
-
-    def kill(self) -> None: ...
-
-    async def wait(self) -> int: ...
-
-
-class Launcher(Protocol):
-    """Starts generation ``generation`` with ``epoch``; events go to ``inbox``.
-
-    The launcher runs the child's reader tasks in ``nursery`` and sends a
-    :class:`ChildExited` when the child has been reaped.
-    """
-
-    async def launch(self, generation: int, epoch: int, nursery: trio.Nursery,
-                     inbox: trio.MemorySendChannel[InboxItem]) -> Child: ...
-
-
-class ProcessChild:
-    """A real child process (``trio.Process``) with its stdout/stderr watched."""
-
-    def __init__(self, process: trio.Process, generation: int, epoch: int) -> None:
-        self.process = process
-        self.generation = generation
-        self.epoch = epoch
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid
-
-    @property
-    def returncode(self) -> int | None:
-        return self.process.returncode
-
-    def terminate(self) -> None:
-        if self.process.returncode is None:
-            self.process.terminate()
-
-    def kill(self) -> None:
-        if self.process.returncode is None:
-            self.process.kill()
-
-    async def wait(self) -> int:
-        return await self.process.wait()
-
-
-class ProcessLauncher:
-    """Starts ``command(generation, epoch)`` as a child and relays its lines.
-
-    The epoch is also in the child's environment (:data:`EPOCH_ENV`), and so are the
-    epoch floors (:data:`EPOCH_FLOORS_ENV`): the newest epoch per joiner rank that any
-    earlier child reported admitting on its stdout (:attr:`epoch_floors`).
-
-    Every line is passed to ``echo(generation, stream, line)`` (the supervisor prints
-    them, prefixed, so the operator still sees the rank's own log) and parsed into
-    events with :func:`parse_line`.
-    """
-
-    def __init__(self, command: Callable[[int, int], Sequence[str]], *,
-                 env: Mapping[str, str] | None = None,
-                 echo: Callable[[int, str, str], None] = lambda g, s, line: None) -> None:
-        self.command = command
-        self.env = dict(os.environ if env is None else env)
-        self.env.pop(EPOCH_FLOORS_ENV, None)  # ours to set, from what our children saw
-        self.echo = echo
-        #: rank -> newest epoch a child of ours admitted for that rank.
-        self.epoch_floors: dict[int, int] = {}
-
-    async def launch(self, generation: int, epoch: int, nursery: trio.Nursery,
-                     inbox: trio.MemorySendChannel[InboxItem]) -> Child:
-        # A private TMPDIR per generation: a child killed by SIGKILL cannot remove its
-        # topology directory; removing this one after the reap leaves nothing behind.
-        tmpdir = tempfile.mkdtemp(prefix=f"clusterfsm-gen{generation}-",
-                                  dir=self.env.get("TMPDIR"))
-        env = dict(self.env, **{EPOCH_ENV: str(epoch), "TMPDIR": tmpdir})
-        if self.epoch_floors:
-            env[EPOCH_FLOORS_ENV] = format_floors(self.epoch_floors)
-        try:
-            process = await trio.lowlevel.open_process(
-                list(self.command(generation, epoch)), stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, env=env)
-        except OSError:
-            shutil.rmtree(tmpdir, ignore_errors=True)
-            raise
-        child = ProcessChild(process, generation, epoch)
-        assert process.stdout is not None and process.stderr is not None
-        for name, stream in (("stdout", process.stdout), ("stderr", process.stderr)):
-            nursery.start_soon(self._relay, generation, name, stream, inbox.clone())
-        nursery.start_soon(self._reap, child, inbox.clone(), tmpdir)
-        return child
-
-    async def _relay(self, generation: int, name: str, stream: trio.abc.ReceiveStream,
-                     inbox: trio.MemorySendChannel[InboxItem]) -> None:
-        buffer = b""
-        async with inbox, stream:
-            while True:
-                try:
-                    chunk = await stream.receive_some(65536)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    chunk = b""
-                if not chunk:
-                    break
-                buffer += chunk
-                while b"\n" in buffer:
-                    raw, buffer = buffer.split(b"\n", 1)
-                    self._line(generation, name, raw, inbox)
-            if buffer:
-                self._line(generation, name, buffer, inbox)
-
-    def _line(self, generation: int, name: str, raw: bytes,
-              inbox: trio.MemorySendChannel[InboxItem]) -> None:
-        line = raw.decode(errors="replace").rstrip("\r")
-        self.echo(generation, name, line)
-        admitted = parse_admission(line) if name == "stdout" else None
-        if admitted is not None:
-            rank, epoch = admitted
-            self.epoch_floors[rank] = max(self.epoch_floors.get(rank, 0), epoch)
-        event = parse_line(generation, line)
-        if event is not None:
-            inbox.send_nowait(event)
-
-    async def _reap(self, child: ProcessChild, inbox: trio.MemorySendChannel[InboxItem],
-                    tmpdir: str) -> None:
-        async with inbox:
-            try:
-                code = await child.wait()
-            finally:
-                # Our own directory; a file the watchdog is still removing is no error.
-                shutil.rmtree(tmpdir, ignore_errors=True)
-            inbox.send_nowait(ChildExited(child.generation, code))
-
-
 # -- policy and context -------------------------------------------------------------
-
-#: Exit code of a child that refused its usage/configuration (states.exitcodes).
-EXIT_USAGE_CODE = 2
 
 
 def _positive(_inst: object, attr: attrs.Attribute[float], value: float) -> None:
@@ -526,7 +307,7 @@ async def bootstrapping(ctx: SupervisorContext) -> str:
             elif isinstance(item, ChildFailed):
                 ctx.failure = ChildFailure(ctx.generation, item.state, item.error, item.detail)
             else:
-                if item.returncode == EXIT_USAGE_CODE:
+                if item.returncode == EXIT_USAGE:
                     raise _misconfigured(ctx, item.returncode)
                 ctx.failure = attrs.evolve(
                     ctx.failure or ChildFailure(ctx.generation, state, "ChildExited"),
@@ -556,7 +337,7 @@ async def running(ctx: SupervisorContext) -> str:
             ctx.failure = ChildFailure(ctx.generation, item.state, item.error, item.detail)
             return "child_lost"
         if isinstance(item, ChildExited):
-            if item.returncode == EXIT_USAGE_CODE:
+            if item.returncode == EXIT_USAGE:
                 raise _misconfigured(ctx, item.returncode)
             ctx.failure = ChildFailure(ctx.generation, "ready", "ChildExited",
                                        returncode=item.returncode)
@@ -734,94 +515,16 @@ async def _kill_and_reap(ctx: SupervisorContext) -> None:
         ctx.child = None
 
 
-# -- the CLI side: child command lines ----------------------------------------------
-
-#: Flags of ``serve`` that belong to the supervisor, with whether they take a value.
-SUPERVISOR_FLAGS: Mapping[str, bool] = {
-    "--supervise": False,
-    "--max-restarts": True,
-    "--restart-backoff": True,
-    "--stop-grace": True,
-    "--trace-json": True,
-    "--once": False,
-}
-
-
-def strip_flags(argv: Sequence[str], flags: Mapping[str, bool] = SUPERVISOR_FLAGS
-                ) -> list[str]:
-    """``argv`` without the supervisor's own flags (``--flag V`` and ``--flag=V``)."""
-    out: list[str] = []
-    skip = False
-    for token in argv:
-        if skip:
-            skip = False
-            continue
-        name = token.split("=", 1)[0]
-        if name in flags:
-            skip = flags[name] and "=" not in token
-            continue
-        out.append(token)
-    return out
-
-
-def generation_trace_path(base: str, generation: int) -> str:
-    """``run.jsonl`` -> ``run.gen3.jsonl``: one child trace per generation."""
-    root, dot, ext = base.rpartition(".")
-    if not dot or "/" in ext:
-        return f"{base}.gen{generation}"
-    return f"{root}.gen{generation}.{ext}"
-
-
-def child_command(serve_argv: Sequence[str], trace: str | None
-                  ) -> Callable[[int, int], list[str]]:
-    """The child's command line per generation: ``serve`` without supervision."""
-    base = strip_flags(serve_argv)
-
-    def command(generation: int, _epoch: int) -> list[str]:
-        cmd = [sys.executable, "-m", "clusterfsm.states.cli", *base]
-        if trace:
-            cmd += ["--trace-json", generation_trace_path(trace, generation)]
-        return cmd
-
-    return command
-
-
-def parse_backoff(text: str) -> tuple[float, float]:
-    """``MIN:MAX`` seconds, e.g. ``0.2:5``."""
-    low, sep, high = text.partition(":")
-    try:
-        pair = (float(low), float(high if sep else low))
-    except ValueError:
-        raise ValueError(f"expected MIN:MAX seconds, got {text!r}") from None
-    if not all(v > 0 and math.isfinite(v) for v in pair) or pair[0] > pair[1]:
-        raise ValueError(f"expected 0 < MIN <= MAX seconds, got {text!r}")
-    return pair
-
-
 __all__ = [
-    "EPOCH_ENV",
-    "EPOCH_FLOORS_ENV",
     "SUPERVISOR",
-    "Child",
-    "ChildExited",
-    "ChildFailed",
+    "ChildFailure",
     "ChildMisconfigured",
-    "ChildReady",
     "ChildSpawnFailed",
     "ChildStopTimeout",
-    "ChildTransition",
-    "Launcher",
-    "ProcessLauncher",
     "RestartBudgetExhausted",
     "RestartPolicy",
     "SupervisorContext",
     "SupervisorStalled",
-    "child_command",
     "epoch_clock",
-    "format_floors",
-    "parse_admission",
-    "parse_epoch",
-    "parse_floors",
-    "parse_line",
     "run_supervisor",
 ]

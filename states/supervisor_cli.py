@@ -1,10 +1,11 @@
 """``clusterfsm serve --supervise``: the supervisor process of one rank.
 
-It runs the rank as ``python -m clusterfsm.states.cli serve ...`` (the same flags, without the
-supervisor's own) in a child process, echoes the child's lines prefixed with its
-generation (``[gen 2] rank 0: ...``), logs its own transitions
-(``supervisor rank 0: running --child_lost--> stopping (...)``) and the time each
-recovery took, and restarts the child as :mod:`clusterfsm.states.supervisor` decides.
+It runs the rank as ``python -m clusterfsm.states.cli serve ...`` (the same flags,
+without the supervisor's own: :func:`child_command`) in a child process, echoes the
+child's lines prefixed with its generation (``[gen 2] rank 0: ...``), logs its own
+transitions (``supervisor rank 0: running --child_lost--> stopping (...)``) and the
+time each recovery took, and restarts the child as :mod:`clusterfsm.states.supervisor`
+decides. Every line it writes is a kind of :mod:`clusterfsm.states.lines`.
 
 Exit codes: 0 stopped on request (SIGINT/SIGTERM; the child is stopped first);
 1 the supervisor ended in an error state (``restart_budget_exhausted``, ...), printed
@@ -14,23 +15,97 @@ as ``supervisor rank R: state STATE, error TYPE: message``; 2 bad usage.
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import signal
 import sys
+from collections.abc import Callable, Mapping, Sequence
 
 import trio
 
 from clusterfsm.fsm import TraceRecord, TraceWriter
 from clusterfsm.states.config import DEFAULT_DEADLINES
 from clusterfsm.states.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from clusterfsm.states.lines import (
+    EchoLine,
+    ErrorLine,
+    LineKind,
+    SupervisorNote,
+    TransitionLine,
+    supervisor_speaker,
+)
 from clusterfsm.states.supervisor import (
-    ProcessLauncher,
     RestartPolicy,
     SupervisorContext,
-    child_command,
-    parse_backoff,
     run_supervisor,
 )
+from clusterfsm.states.supervisor_child import ProcessLauncher
+
+# -- the child's command line ------------------------------------------------------
+
+#: Flags of ``serve`` that belong to the supervisor, with whether they take a value.
+SUPERVISOR_FLAGS: Mapping[str, bool] = {
+    "--supervise": False,
+    "--max-restarts": True,
+    "--restart-backoff": True,
+    "--stop-grace": True,
+    "--trace-json": True,
+    "--once": False,
+}
+
+
+def strip_flags(argv: Sequence[str], flags: Mapping[str, bool] = SUPERVISOR_FLAGS
+                ) -> list[str]:
+    """``argv`` without the supervisor's own flags (``--flag V`` and ``--flag=V``)."""
+    out: list[str] = []
+    skip = False
+    for token in argv:
+        if skip:
+            skip = False
+            continue
+        name = token.split("=", 1)[0]
+        if name in flags:
+            skip = flags[name] and "=" not in token
+            continue
+        out.append(token)
+    return out
+
+
+def generation_trace_path(base: str, generation: int) -> str:
+    """``run.jsonl`` -> ``run.gen3.jsonl``: one child trace per generation."""
+    root, dot, ext = base.rpartition(".")
+    if not dot or "/" in ext:
+        return f"{base}.gen{generation}"
+    return f"{root}.gen{generation}.{ext}"
+
+
+def child_command(serve_argv: Sequence[str], trace: str | None
+                  ) -> Callable[[int, int], list[str]]:
+    """The child's command line per generation: ``serve`` without supervision."""
+    base = strip_flags(serve_argv)
+
+    def command(generation: int, _epoch: int) -> list[str]:
+        cmd = [sys.executable, "-m", "clusterfsm.states.cli", *base]
+        if trace:
+            cmd += ["--trace-json", generation_trace_path(trace, generation)]
+        return cmd
+
+    return command
+
+
+def parse_backoff(text: str) -> tuple[float, float]:
+    """``MIN:MAX`` seconds, e.g. ``0.2:5``."""
+    low, sep, high = text.partition(":")
+    try:
+        pair = (float(low), float(high if sep else low))
+    except ValueError:
+        raise ValueError(f"expected MIN:MAX seconds, got {text!r}") from None
+    if not all(v > 0 and math.isfinite(v) for v in pair) or pair[0] > pair[1]:
+        raise ValueError(f"expected 0 < MIN <= MAX seconds, got {text!r}")
+    return pair
+
+
+# -- running the supervisor ---------------------------------------------------------
 
 #: Added to the sum of the child's own deadlines to bound one bootstrap.
 BOOTSTRAP_MARGIN_S = 10.0
@@ -57,6 +132,11 @@ def _write(stream: str, text: str) -> None:
     out.flush()
 
 
+def _emit(line: LineKind, stream: str) -> None:
+    """Write one line of the ``serve`` line protocol (states.lines)."""
+    _write(stream, line.format())
+
+
 def run_supervised(args: argparse.Namespace) -> int:
     if args.once:
         _write("stderr", "clusterfsm serve: --supervise keeps the rank running; "
@@ -73,18 +153,19 @@ def run_supervised(args: argparse.Namespace) -> int:
 
 async def _supervise(args: argparse.Namespace, argv: list[str], policy: RestartPolicy
                      ) -> int:
-    prefix = f"supervisor rank {args.rank}"
+    speaker = supervisor_speaker(args.rank)
     trace = args.trace_json
     writer = TraceWriter(trace) if trace else None
 
     def log(text: str) -> None:
-        _write("stdout", f"{prefix}: {text}")
+        _emit(SupervisorNote(speaker, text), SupervisorNote.stream)
 
     def echo(generation: int, stream: str, line: str) -> None:
-        _write(stream, f"[gen {generation}] {line}")
+        _emit(EchoLine(generation, line), stream)
 
     def on_transition(record: TraceRecord) -> None:
-        log(f"{record.source} --{record.event}--> {record.dest} ({record.elapsed_ms:.1f} ms)")
+        _emit(TransitionLine(speaker, record.source, record.event, record.dest,
+                             record.elapsed_ms), TransitionLine.stream)
 
     launcher = ProcessLauncher(child_command(argv, trace), echo=echo)
     contexts: list[SupervisorContext] = []
@@ -104,8 +185,8 @@ async def _supervise(args: argparse.Namespace, argv: list[str], policy: RestartP
     if writer is not None:
         writer.finish(outcome.end_record())
     if outcome.error is not None:
-        _write("stderr", f"{prefix}: state {outcome.state}, error "
-                         f"{type(outcome.error).__name__}: {outcome.error}")
+        _emit(ErrorLine(speaker, outcome.state, type(outcome.error).__name__,
+                        str(outcome.error)), ErrorLine.stream)
         return EXIT_FAILED
     ctx = contexts[0]
     if ctx.recoveries:

@@ -41,18 +41,12 @@ from clusterfsm.states.codec import (
 )
 from clusterfsm.states.config import ClusterConfig
 from clusterfsm.states.context import FakePortReservation
+from clusterfsm.states.epochs import EPOCH_ENV, EPOCH_FLOORS_ENV, format_floors, parse_floors
 from clusterfsm.states.errors import HandshakeRejected, RejectReason
 from clusterfsm.states.groupinit import fake_initializer
 from clusterfsm.states.handshake import CoordinatorHandshake, JoinerHandshake
-from clusterfsm.states.supervisor import (
-    EPOCH_ENV,
-    EPOCH_FLOORS_ENV,
-    InboxItem,
-    ProcessLauncher,
-    format_floors,
-    parse_admission,
-    parse_floors,
-)
+from clusterfsm.states.lines import AdmissionLine
+from clusterfsm.states.supervisor_child import InboxItem, ProcessLauncher
 from clusterfsm.states.transport import MemoryNetwork
 from clusterfsm.states.watchdog import NoWatchdog
 from tests.cluster_harness import KEY, RankResult, config
@@ -61,6 +55,12 @@ from tests.test_supervisor_processes import Cluster, cluster  # noqa: F401 - fix
 J_ID = bytes(range(0x10, 0x20))
 C_ID = bytes(range(0x20, 0x30))
 SID = bytes(16)
+
+
+def parse_admission(line: str) -> tuple[int, int] | None:
+    """``(rank, epoch)`` of an admission line, or None."""
+    admitted = AdmissionLine.parse(line)
+    return None if admitted is None else (admitted.rank, admitted.epoch)
 
 
 def wire(msg: Message) -> Message:

@@ -18,22 +18,26 @@ from clusterfsm.fsm import Edge, Outcome
 from clusterfsm.fsm.testing import drive_edge
 from clusterfsm.states.supervisor import (
     SUPERVISOR,
-    ChildEvent,
-    ChildExited,
-    ChildFailed,
     ChildMisconfigured,
-    ChildReady,
     ChildSpawnFailed,
-    ChildTransition,
-    InboxItem,
     RestartBudgetExhausted,
     RestartPolicy,
     SupervisorContext,
+    run_supervisor,
+)
+from clusterfsm.states.supervisor_child import (
+    ChildEvent,
+    ChildExited,
+    ChildFailed,
+    ChildReady,
+    ChildTransition,
+    InboxItem,
+    child_event,
+)
+from clusterfsm.states.supervisor_cli import (
     child_command,
     generation_trace_path,
     parse_backoff,
-    parse_line,
-    run_supervisor,
     strip_flags,
 )
 from tests.conftest import COVERAGE
@@ -288,21 +292,21 @@ def test_policy_and_flags_are_validated() -> None:
 
 
 def test_child_lines_are_parsed() -> None:
-    assert parse_line(3, "rank 1: ready --PeerLost--> peer_lost (3.2 ms)") == \
+    assert child_event(3, "rank 1: ready --PeerLost--> peer_lost (3.2 ms)") == \
         ChildTransition(3, "ready", "PeerLost", "peer_lost")
     ready_line = "DistributedGroup ready rank=0 size=2 backend=ring session=abcd"
-    assert parse_line(1, ready_line) == ChildReady(1, "abcd", ready_line)
-    assert parse_line(1, "clusterfsm rank 0: state group_init_timeout, error "
+    assert child_event(1, ready_line) == ChildReady(1, "abcd", ready_line)
+    assert child_event(1, "clusterfsm rank 0: state group_init_timeout, error "
                          "GroupInitTimeout: killed") == \
         ChildFailed(1, "group_init_timeout", "GroupInitTimeout", "killed")
-    assert parse_line(1, "rank 0: all_sum = 3 (expected 3)") is None
+    assert child_event(1, "rank 0: all_sum = 3 (expected 3)") is None
     # --rank auto: serve names the node until the election
-    assert parse_line(2, "node 0a1b2c3d: ready --peer_left--> peer_left (1.0 ms)") == \
+    assert child_event(2, "node 0a1b2c3d: ready --peer_left--> peer_left (1.0 ms)") == \
         ChildTransition(2, "ready", "peer_left", "peer_left")
     # a peer's words quoted in an error line are never a ready line
     forged = ("rank 1: state handshake_rejected, error HandshakeRejected: handshake "
               "rejected (bad_key): DistributedGroup ready session=ffff")
-    assert parse_line(1, forged) == ChildFailed(
+    assert child_event(1, forged) == ChildFailed(
         1, "handshake_rejected", "HandshakeRejected",
         "handshake rejected (bad_key): DistributedGroup ready session=ffff")
 

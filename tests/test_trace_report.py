@@ -186,15 +186,14 @@ def test_html_report_of_a_failed_run_says_what_where_and_how_long(tmp_path: Path
 def test_html_report_of_a_good_run_and_demo_report_hook(tmp_path: Path) -> None:
     need_dot()
 
-    def fake_demo(base: str | None) -> int:
-        assert base is not None
-        for r in range(2):
-            good_rank(tmp_path, r, 5.0).rename(
-                Path(base).with_name(f"{Path(base).stem}.rank{r}.jsonl"))
-        return 0
+    def fake_demo(base: str) -> tuple[int, list[Path]]:
+        traces = [Path(base).with_name(f"{Path(base).stem}.rank{r}.jsonl") for r in range(2)]
+        for r, trace in enumerate(traces):
+            good_rank(tmp_path, r, 5.0).rename(trace)
+        return 0, traces
 
     out = tmp_path / "demo.html"
-    assert run_demo_with_report(fake_demo, ranks=2, trace_json=None, out=str(out)) == 0
+    assert run_demo_with_report(fake_demo, trace_json=None, out=str(out)) == 0
     page = out.read_text()
     assert '<body data-verdict="ok">' in page and "OK: all 2 rank(s) ran to the end" in page
     assert 'id="errors"' not in page
@@ -255,15 +254,17 @@ def test_a_failed_demo_still_writes_its_report_and_keeps_its_exit_code(
         tmp_path: Path) -> None:
     need_dot()
 
-    def failing_demo(base: str | None) -> int:
-        assert base is not None
-        for path in wrong_key(tmp_path):
-            path.rename(Path(base).with_name(path.name.replace("bad", Path(base).stem)))
-        return 1
+    def failing_demo(base: str) -> tuple[int, list[Path]]:
+        written = wrong_key(tmp_path)
+        traces = [Path(base).with_name(path.name.replace("bad", Path(base).stem))
+                  for path in written]
+        for path, trace in zip(written, traces, strict=True):
+            path.rename(trace)
+        return 1, traces
 
     out = tmp_path / "failed.html"
     base = str(tmp_path / "t.jsonl")
-    assert run_demo_with_report(failing_demo, ranks=2, trace_json=base, out=str(out)) == 1
+    assert run_demo_with_report(failing_demo, trace_json=base, out=str(out)) == 1
     assert '<body data-verdict="failed">' in out.read_text()
     assert (tmp_path / "t.rank0.jsonl").exists()  # --trace-json files are the user's: kept
 
