@@ -4,17 +4,18 @@
 calls init, a connect back-off, an RDMA hang) no Python code of this process runs,
 trio deadlines included. The only clocks that still tick are outside the interpreter.
 
-So each rank starts a tiny watchdog *process* early in the run. On Linux, while the
-rank is still single-threaded, it is a fork of the rank running the same small
-program (~1 ms, and no ~20 ms of interpreter start-up competing for the CPUs with the
-ranks' group init, where a descheduled ring rank costs MLX's 1 s connect back-off);
-elsewhere it is ``python -I -S -c`` with that program. Just before init the rank
+So each rank starts a tiny watchdog *process* early in the run; its program is
+:mod:`clusterfsm.states.watchdog_main` (standard library only). On Linux, while the
+rank is still single-threaded, it is a fork of the rank that calls that program's
+``main`` (~1 ms, and no ~20 ms of interpreter start-up competing for the CPUs with
+the ranks' group init, where a descheduled ring rank costs MLX's 1 s connect
+back-off); elsewhere it is ``python -I -S PATH/watchdog_main.py``. Just before init the rank
 *arms* it with the deadline and the exact trace lines that describe a
 ``GroupInitTimeout``; just after, it *disarms* it. If the deadline passes while
 armed, the watchdog appends those lines to the trace, prints the error state and
 type on stderr, and SIGKILLs the rank (SIGTERM handlers would need the GIL too). A
-hung init cannot be recovered inside the process anyway (DESIGN.md section 3): a new
-process and session is the only way back.
+hung init cannot be recovered inside the process anyway (docs/design.md, the MLX
+facts): a new process and session is the only way back.
 
 It also removes the rank's private topology directory, which a killed rank cannot:
 the rank registers the directory (:meth:`InitWatchdog.remove_on_exit`) as soon as it
@@ -32,85 +33,18 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import trio
 
+from clusterfsm.states import watchdog_main
 from clusterfsm.states.errors import PrecheckFailed
 
-# The watchdog's whole program. Kept dependency-free and started with -I -S so it
-# starts fast and cannot be affected by the rank's environment or site-packages.
-WATCHDOG_SOURCE = r"""
-import json, os, select, signal, sys, time
-parent = os.getppid()
-armed_at = None
-deadline = None
-payload = None
-cleanup = []
-buf = b""
-fd = sys.stdin.fileno()
-
-def remove_cleanup_paths():
-    # Missing paths are fine: the rank removes its own directory on a clean close.
-    for path in cleanup:
-        for root, dirs, files in os.walk(path, topdown=False):
-            for name in files:
-                try:
-                    os.unlink(os.path.join(root, name))
-                except FileNotFoundError:
-                    pass
-            for name in dirs:
-                try:
-                    os.rmdir(os.path.join(root, name))
-                except FileNotFoundError:
-                    pass
-        try:
-            os.rmdir(path)
-        except FileNotFoundError:
-            pass
-
-while True:
-    timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-    ready, _, _ = select.select([fd], [], [], timeout)
-    if not ready:
-        if deadline is not None and time.monotonic() >= deadline:
-            elapsed = time.monotonic() - armed_at
-            trace = payload.get("trace")
-            if trace:
-                rec = dict(payload["record"])
-                rec["t"] = round(payload["t_armed"] + elapsed, 6)
-                rec["elapsed_ms"] = round(payload["elapsed_before_ms"] + elapsed * 1000, 3)
-                with open(trace, "a") as f:
-                    f.write(json.dumps(rec, separators=(",", ":")) + "\n")
-                    f.write(json.dumps(payload["end"], separators=(",", ":")) + "\n")
-            sys.stderr.write(payload["message"] + "\n")
-            sys.stderr.flush()
-            try:
-                os.kill(parent, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            remove_cleanup_paths()
-            sys.exit(0)
-        continue
-    chunk = os.read(fd, 65536)
-    if not chunk:
-        # The rank is gone (exited, or killed: a SIGKILLed rank cannot clean up).
-        remove_cleanup_paths()
-        sys.exit(0)
-    buf += chunk
-    while b"\n" in buf:
-        line, buf = buf.split(b"\n", 1)
-        if line.startswith(b"ARM "):
-            payload = json.loads(line[4:])
-            cleanup.extend(p for p in payload.get("cleanup", []) if p not in cleanup)
-            armed_at = time.monotonic()
-            deadline = armed_at + float(payload["seconds"])
-        elif line.startswith(b"CLEANUP "):
-            cleanup.extend(p for p in json.loads(line[8:]) if p not in cleanup)
-        elif line == b"DISARM":
-            deadline = None
-            payload = None
-"""
+#: The watchdog's program, run by path in its own isolated interpreter where it cannot
+#: be forked: ``-I`` ignores the rank's environment and user site, ``-S`` skips
+#: site-packages (a fast start; the program needs only the standard library).
+WATCHDOG_PROGRAM = Path(watchdog_main.__file__)
 
 
 def _single_threaded_linux() -> bool:
@@ -122,8 +56,8 @@ class ForkedWatchdog:
     """The watchdog as a fork of this process: the same program, no interpreter start.
 
     The child keeps only the pipe (as stdin) and stdout/stderr, restores default
-    signal handling, runs :data:`WATCHDOG_SOURCE` and leaves with ``os._exit`` (none
-    of the rank's cleanup or buffers run twice). The parent waits on a pidfd, so
+    signal handling, runs :func:`clusterfsm.states.watchdog_main.main` and leaves with
+    ``os._exit`` (none of the rank's cleanup or buffers run twice). The parent waits on a pidfd, so
     reaping it needs no polling and no thread.
     """
 
@@ -180,8 +114,7 @@ def _run_forked_watchdog(read_end: int) -> None:
                     os.close(int(name))
                 except OSError:  # the directory's own fd, already gone
                     continue
-        exec(compile(WATCHDOG_SOURCE, "<clusterfsm watchdog>", "exec"), {"__name__": "__main__"})
-        code = 0
+        code = watchdog_main.main(0)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     finally:
@@ -206,7 +139,7 @@ class InitWatchdog:
                 self._process = ForkedWatchdog.start()
             else:
                 self._process = await trio.lowlevel.open_process(
-                    [sys.executable, "-I", "-S", "-c", WATCHDOG_SOURCE],
+                    [sys.executable, "-I", "-S", str(WATCHDOG_PROGRAM)],
                     stdin=subprocess.PIPE,
                 )
         except OSError as exc:  # fork/exec failed: out of processes or memory
