@@ -17,37 +17,35 @@ R`` (the init watchdog, speaking for the rank it killed) or ``supervisor rank R`
 (``serve --supervise``). A speaker never contains a colon or a space after the word
 ``rank``/``node``, so ``SPEAKER: `` always ends at the first ``": "`` of a line.
 
-=====================  ======  ==========================================================
-kind                   stream  text
-=====================  ======  ==========================================================
-:class:`TransitionLine` stdout ``SPEAKER: SOURCE --EVENT--> DEST (12.3 ms)``, one per
-                               transition (not with ``--quiet``)
-:class:`ReadyLine`     stdout  ``DistributedGroup ready rank=R size=N backend=B
-                               session=HEX``: the group works (after ``--verify``'s
-                               ``all_sum``); always unprefixed, always ``session=`` last
-:class:`AllSumLine`    stdout  ``SPEAKER: all_sum = 3 (expected 3)`` (``--verify``)
-:class:`VerifyFailedLine` stderr ``SPEAKER: all_sum is wrong``
-:class:`ErrorLine`     stderr  ``SPEAKER: state STATE, error TYPE: DETAIL``: the rank (or
-                               supervisor) ended in error state ``STATE`` with an error
-                               of type ``TYPE``
-:class:`PeerLeftLine`  stdout  ``SPEAKER: state peer_left (a peer closed the cluster on
-                               purpose; the group is no longer usable)``
-:class:`StoppedLine`   stderr  ``SPEAKER: stopped by signal``
-:class:`AdmissionLine` stdout  ``admitted rank K epoch E from HOST:PORT``: a supervised
-                               coordinator admitted a supervised joiner's generation
-:class:`EchoLine`      both    ``[gen G] LINE``: a supervisor repeating generation ``G``'s
-                               line on the stream it came from
-:class:`SupervisorNote` stdout ``supervisor rank R: TEXT``: the supervisor's own log
-                               (generation started, restart in N s, recovered ...)
-=====================  ======  ==========================================================
+Each kind, its stream, and its text:
+
+- :class:`TransitionLine` (stdout): ``SPEAKER: SOURCE --EVENT--> DEST (12.3 ms)``, one
+  per transition of the speaker's machine (a rank's: not with ``--quiet``).
+- :class:`ReadyLine` (stdout): ``DistributedGroup ready rank=R size=N backend=B
+  session=HEX``, the group works (after ``--verify``'s ``all_sum``). Never prefixed;
+  ``session=`` is always last.
+- :class:`AllSumLine` (stdout): ``SPEAKER: all_sum = 3 (expected 3)`` (``--verify``).
+- :class:`VerifyFailedLine` (stderr): ``SPEAKER: all_sum is wrong`` (then exit 1).
+- :class:`ErrorLine` (stderr): ``SPEAKER: state STATE, error TYPE: DETAIL``, the speaker
+  ended in error state ``STATE`` with an error of type ``TYPE`` (then exit 1).
+- :class:`PeerLeftLine` (stdout): ``SPEAKER: state peer_left (a peer closed the cluster
+  on purpose; the group is no longer usable)``.
+- :class:`StoppedLine` (stderr): ``SPEAKER: stopped by signal``.
+- :class:`AdmissionLine` (stdout, supervised rank 0 only): ``admitted rank K epoch E
+  from HOST:PORT``, it admitted generation ``E`` of joiner ``K``.
+- :class:`EchoLine` (the stream it came from): ``[gen G] LINE``, a supervisor repeating
+  generation ``G``'s line.
+- :class:`SupervisorNote` (stdout): ``supervisor rank R: TEXT``, the supervisor's own
+  log (generation started, restart in N s, recovered after N s, ...).
 
 Rules every writer keeps, and every reader relies on:
 
 - **One line, one event.** Every line ends with ``\\n``; a reader splits on it.
-- **Peer text is escaped.** Words a peer chose (a Reject detail, an ABORT message)
-  only ever appear in an :class:`ErrorLine`'s ``DETAIL``, and :meth:`ErrorLine.format`
-  escapes control characters there (:func:`clusterfsm.states.errors.printable`), so a
-  peer cannot end the line and forge the next one.
+- **Peer text is escaped.** Of these kinds, words a peer chose (a Reject detail, an
+  ABORT message) appear only in an :class:`ErrorLine`'s ``DETAIL``, never at the start
+  of a line, and :meth:`ErrorLine.format` escapes control characters there
+  (:func:`clusterfsm.states.errors.printable`; rank 0's refusal log escapes them the
+  same way), so a peer cannot end the line and forge the next one.
 - **Anchored.** Every :meth:`parse` matches the whole line from its first character.
   A peer's words quoted *inside* an error line (``... error HandshakeRejected:
   DistributedGroup ready ...``) are never read as a ready line, and an echoed line
