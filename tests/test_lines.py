@@ -115,3 +115,15 @@ def test_no_other_module_spells_out_a_protocol_line() -> None:
                  for literal in string_literals(p) if any(w in literal for w in words)}
     assert offenders == {}
     assert any("DistributedGroup ready" in s for s in string_literals(ROOT / "states/lines.py"))
+
+
+def test_serve_names_the_error_state_the_machine_binds() -> None:
+    """serve's error line takes its state from the machine's own lookup, not from text."""
+    from clusterfsm.fsm.errors import UnexpectedError
+    from clusterfsm.states.errors import GroupInitTimeout, PeerLost
+    from clusterfsm.states.serve import error_state_of
+
+    assert error_state_of(GroupInitTimeout("initializing_group", 40.0)) == "group_init_timeout"
+    assert error_state_of(PeerLost(1, 3.0)) == "peer_lost"
+    assert error_state_of(UnexpectedError("idle", KeyError("x"))) == "unexpected"
+    assert error_state_of(KeyError("never declared")) == "unexpected"
