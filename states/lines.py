@@ -6,8 +6,9 @@ its supervisor (:mod:`clusterfsm.states.supervisor_child` reads a child's lines,
 embedding app's own child command (``supervise_ranks(command=...)``) and operators'
 scripts. This module is the one owner of those lines: each kind is a frozen attrs
 class whose :meth:`format` is what the writers print and whose :meth:`parse` is what
-the readers use, so the two cannot drift apart. docs/design.md describes where the
-protocol sits in the architecture; docs/operations.md shows it in a supervised log.
+the readers use, so the two cannot drift apart. docs/design.md section 4 describes
+where the protocol sits in the architecture; docs/operations.md shows it in a
+supervised log.
 
 The lines
 ---------
@@ -33,6 +34,8 @@ Each kind, its stream, and its text:
 - :class:`StoppedLine` (stderr): ``SPEAKER: stopped by signal``.
 - :class:`AdmissionLine` (stdout, supervised rank 0 only): ``admitted rank K epoch E
   from HOST:PORT``, it admitted generation ``E`` of joiner ``K``.
+- :class:`UsageLine` (stderr): ``clusterfsm serve: MESSAGE``, bad usage or
+  configuration (then exit 2, and a supervisor does not restart the child).
 - :class:`EchoLine` (the stream it came from): ``[gen G] LINE``, a supervisor repeating
   generation ``G``'s line.
 - :class:`SupervisorNote` (stdout): ``supervisor rank R: TEXT``, the supervisor's own
@@ -281,6 +284,25 @@ class AdmissionLine:
 
 
 @attrs.frozen
+class UsageLine:
+    """``command`` refused its flags or configuration (exit 2) before running."""
+
+    stream: ClassVar[Stream] = "stderr"
+    _PATTERN: ClassVar[re.Pattern[str]] = re.compile(r"^clusterfsm (serve): (.*)$")
+
+    command: str
+    message: str
+
+    def format(self) -> str:
+        return f"clusterfsm {self.command}: {self.message}"
+
+    @classmethod
+    def parse(cls, line: str) -> UsageLine | None:
+        m = cls._PATTERN.match(line)
+        return None if m is None else cls(m[1], m[2])
+
+
+@attrs.frozen
 class EchoLine:
     """A supervisor repeats its child's line, on the stream it came from."""
 
@@ -325,14 +347,14 @@ def supervisor_speaker(rank: object) -> str:
 
 #: The lines a rank (``serve`` without ``--supervise``) writes, each on its ``stream``.
 RankLine = (TransitionLine | ReadyLine | AllSumLine | VerifyFailedLine | ErrorLine
-            | PeerLeftLine | StoppedLine | AdmissionLine)
+            | PeerLeftLine | StoppedLine | AdmissionLine | UsageLine)
 LineKind = RankLine | EchoLine | SupervisorNote
 
 #: Tried in this order; the patterns are anchored and exclusive, except that a
 #: supervisor's transition or error line is read as such before as a note.
 _KINDS: tuple[type[LineKind], ...] = (
     TransitionLine, ReadyLine, AllSumLine, VerifyFailedLine, ErrorLine, PeerLeftLine,
-    StoppedLine, AdmissionLine, EchoLine, SupervisorNote)
+    StoppedLine, AdmissionLine, UsageLine, EchoLine, SupervisorNote)
 
 
 def parse_line(line: str) -> LineKind | None:
@@ -356,6 +378,7 @@ __all__ = [
     "StoppedLine",
     "SupervisorNote",
     "TransitionLine",
+    "UsageLine",
     "VerifyFailedLine",
     "parse_line",
     "rank_speaker",

@@ -45,6 +45,7 @@ from clusterfsm.states.lines import (
     ReadyLine,
     StoppedLine,
     TransitionLine,
+    UsageLine,
     VerifyFailedLine,
     rank_speaker,
 )
@@ -110,7 +111,7 @@ def run_serve(args: argparse.Namespace) -> int:
         if args.trace_json:
             _check_trace_path(args.trace_json)
     except (ValueError, KeyFileError) as exc:
-        print(f"clusterfsm serve: {exc}", file=sys.stderr)
+        _emit(UsageLine("serve", str(exc)))
         return EXIT_USAGE
     return serve(config, ServeOptions(args.trace_json, args.once, args.quiet))
 

@@ -3,8 +3,8 @@
 Theory of operation
 -------------------
 MLX keeps one distributed group per process, and ``mx.distributed.init`` holds the
-GIL and cannot be cancelled from inside (docs/design.md, the MLX facts). So after a lost peer
-or a hung init the only clean way back is a *new process* that bootstraps a *new
+GIL and cannot be cancelled from inside (docs/design.md section 3.1). So after a lost
+peer or a hung init the only clean way back is a *new process* that bootstraps a *new
 session*. The supervisor is that outside party: a small process (or task, see
 :mod:`clusterfsm.states.supervised`) that never imports MLX, runs the rank as a child, watches
 what the child reports, and replaces it::

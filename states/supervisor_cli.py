@@ -32,6 +32,7 @@ from clusterfsm.states.lines import (
     LineKind,
     SupervisorNote,
     TransitionLine,
+    UsageLine,
     supervisor_speaker,
 )
 from clusterfsm.states.supervisor import (
@@ -139,13 +140,13 @@ def _emit(line: LineKind, stream: str) -> None:
 
 def run_supervised(args: argparse.Namespace) -> int:
     if args.once:
-        _write("stderr", "clusterfsm serve: --supervise keeps the rank running; "
-                         "it cannot be combined with --once")
+        _emit(UsageLine("serve", "--supervise keeps the rank running; it cannot be "
+                                 "combined with --once"), UsageLine.stream)
         return EXIT_USAGE
     try:
         policy = policy_from(args)
     except ValueError as exc:
-        _write("stderr", f"clusterfsm serve: {exc}")
+        _emit(UsageLine("serve", str(exc)), UsageLine.stream)
         return EXIT_USAGE
     argv: list[str] = list(getattr(args, "argv", None) or sys.argv[1:])
     return trio.run(_supervise, args, argv, policy)

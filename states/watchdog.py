@@ -14,8 +14,8 @@ back-off); elsewhere it is ``python -I -S PATH/watchdog_main.py``. Just before i
 ``GroupInitTimeout``; just after, it *disarms* it. If the deadline passes while
 armed, the watchdog appends those lines to the trace, prints the error state and
 type on stderr, and SIGKILLs the rank (SIGTERM handlers would need the GIL too). A
-hung init cannot be recovered inside the process anyway (docs/design.md, the MLX
-facts): a new process and session is the only way back.
+hung init cannot be recovered inside the process anyway (docs/design.md section
+3.1): a new process and session is the only way back.
 
 It also removes the rank's private topology directory, which a killed rank cannot:
 the rank registers the directory (:meth:`InitWatchdog.remove_on_exit`) as soon as it

@@ -20,6 +20,7 @@ from clusterfsm.states.lines import (
     StoppedLine,
     SupervisorNote,
     TransitionLine,
+    UsageLine,
     VerifyFailedLine,
     parse_line,
     rank_speaker,
@@ -45,6 +46,8 @@ EXAMPLES: list[tuple[LineKind, str]] = [
                              "purpose; the group is no longer usable)"),
     (StoppedLine("rank 0"), "rank 0: stopped by signal"),
     (AdmissionLine(1, 5, "10.0.0.2:40000"), "admitted rank 1 epoch 5 from 10.0.0.2:40000"),
+    (UsageLine("serve", "--rank must be an integer or 'auto', got 'x'"),
+     "clusterfsm serve: --rank must be an integer or 'auto', got 'x'"),
     (EchoLine(2, "rank 0: stopped by signal"), "[gen 2] rank 0: stopped by signal"),
     (SupervisorNote("supervisor rank 0", "restart 1/5 in 0.094 s"),
      "supervisor rank 0: restart 1/5 in 0.094 s"),
@@ -109,8 +112,8 @@ def string_literals(path: Path) -> list[str]:
 
 def test_no_other_module_spells_out_a_protocol_line() -> None:
     """One owner: the fixed words of the lines appear in the code of states/lines.py only."""
-    words = ("DistributedGroup ready", "admitted rank ", ", error ", "--> ", "[gen ",
-             "stopped by signal", "all_sum = ", "all_sum is wrong")
+    words = ("clusterfsm serve: ", "DistributedGroup ready", "admitted rank ", ", error ",
+             "--> ", "[gen ", "stopped by signal", "all_sum = ", "all_sum is wrong")
     offenders = {p.name: literal for p in (ROOT / "states").glob("*.py") if p.name != "lines.py"
                  for literal in string_literals(p) if any(w in literal for w in words)}
     assert offenders == {}
