@@ -15,9 +15,10 @@ import secrets
 from collections.abc import Callable
 from typing import TypeVar
 
+import attrs
 import trio
 
-from clusterfsm.fsm import report_progress
+from clusterfsm.fsm import current_deadline, deadline_trace, report_progress
 from clusterfsm.states.codec import (
     BootstrapAck,
     GroupConfirm,
@@ -544,24 +545,26 @@ async def _arm_watchdog(ctx: ClusterContext) -> None:
 
     A rank whose trio loop still runs ends at the state's own (soft) deadline, with a
     normal trace; only a rank frozen inside init is killed, ``HARD_DEADLINE_GRACE``
-    later.
+    later. The watchdog writes the trace lines the runner would have written (built
+    here by the framework, from the declaration) with its own time of expiry.
     """
+    deadline = current_deadline()
     now = trio.current_time()
-    entered = ctx.state_entered_at.get("initializing_group", now)
-    budget = ctx.config.effective_deadlines()["initializing_group"]
-    seconds = max(0.1, budget - (now - entered)) + HARD_DEADLINE_GRACE
-    message = (f"clusterfsm rank {ctx.rank}: state group_init_timeout, error GroupInitTimeout: "
+    seconds = max(0.1, deadline.time_left()) + HARD_DEADLINE_GRACE
+    elapsed_before_ms = deadline.elapsed() * 1000
+    record, end = deadline_trace(
+        deadline.spec, deadline.state, t=now, elapsed_ms=elapsed_before_ms, message="")
+    message = (f"clusterfsm rank {ctx.rank}: state {end.state}, error {end.error}: "
                f"mx.distributed.init did not return within {seconds:g} s "
                "(hard deadline; the rank was killed)")
     await ctx.watchdog.arm(
         seconds,
         message=message,
         trace=ctx.trace_path,
-        record={"source": "initializing_group", "event": "deadline",
-                "dest": "group_init_timeout", "error": "GroupInitTimeout"},
-        end={"state": "group_init_timeout", "error": "GroupInitTimeout", "message": message},
+        record=record.to_json(),
+        end=attrs.evolve(end, message=message).to_json(),
         t_armed=now,
-        elapsed_before_ms=(now - entered) * 1000,
+        elapsed_before_ms=elapsed_before_ms,
         cleanup=[str(ctx.files.path)] if ctx.files is not None else [],
     )
 

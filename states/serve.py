@@ -75,14 +75,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
         return run_supervised(args)
     try:
-        config = _config_from(args)
-        from clusterfsm.states.machine import BOOTSTRAP
-
-        known = {s.name for s in BOOTSTRAP.states if not s.final}
-        for state in config.deadlines:
-            if state not in known:
-                raise ValueError(f"--deadline {state}=...: no such state "
-                                 f"(one of: {', '.join(sorted(known))})")
+        config = _config_from(args)  # --deadline was checked when parsed (cli)
         if args.trace_json:
             _check_trace_path(args.trace_json)
     except (ValueError, KeyFileError) as exc:
