@@ -82,7 +82,6 @@ class ControlLink:
         self.first_pong = trio.Event()
         self.last_heard = -math.inf
         self._heartbeats_since = -math.inf
-        self.last_pong = -math.inf
         self.pings_sent = 0
         self._started = False
         self._closed = False
@@ -235,7 +234,6 @@ class ControlLink:
         if isinstance(msg, Ping):
             await self.send(Pong(msg.seq))
         elif isinstance(msg, Pong):
-            self.last_pong = now
             self.first_pong.set()
         elif isinstance(msg, Abort):
             raise self._fail(PeerAborted(self.peer_rank, msg.error,
