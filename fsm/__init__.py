@@ -8,13 +8,23 @@ clusters, sockets or MLX.
 
 from clusterfsm.fsm.compiled import CompiledMachine, compile_spec
 from clusterfsm.fsm.errors import (
+    DeadlineOverrideError,
     IllegalTransition,
     MachineCancelled,
     SpecError,
     StateTimeout,
     UnexpectedError,
 )
-from clusterfsm.fsm.runner import Outcome, Runner, report_progress, run_machine
+from clusterfsm.fsm.runner import (
+    Outcome,
+    Runner,
+    StateDeadline,
+    current_deadline,
+    effective_deadlines,
+    report_progress,
+    run_machine,
+    time_left,
+)
 from clusterfsm.fsm.spec import (
     CANCEL,
     CANCELLED_STATE,
@@ -28,7 +38,14 @@ from clusterfsm.fsm.spec import (
     Transition,
     machine_spec,
 )
-from clusterfsm.fsm.trace import TraceEnd, TraceRecord, TraceWriter, read_trace, state_totals
+from clusterfsm.fsm.trace import (
+    TraceEnd,
+    TraceRecord,
+    TraceWriter,
+    deadline_trace,
+    read_trace,
+    state_totals,
+)
 
 __all__ = [
     "CANCEL",
@@ -37,6 +54,7 @@ __all__ = [
     "UNEXPECTED",
     "UNEXPECTED_STATE",
     "CompiledMachine",
+    "DeadlineOverrideError",
     "Edge",
     "ErrorState",
     "IllegalTransition",
@@ -46,6 +64,7 @@ __all__ = [
     "Runner",
     "SpecError",
     "State",
+    "StateDeadline",
     "StateTimeout",
     "TraceEnd",
     "TraceRecord",
@@ -53,9 +72,13 @@ __all__ = [
     "Transition",
     "UnexpectedError",
     "compile_spec",
+    "current_deadline",
+    "deadline_trace",
+    "effective_deadlines",
     "machine_spec",
     "read_trace",
     "report_progress",
     "run_machine",
     "state_totals",
+    "time_left",
 ]

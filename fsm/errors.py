@@ -13,6 +13,8 @@ few that exist for every machine:
 - :class:`IllegalTransition` is raised when an activity produces a trigger that the
   compiled ``transitions.Machine`` does not allow from the current state.
 - :class:`SpecError` is raised at build time for a spec that cannot run correctly.
+- :class:`DeadlineOverrideError` is raised before a run for a deadline override the
+  machine cannot take (see :func:`clusterfsm.fsm.runner.effective_deadlines`).
 """
 
 from __future__ import annotations
@@ -84,3 +86,22 @@ class SpecError(Exception):
     def __str__(self) -> str:
         lines = "\n".join(f"  - {p}" for p in self.problems)
         return f"machine {self.machine!r} is not valid:\n{lines}"
+
+
+@attrs.frozen(auto_exc=True)
+class DeadlineOverrideError(ValueError):
+    """A per-run deadline override names no state that has a deadline, or no valid time.
+
+    A ``ValueError``: it is bad input (a flag, a config), found before the run starts.
+    ``problem`` says what is wrong; the message also lists the states that take one.
+    """
+
+    machine: str
+    state: str
+    seconds: float
+    problem: str
+    allowed: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        tail = f" (states with a deadline: {', '.join(self.allowed)})" if self.allowed else ""
+        return f"deadline {self.state}={self.seconds!r}: {self.problem}{tail}"

@@ -33,6 +33,26 @@ Outcomes map to triggers like this:
 
 Every transition produces a :class:`~fsm.trace.TraceRecord` delivered to observers
 (callbacks, called synchronously, in order) and to subscribers (trio channels).
+
+Deadlines
+---------
+Each :class:`~fsm.spec.State` declares its default deadline. A run may override some
+of them (``Runner(..., deadlines={"connecting": 0.5})``); :func:`effective_deadlines`
+is the one place overrides are checked and merged: an unknown state, a state without
+a deadline (a final or steady one), or a time that is not a positive finite number is
+a :class:`~fsm.errors.DeadlineOverrideError` before anything runs. A command line can
+call it at parse time to apply the same rule.
+
+Inside an activity, :func:`current_deadline` tells the state's deadline as the
+runner's cancel scope holds it (when it was entered, when it expires) and
+:func:`time_left` how many seconds remain, so an activity never recomputes its own
+budget from a copy of the table.
+
+State
+-----
+The run's current state lives in one place: the per-run model the compiled
+``transitions.Machine`` moves (:class:`~fsm.compiled.RunModel`). :attr:`Runner.state`
+reads it; the runner keeps no copy.
 """
 
 from __future__ import annotations
@@ -47,7 +67,12 @@ import attrs
 import trio
 
 from clusterfsm.fsm.compiled import CompiledMachine, RunModel, compile_spec
-from clusterfsm.fsm.errors import IllegalTransition, MachineCancelled, UnexpectedError
+from clusterfsm.fsm.errors import (
+    DeadlineOverrideError,
+    IllegalTransition,
+    MachineCancelled,
+    UnexpectedError,
+)
 from clusterfsm.fsm.spec import CANCEL, DEADLINE, UNEXPECTED, MachineSpec, State
 from clusterfsm.fsm.trace import TraceEnd, TraceRecord
 
@@ -61,14 +86,44 @@ _log = logging.getLogger("clusterfsm.fsm.runner")
 GLOBAL_OBSERVERS: list[Callable[[str, TraceRecord], None]] = []
 
 
-class _Progress:
-    __slots__ = ("text",)
+@attrs.frozen
+class StateDeadline:
+    """The current state's deadline, as the runner's cancel scope for it holds it.
 
-    def __init__(self) -> None:
+    ``entered_at`` and ``expires_at`` are on the trio clock; ``seconds`` is the budget
+    (``None`` and ``expires_at = inf`` for a steady state without a deadline). ``spec``
+    is the running machine (for :func:`~fsm.trace.deadline_trace`).
+    """
+
+    spec: MachineSpec = attrs.field(eq=False, repr=False)
+    state: str
+    entered_at: float
+    seconds: float | None
+
+    @property
+    def expires_at(self) -> float:
+        return math.inf if self.seconds is None else self.entered_at + self.seconds
+
+    def time_left(self) -> float:
+        """Seconds until the deadline (negative once it passed; inf without one)."""
+        return self.expires_at - trio.current_time()
+
+    def elapsed(self) -> float:
+        """Seconds spent in the state so far."""
+        return trio.current_time() - self.entered_at
+
+
+class _StateCell:
+    """What the runner shares with the activity of the state it is in."""
+
+    __slots__ = ("deadline", "text")
+
+    def __init__(self, deadline: StateDeadline) -> None:
+        self.deadline = deadline
         self.text = ""
 
 
-_progress: ContextVar[_Progress | None] = ContextVar("fsm_progress", default=None)
+_current: ContextVar[_StateCell | None] = ContextVar("fsm_current_state", default=None)
 
 
 def report_progress(text: str) -> None:
@@ -78,9 +133,56 @@ def report_progress(text: str) -> None:
     (``"waiting for rank 2; rejected 1 connection: bad_key"``), so an operator learns
     what was missing, not only that time ran out. Outside a run it does nothing.
     """
-    cell = _progress.get()
+    cell = _current.get()
     if cell is not None:
         cell.text = text
+
+
+def current_deadline() -> StateDeadline:
+    """The deadline of the state whose activity calls this (or a task it started).
+
+    Raises ``RuntimeError`` outside an activity: there is no state to ask about.
+    """
+    cell = _current.get()
+    if cell is None:
+        raise RuntimeError("current_deadline() is only meaningful inside an activity")
+    return cell.deadline
+
+
+def time_left() -> float:
+    """Seconds left before the current state's deadline (inf for a steady state)."""
+    return current_deadline().time_left()
+
+
+def effective_deadlines(
+    spec: MachineSpec, overrides: Mapping[str, float] | None = None
+) -> dict[str, float]:
+    """Every state's deadline for a run: the declared ones with ``overrides`` applied.
+
+    The one place overrides are checked: a name that is not a state, a state without
+    a deadline (final, or steady without a timeout error), or a time that is not a
+    positive finite number raises :class:`~fsm.errors.DeadlineOverrideError`.
+    """
+    timed = {s.name: s for s in spec.states if s.on_timeout is not None}
+    allowed = tuple(timed)
+    merged = {name: s.deadline for name, s in timed.items() if s.deadline is not None}
+    for name, seconds in (overrides or {}).items():
+        if name not in timed:
+            if name not in spec.state_names:
+                problem = f"{name!r} is not a state of machine {spec.name!r}: no such state"
+            elif spec.is_final(name):
+                problem = f"{name!r} is not a state with an activity (it is final)"
+            else:
+                problem = (f"state {name!r} declares no timeout error (it is steady), "
+                           "so it cannot take a deadline")
+            raise DeadlineOverrideError(spec.name, name, seconds, problem, allowed)
+        if not (isinstance(seconds, (int, float)) and seconds > 0
+                and math.isfinite(seconds)):
+            raise DeadlineOverrideError(
+                spec.name, name, seconds,
+                "the deadline must be a positive, finite number of seconds", allowed)
+        merged[name] = float(seconds)
+    return merged
 
 
 @attrs.frozen
@@ -104,8 +206,9 @@ class Outcome:
 class Runner(Generic[C]):
     """Runs one instance of a machine with ``context`` passed to every activity.
 
-    ``deadlines`` overrides the spec's per-state deadlines (seconds) for this run.
-    A runner runs once; make a new one for the next run.
+    ``deadlines`` overrides the spec's per-state deadlines (seconds) for this run;
+    :func:`effective_deadlines` checks them here, before the run. A runner runs once;
+    make a new one for the next run.
     """
 
     def __init__(
@@ -120,12 +223,12 @@ class Runner(Generic[C]):
         self.spec = self.compiled.spec
         self.context = context
         self._states = {s.name: s for s in self.spec.states}
-        self._deadlines = self._check_deadlines(deadlines or {})
+        self._deadlines = effective_deadlines(self.spec, deadlines)
         self._observers = list(observers)
         self._subscribers: list[trio.MemorySendChannel[TraceRecord]] = []
         self._records: list[TraceRecord] = []
-        self._state = self.spec.initial
-        self._entered_at = math.nan
+        # The one record of the current state: transitions moves it, we only read it.
+        self._model = self.compiled.new_model()
         self._error: BaseException | None = None
         # Created only when someone waits (wait_for): most transitions have no waiter,
         # and 2,000 concurrent runs should not allocate an Event per transition each.
@@ -137,7 +240,7 @@ class Runner(Generic[C]):
 
     @property
     def state(self) -> str:
-        return self._state
+        return self._model.state
 
     @property
     def error(self) -> BaseException | None:
@@ -147,15 +250,9 @@ class Runner(Generic[C]):
     def records(self) -> tuple[TraceRecord, ...]:
         return tuple(self._records)
 
-    @property
-    def finished(self) -> bool:
-        return self._finished
-
     def deadline_for(self, state: str) -> float | None:
-        return self._deadlines.get(state, self._states[state].deadline)
-
-    def add_observer(self, observer: Observer) -> None:
-        self._observers.append(observer)
+        """``state``'s deadline in this run (overrides applied); None if it has none."""
+        return self._deadlines.get(state)
 
     def subscribe(self) -> trio.MemoryReceiveChannel[TraceRecord]:
         """A channel of every later transition; it closes when the run ends.
@@ -178,11 +275,11 @@ class Runner(Generic[C]):
         unknown = set(states) - set(self.spec.state_names)
         if unknown:
             raise KeyError(f"no such states: {sorted(unknown)}")
-        while self._state not in states and not self._finished:
+        while self.state not in states and not self._finished:
             if self._changed is None:
                 self._changed = trio.Event()
             await self._changed.wait()
-        return self._state
+        return self.state
 
     # -- the loop --------------------------------------------------------------------
 
@@ -191,11 +288,11 @@ class Runner(Generic[C]):
         if self._started:
             raise RuntimeError("a Runner runs once; create a new one")
         self._started = True
-        model = self.compiled.new_model()
+        model = self._model
         try:
             while not self.spec.is_final(model.state):
                 await self._step(model, self._states[model.state])
-            return Outcome(self._state, self._error, tuple(self._records))
+            return Outcome(model.state, self._error, tuple(self._records))
         finally:
             self._finished = True
             for send in self._subscribers:
@@ -205,14 +302,12 @@ class Runner(Generic[C]):
 
     async def _step(self, model: RunModel, state: State) -> None:
         assert state.activity is not None
-        entered = self._entered_at = trio.current_time()
+        entered = trio.current_time()
         deadline = self.deadline_for(state.name)
-        cell = _Progress()
-        token = _progress.set(cell)
+        cell = _StateCell(StateDeadline(self.spec, state.name, entered, deadline))
+        token = _current.set(cell)
         try:
-            with trio.CancelScope(
-                deadline=math.inf if deadline is None else entered + deadline
-            ) as scope:
+            with trio.CancelScope(deadline=cell.deadline.expires_at) as scope:
                 event = await state.activity(self.context)
         except BaseException as exc:
             remainder = _without_cancellation(exc)
@@ -224,7 +319,7 @@ class Runner(Generic[C]):
             self._advance_error(model, state, entered, remainder)
             return
         finally:
-            _progress.reset(token)
+            _current.reset(token)
         if scope.cancelled_caught:
             assert state.on_timeout is not None and deadline is not None
             timeout = state.on_timeout(state=state.name, deadline_s=deadline, detail=cell.text)
@@ -274,7 +369,6 @@ class Runner(Generic[C]):
             elapsed_ms=(now - entered) * 1000.0,
             error=None if error is None else type(error).__name__,
         )
-        self._state = dest
         if error is not None:
             self._error = error
         self._records.append(record)
@@ -298,22 +392,6 @@ class Runner(Generic[C]):
         changed, self._changed = self._changed, None
         if changed is not None:
             changed.set()
-
-    def _check_deadlines(self, deadlines: Mapping[str, float]) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for name, seconds in deadlines.items():
-            state = self._states.get(name)
-            if state is None or state.final:
-                raise ValueError(f"deadline for {name!r}: not a state with an activity "
-                                 f"(states: {', '.join(s.name for s in self.spec.states)})")
-            if not (seconds > 0 and math.isfinite(seconds)):
-                raise ValueError(f"deadline for {name!r} must be a positive number of "
-                                 f"seconds, got {seconds!r}")
-            if state.on_timeout is None:
-                raise ValueError(f"state {name!r} declares no timeout error; "
-                                 "it cannot take a deadline")
-            out[name] = float(seconds)
-        return out
 
 
 def _without_cancellation(exc: BaseException) -> BaseException | None:

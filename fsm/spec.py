@@ -31,7 +31,6 @@ from typing import Any
 import attrs
 
 from clusterfsm.fsm.errors import (
-    IllegalTransition,
     MachineCancelled,
     SpecError,
     StateTimeout,
@@ -357,7 +356,6 @@ __all__ = [
     "Edge",
     "ErrorState",
     "Guard",
-    "IllegalTransition",
     "MachineSpec",
     "State",
     "Transition",

@@ -26,6 +26,8 @@ from typing import IO, Any
 
 import attrs
 
+from clusterfsm.fsm.spec import DEADLINE, MachineSpec
+
 
 @attrs.frozen
 class TraceRecord:
@@ -77,6 +79,26 @@ class TraceEnd:
         if self.message is not None:
             out["message"] = self.message
         return out
+
+
+def deadline_trace(
+    spec: MachineSpec, state: str, *, t: float, elapsed_ms: float, message: str
+) -> tuple[TraceRecord, TraceEnd]:
+    """The two lines a run writes when ``state``'s deadline passes: the ``deadline``
+    transition to the error state bound to its ``on_timeout`` type, and the end line.
+
+    For code that must write them for a run that cannot (a process killed while frozen,
+    by a watchdog that wrote them ahead of time): the names come from the declaration,
+    so the lines are exactly what the runner itself would have written.
+    """
+    declared = spec.state(state).on_timeout
+    bound = None if declared is None else spec.error_state_for(declared)
+    if declared is None or bound is None:
+        raise ValueError(f"state {state!r} of {spec.name!r} has no deadline error state")
+    error = declared.__name__
+    record = TraceRecord(t=t, source=state, event=DEADLINE, dest=bound.name,
+                         elapsed_ms=elapsed_ms, error=error)
+    return record, TraceEnd(bound.name, error, message)
 
 
 @attrs.frozen

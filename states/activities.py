@@ -15,9 +15,10 @@ import secrets
 from collections.abc import Callable
 from typing import TypeVar
 
+import attrs
 import trio
 
-from clusterfsm.fsm import report_progress
+from clusterfsm.fsm import current_deadline, deadline_trace, report_progress
 from clusterfsm.states.codec import (
     BootstrapAck,
     GroupConfirm,
@@ -26,7 +27,6 @@ from clusterfsm.states.codec import (
     InitReady,
     JacclBootstrapPayload,
     LinkReport,
-    Message,
     Topology,
 )
 from clusterfsm.states.config import Address
@@ -46,7 +46,14 @@ from clusterfsm.states.errors import (
 from clusterfsm.states.groupinit import InitPlan, TopologyDir, release_delay, resolve_backend
 from clusterfsm.states.handshake import PROTOCOL_VERSION, CoordinatorHandshake, JoinerHandshake
 from clusterfsm.states.lines import AdmissionLine, ErrorLine
-from clusterfsm.states.link import GOODBYE_GRACE, ControlLink, unexpected_message, wait_any
+from clusterfsm.states.link import (
+    GOODBYE_GRACE,
+    ControlLink,
+    SessionMessage,
+    check_session,
+    unexpected_message,
+    wait_any,
+)
 from clusterfsm.states.sidechannel import JacclSideChannel
 from clusterfsm.states.topology import build_device_matrix
 from clusterfsm.states.transport import Conn, MultiListener, connection_refused
@@ -389,9 +396,8 @@ async def exchanging_bootstrap(ctx: ClusterContext) -> str:
         reports: dict[int, dict[bytes, tuple[str, ...]]] = {}
         for rank, link in ctx.links.items():
             report_progress(f"waiting for rank {rank}'s link report")
-            report = await _expect(link, LinkReport, "exchanging_bootstrap")
-            if report.session_id != ctx.session_id:
-                raise BootstrapRejected("link report carries another session id", link.peer)
+            report = await _expect(link, LinkReport, "exchanging_bootstrap", ctx.session_id,
+                                   "link report")
             reports[rank] = dict(report.links)
         topology, coordinator = _decide_topology(ctx, backend, reports)
         ctx.plan = InitPlan(backend, 0, ctx.world_size, topology, ctx.session_id,
@@ -405,17 +411,14 @@ async def exchanging_bootstrap(ctx: ClusterContext) -> str:
             await link.send(payload)
         for rank, link in ctx.links.items():
             report_progress(f"waiting for rank {rank} to acknowledge the bootstrap frame")
-            ack = await _expect(link, BootstrapAck, "exchanging_bootstrap")
-            if ack.session_id != ctx.session_id:
-                raise BootstrapRejected("acknowledgement carries another session id", link.peer)
+            await _expect(link, BootstrapAck, "exchanging_bootstrap", ctx.session_id,
+                          "bootstrap acknowledgement")
     else:
         link = ctx.links[0]
         await link.send(LinkReport(ctx.session_id, tuple(sorted(ctx.peer_interfaces.items()))))
         report_progress("waiting for rank 0's bootstrap frame (0x07)")
-        frame = await _expect(link, JacclBootstrapPayload, "exchanging_bootstrap")
-        if frame.session_id != ctx.session_id:
-            raise BootstrapRejected(
-                f"session id {frame.session_id.hex()} is not this session's", link.peer)
+        frame = await _expect(link, JacclBootstrapPayload, "exchanging_bootstrap",
+                              ctx.session_id, "bootstrap frame")
         if frame.world_size != ctx.world_size:
             raise BootstrapRejected(
                 f"world size {frame.world_size}, expected {ctx.world_size}", link.peer)
@@ -467,13 +470,17 @@ def _decide_topology(ctx: ClusterContext, backend: str,
     return matrix, f"{ctx.hosts[0]}:{ctx.data_ports[0]}"
 
 
-M = TypeVar("M", bound=Message)
+M = TypeVar("M", bound=SessionMessage)
 
 
-async def _expect(link: ControlLink, kind: type[M], where: str) -> M:
+async def _expect(link: ControlLink, kind: type[M], where: str, session_id: bytes,
+                  what: str) -> M:
+    """The link's next message, which must be a ``kind`` of this session (``what``
+    names it in the refusal: :func:`~clusterfsm.states.link.check_session`)."""
     msg = await link.next_message()
     if not isinstance(msg, kind):
         raise unexpected_message(msg, where, link.peer)
+    check_session(msg, session_id, what, link.peer)
     return msg
 
 
@@ -504,10 +511,8 @@ async def initializing_group(ctx: ClusterContext) -> str:
     if ctx.is_coordinator:
         for rank, link in ctx.links.items():
             report_progress(f"barrier: waiting for rank {rank} to be ready for init")
-            arrival = await _expect(link, InitReady, "initializing_group")
-            if arrival.session_id != ctx.session_id:
-                raise BootstrapRejected("barrier arrival (InitReady) for another session",
-                                        link.peer)
+            await _expect(link, InitReady, "initializing_group", ctx.session_id,
+                          "barrier arrival (InitReady)")
         for rank, link in ctx.links.items():
             delay = release_delay(plan.backend, rank, ctx.world_size, ctx.config.release_delay_s)
             await link.send(InitGo(ctx.session_id, round(delay * 1000)))
@@ -515,9 +520,7 @@ async def initializing_group(ctx: ClusterContext) -> str:
         link = ctx.links[0]
         await link.send(InitReady(ctx.session_id))
         report_progress("barrier: waiting for rank 0's go")
-        go = await _expect(link, InitGo, "initializing_group")
-        if go.session_id != ctx.session_id:
-            raise BootstrapRejected("go signal for another session", link.peer)
+        go = await _expect(link, InitGo, "initializing_group", ctx.session_id, "go signal")
         if go.delay_ms:
             await trio.sleep(go.delay_ms / 1000)
     report_progress(f"in mx.distributed.init ({plan.backend}, rank {ctx.rank})")
@@ -544,24 +547,27 @@ async def _arm_watchdog(ctx: ClusterContext) -> None:
 
     A rank whose trio loop still runs ends at the state's own (soft) deadline, with a
     normal trace; only a rank frozen inside init is killed, ``HARD_DEADLINE_GRACE``
-    later.
+    later. The watchdog writes the trace lines the runner would have written (built
+    here by the framework, from the declaration) with its own time of expiry.
     """
+    deadline = current_deadline()
     now = trio.current_time()
-    entered = ctx.state_entered_at.get("initializing_group", now)
-    budget = ctx.config.effective_deadlines()["initializing_group"]
-    seconds = max(0.1, budget - (now - entered)) + HARD_DEADLINE_GRACE
-    message = ErrorLine(f"clusterfsm rank {ctx.rank}", "group_init_timeout", "GroupInitTimeout",
+    seconds = max(0.1, deadline.time_left()) + HARD_DEADLINE_GRACE
+    elapsed_before_ms = deadline.elapsed() * 1000
+    record, end = deadline_trace(
+        deadline.spec, deadline.state, t=now, elapsed_ms=elapsed_before_ms, message="")
+    assert end.error is not None, "a deadline's end record always names its error type"
+    message = ErrorLine(f"clusterfsm rank {ctx.rank}", end.state, end.error,
                         f"mx.distributed.init did not return within {seconds:g} s "
                         "(hard deadline; the rank was killed)").format()
     await ctx.watchdog.arm(
         seconds,
         message=message,
         trace=ctx.trace_path,
-        record={"source": "initializing_group", "event": "deadline",
-                "dest": "group_init_timeout", "error": "GroupInitTimeout"},
-        end={"state": "group_init_timeout", "error": "GroupInitTimeout", "message": message},
+        record=record.to_json(),
+        end=attrs.evolve(end, message=message).to_json(),
         t_armed=now,
-        elapsed_before_ms=(now - entered) * 1000,
+        elapsed_before_ms=elapsed_before_ms,
         cleanup=[str(ctx.files.path)] if ctx.files is not None else [],
     )
 
@@ -576,9 +582,8 @@ async def confirming_group(ctx: ClusterContext) -> str:
     if ctx.is_coordinator:
         for rank, link in ctx.links.items():
             report_progress(f"waiting for rank {rank}'s group confirmation")
-            confirm = await _expect(link, GroupConfirm, "confirming_group")
-            if confirm.session_id != ctx.session_id:
-                raise BootstrapRejected("confirmation for another session", link.peer)
+            confirm = await _expect(link, GroupConfirm, "confirming_group", ctx.session_id,
+                                    "group confirmation")
             if not confirm.ok or confirm.size != ctx.world_size:
                 raise PeerAborted(rank, "GroupConfirm",
                                   f"ok={confirm.ok} size={confirm.size}: {confirm.detail}")
@@ -588,9 +593,8 @@ async def confirming_group(ctx: ClusterContext) -> str:
         link = ctx.links[0]
         await link.send(GroupConfirm(ctx.session_id, True, ctx.group.size(), ""))
         report_progress("waiting for rank 0's confirmation that every rank is up")
-        confirmed = await _expect(link, GroupConfirmed, "confirming_group")
-        if confirmed.session_id != ctx.session_id:
-            raise BootstrapRejected("group confirmation for another session", link.peer)
+        await _expect(link, GroupConfirmed, "confirming_group", ctx.session_id,
+                      "confirmation that every rank is up")
     return "group_confirmed"
 
 

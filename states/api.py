@@ -138,14 +138,9 @@ async def bootstrap_cluster(
                 trace_path=trace_path,
                 discovery_net=discovery_net or UdpDiscoveryNet(),
             )
-
-            def note_entry(record: TraceRecord) -> None:
-                ctx.state_entered_at[record.dest] = record.t
-
-            all_observers = [note_entry, *([writer.record] if writer else []), *observers]
+            all_observers = [*([writer.record] if writer else []), *observers]
             runner: Runner[ClusterContext] = Runner(
-                BOOTSTRAP, ctx, deadlines=config.effective_deadlines(),
-                observers=all_observers)
+                BOOTSTRAP, ctx, deadlines=config.deadlines, observers=all_observers)
             ended = trio.Event()
 
             async def run() -> None:

@@ -15,19 +15,40 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from clusterfsm.states.config import BACKENDS, Address
+from clusterfsm.states.discovery import DEFAULT_BEACON_PORT
 from clusterfsm.states.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from clusterfsm.states.keys import KeyFileError, write_key
 
 
 def _deadline(text: str) -> tuple[str, float]:
+    """``STATE=SECONDS`` as text; whether the machine accepts it is :func:`_check_deadlines`'s."""
     state, sep, seconds = text.partition("=")
     try:
         value = float(seconds)
     except ValueError:
-        value = math.nan
-    if not sep or not state or not (value > 0 and math.isfinite(value)):
+        value = math.nan  # refused below: not a number
+    if not sep or not state or math.isnan(value):
         raise argparse.ArgumentTypeError(f"expected STATE=SECONDS, got {text!r}")
     return state, value
+
+
+def _check_deadlines(deadlines: Sequence[tuple[str, float]]) -> str | None:
+    """Why the bootstrap machine refuses these ``--deadline`` overrides, or None.
+
+    The runner's own rule (:func:`clusterfsm.fsm.effective_deadlines`), applied once the
+    flags are parsed and before anything runs: a bad override is a usage error, not a
+    run that ends in ``unexpected`` (which a supervisor would restart).
+    """
+    if not deadlines:
+        return None
+    from clusterfsm.fsm import DeadlineOverrideError, effective_deadlines
+    from clusterfsm.states.machine import BOOTSTRAP
+
+    try:
+        effective_deadlines(BOOTSTRAP, dict(deadlines))
+    except DeadlineOverrideError as exc:
+        return str(exc)
+    return None
 
 
 def _address(text: str) -> Address:
@@ -68,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--node-id-file", metavar="F",
                        help="this machine's node id (created on first use; default "
                             "~/.config/clusterfsm/node-id)")
-    serve.add_argument("--beacon-port", type=int, default=52417, metavar="PORT",
-                       help="UDP port of the discovery beacons (default 52417)")
+    serve.add_argument("--beacon-port", type=int, default=DEFAULT_BEACON_PORT, metavar="PORT",
+                       help=f"UDP port of the discovery beacons (default {DEFAULT_BEACON_PORT})")
     serve.add_argument("--backend", choices=BACKENDS, default="ring")
     serve.add_argument("--key-file", metavar="F", required=True)
     serve.add_argument("--trace-json", metavar="PATH")
@@ -111,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("serve", "demo"):
+        problem = _check_deadlines(args.deadline)
+        if problem is not None:
+            print(f"clusterfsm {args.command}: {problem}", file=sys.stderr)
+            return EXIT_USAGE
     if args.command == "keygen":
         return _keygen(args.path)
     if args.command == "diagram":

@@ -13,19 +13,10 @@ from typing import Literal
 
 import attrs
 
+from clusterfsm.states.discovery import DEFAULT_BEACON_PORT
+
 Backend = Literal["ring", "jaccl", "any"]
 BACKENDS: tuple[str, ...] = ("ring", "jaccl", "any")
-
-#: Default per-state deadlines in seconds (``--deadline STATE=SECONDS`` overrides).
-DEFAULT_DEADLINES: Mapping[str, float] = {
-    "idle": 5.0,
-    "discovering": 10.0,
-    "handshaking": 15.0,
-    "awaiting_session": 5.0,
-    "exchanging_bootstrap": 5.0,
-    "initializing_group": 40.0,
-    "confirming_group": 10.0,
-}
 
 
 @attrs.frozen
@@ -97,6 +88,9 @@ class ClusterConfig:
     peers: tuple[Address, ...] = attrs.field(default=(), converter=tuple)
     backend: Backend = attrs.field(default="ring")
     node_id: bytes = attrs.field(factory=lambda: secrets.token_bytes(16), validator=_node_id)
+    #: Per-state deadline overrides (``--deadline STATE=SECONDS``) for this rank's run;
+    #: the defaults are declared by the machine's states, and the runner checks and
+    #: merges these (:func:`clusterfsm.fsm.effective_deadlines`).
     deadlines: Mapping[str, float] = attrs.field(factory=dict)
     heartbeat_interval: float = 0.1
     #: After ``ready``, a peer silent for this long is lost (``peer_lost``).
@@ -108,7 +102,7 @@ class ClusterConfig:
     #: Discover the peers by beacons on these interfaces (``--interface``).
     interfaces: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     #: UDP port of the discovery beacons (the same on every rank).
-    beacon_port: int = 52417
+    beacon_port: int = DEFAULT_BEACON_PORT
     #: This process's generation (u64, from its supervisor's ``CLUSTERFSM_EPOCH``): a
     #: later generation of the same rank always has a larger one. 0 = not supervised
     #: (never refused as stale). Sent in the Hello, covered by the handshake MAC.
@@ -161,9 +155,4 @@ class ClusterConfig:
     def is_coordinator(self) -> bool:
         """True for a configured rank 0 (an elected rank is known to the context)."""
         return self.rank == 0
-
-    def effective_deadlines(self) -> dict[str, float]:
-        merged = dict(DEFAULT_DEADLINES)
-        merged.update(self.deadlines)
-        return merged
 

@@ -90,7 +90,6 @@ class ClusterContext:
     files: TopologyDir | None = None
     group: Group | None = None
     close_requested: trio.Event = attrs.field(factory=trio.Event)
-    state_entered_at: dict[str, float] = attrs.field(factory=dict)
     #: Interface discovery: every node's rank (ours included), where to dial rank
     #: 0, which of our interfaces reached which peer, and the beacons' cancel scope.
     node_ranks: dict[bytes, int] = attrs.field(factory=dict)

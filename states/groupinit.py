@@ -48,9 +48,8 @@ from clusterfsm.states.sidechannel import AllGatherFactory, JacclSideChannel
 #: Fault injection for tests (``never-init``): see GroupInitializer.initialize.
 FAULT_ENV = "CLUSTERFSM_FAULT"
 
-#: Env names each backend reads, and the twins that override them.
-RING_VARS = ("MLX_RANK", "MLX_HOSTFILE")
-JACCL_VARS = ("MLX_RANK", "MLX_IBV_DEVICES", "MLX_JACCL_COORDINATOR", "MLX_JACCL_RING")
+#: jaccl also reads these twins of its ``MLX_*`` variables, and they win: cleared
+#: before init so a stale one in the environment cannot override the plan.
 JACCL_TWINS = ("JACCL_RANK", "JACCL_IBV_DEVICES", "JACCL_COORDINATOR", "JACCL_RING")
 
 
@@ -232,7 +231,6 @@ def supports_all_gather_factory() -> bool:
 
 #: ``init_fn(backend, all_gather_factory)``; the factory is only given for jaccl.
 InitFn = Callable[[str, AllGatherFactory | None], Group]
-BlockingRunner = Callable[[Callable[[], Group]], Any]
 
 
 def _import_mlx() -> None:

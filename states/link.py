@@ -21,6 +21,7 @@ it lands in the right error state.
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import trio
 
@@ -34,7 +35,13 @@ from clusterfsm.states.codec import (
     decode_message,
     encode_message,
 )
-from clusterfsm.states.errors import FrameError, FrameErrorKind, PeerAborted, PeerDisconnected
+from clusterfsm.states.errors import (
+    BootstrapRejected,
+    FrameError,
+    FrameErrorKind,
+    PeerAborted,
+    PeerDisconnected,
+)
 from clusterfsm.states.transport import Conn
 
 _READ_CHUNK = 65536
@@ -75,7 +82,6 @@ class ControlLink:
         self.first_pong = trio.Event()
         self.last_heard = -math.inf
         self._heartbeats_since = -math.inf
-        self.last_pong = -math.inf
         self.pings_sent = 0
         self._started = False
         self._closed = False
@@ -228,7 +234,6 @@ class ControlLink:
         if isinstance(msg, Ping):
             await self.send(Pong(msg.seq))
         elif isinstance(msg, Pong):
-            self.last_pong = now
             self.first_pong.set()
         elif isinstance(msg, Abort):
             raise self._fail(PeerAborted(self.peer_rank, msg.error,
@@ -279,3 +284,18 @@ def _with_peer(exc: FrameError, peer: str) -> FrameError:
 def unexpected_message(msg: Message, where: str, peer: str) -> FrameError:
     """A well-formed message that is not allowed here (closes the link)."""
     return FrameError(FrameErrorKind.UNEXPECTED, f"{type(msg).__name__} during {where}", peer)
+
+
+class SessionMessage(Protocol):
+    """A message that belongs to one session (every message after the handshake)."""
+
+    @property
+    def session_id(self) -> bytes: ...
+
+
+def check_session(msg: SessionMessage, session_id: bytes, what: str, peer: str) -> None:
+    """Refuse a message of another session (a stale rank, a replay): the one rule, so
+    every such refusal is the same ``BootstrapRejected`` naming what was refused."""
+    if msg.session_id != session_id:
+        raise BootstrapRejected(
+            f"{what}: session id {msg.session_id.hex()} is not this session's", peer)

@@ -15,7 +15,9 @@ Every rank runs this same machine::
          -> initializing_group -> confirming_group -> ready -> closed
 
 Rank 0 is the coordinator (it listens, creates the session, decides the topology and
-releases the barrier); the others join it. Every state but ``ready`` has a deadline
+releases the barrier); the others join it. Every state but ``ready`` has a deadline,
+declared below as its default (``--deadline STATE=SECONDS`` overrides it for a run; the
+runner checks and merges overrides, see :func:`clusterfsm.fsm.effective_deadlines`),
 whose expiry has its own error type and error state; ``ready`` lasts until the app
 closes the cluster (``closed``), a peer closes its end on purpose (``peer_left``, a
 clean end: its GOODBYE came before its link closed) or a peer is lost (``peer_lost``,
@@ -29,7 +31,6 @@ from __future__ import annotations
 
 from clusterfsm.fsm import ErrorState, MachineSpec, State, Transition, machine_spec
 from clusterfsm.states import activities as act
-from clusterfsm.states.config import DEFAULT_DEADLINES
 from clusterfsm.states.errors import (
     BackendUnavailable,
     BootstrapRejected,
@@ -53,7 +54,6 @@ from clusterfsm.states.errors import (
 )
 from clusterfsm.states.transport import BindFailed
 
-D = DEFAULT_DEADLINES
 LINK_ERRORS = (FrameError, PeerDisconnected, PeerAborted)
 
 BOOTSTRAP: MachineSpec = machine_spec(
@@ -61,33 +61,33 @@ BOOTSTRAP: MachineSpec = machine_spec(
     initial="idle",
     doc="Brings N ranks from nothing to one ready MLX distributed group.",
     states=[
-        State("idle", act.idle, deadline=D["idle"], on_timeout=DiscoveryTimeout,
+        State("idle", act.idle, deadline=5.0, on_timeout=DiscoveryTimeout,
               raises=(BindFailed, InterfaceUnavailable),
               doc="Start the init watchdog; check the interfaces; open the control "
                   "listener(s)."),
-        State("discovering", act.discovering, deadline=D["discovering"],
+        State("discovering", act.discovering, deadline=10.0,
               on_timeout=DiscoveryTimeout,
               raises=(InterfaceUnavailable, DuplicateNodeId, ElectionFailed),
               doc="Find the peers: a static list, or beacons on each --interface, "
                   "then the rank election."),
-        State("handshaking", act.handshaking, deadline=D["handshaking"],
+        State("handshaking", act.handshaking, deadline=15.0,
               on_timeout=HandshakeTimeout,
               raises=(HandshakeRejected, InterfaceUnavailable, *LINK_ERRORS),
               doc="Mutual HMAC handshake with every rank; rank 0 creates the session id."),
-        State("awaiting_session", act.awaiting_session, deadline=D["awaiting_session"],
+        State("awaiting_session", act.awaiting_session, deadline=5.0,
               on_timeout=SessionUnavailable, raises=LINK_ERRORS,
               doc="Wait, on events, until every link answered a heartbeat."),
         State("exchanging_bootstrap", act.exchanging_bootstrap,
-              deadline=D["exchanging_bootstrap"], on_timeout=BootstrapTimeout,
+              deadline=5.0, on_timeout=BootstrapTimeout,
               raises=(BootstrapRejected, BackendUnavailable, PrecheckFailed, *LINK_ERRORS),
               doc="Rank 0 checks the backend, sends the 0x07 bootstrap frame; "
                   "every rank acknowledges."),
         State("initializing_group", act.initializing_group,
-              deadline=D["initializing_group"], on_timeout=GroupInitTimeout,
+              deadline=40.0, on_timeout=GroupInitTimeout,
               raises=(BackendUnavailable, PrecheckFailed, GroupInitFailed,
                       GroupSizeMismatch, BootstrapRejected, *LINK_ERRORS),
               doc="Barrier, staggered release, mx.distributed.init under a hard deadline."),
-        State("confirming_group", act.confirming_group, deadline=D["confirming_group"],
+        State("confirming_group", act.confirming_group, deadline=10.0,
               on_timeout=ConfirmationTimeout, raises=(BootstrapRejected, *LINK_ERRORS),
               doc="Every rank reports its group to rank 0, which confirms to all."),
         State("ready", act.ready, steady=True, raises=(PeerLost,),
@@ -189,6 +189,3 @@ BOOTSTRAP: MachineSpec = machine_spec(
                    remedy="The group is unusable; restart the cluster (new session)."),
     ],
 )
-
-#: Error state name for each error type, for generated docs and the CLI.
-ERROR_STATES = {e.name: e for e in BOOTSTRAP.errors}

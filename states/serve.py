@@ -117,14 +117,16 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def check_config(config: ClusterConfig) -> None:
-    """ValueError if ``config`` names a deadline for a state the machine does not have."""
+    """The runner's own deadline rule, applied before anything runs.
+
+    Raises :class:`clusterfsm.fsm.DeadlineOverrideError` (a ``ValueError``) naming the
+    state and the states that take a deadline, so a bad override is a usage error and
+    never an ``unexpected`` end of the machine.
+    """
+    from clusterfsm.fsm import effective_deadlines
     from clusterfsm.states.machine import BOOTSTRAP
 
-    known = {s.name for s in BOOTSTRAP.states if not s.final}
-    for state in config.deadlines:
-        if state not in known:
-            raise ValueError(f"--deadline {state}=...: no such state "
-                             f"(one of: {', '.join(sorted(known))})")
+    effective_deadlines(BOOTSTRAP, dict(config.deadlines))
 
 
 def serve(config: ClusterConfig, options: ServeOptions) -> int:

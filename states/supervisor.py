@@ -197,7 +197,11 @@ class RestartPolicy:
         return nominal / 2 + rng.uniform(0, nominal / 2)
 
     def deadlines(self) -> dict[str, float]:
-        """The supervisor states' backstop deadlines, derived from this policy."""
+        """The supervisor states' backstop deadlines, derived from this policy.
+
+        The one source of them: the machine declares the default policy's, and a run
+        with this policy overrides them with these (the runner checks the names).
+        """
         stop = self.stop_grace_s + self.kill_wait_s
         return {
             "launching": 30.0,
@@ -401,25 +405,30 @@ async def shutting_down(ctx: SupervisorContext) -> str:
     return "stopped"
 
 
+#: The deadlines the supervisor's states declare: the default policy's (a run with
+#: another policy overrides them with its own, see run_supervisor).
+_DEADLINES = RestartPolicy().deadlines()
+
 SUPERVISOR: MachineSpec = machine_spec(
     "supervisor",
     initial="launching",
     doc="Keeps one rank coming back: a new child process and session per generation.",
     states=[
-        State("launching", launching, deadline=30.0, on_timeout=SupervisorStalled,
-              raises=(ChildSpawnFailed,),
+        State("launching", launching, deadline=_DEADLINES["launching"],
+              on_timeout=SupervisorStalled, raises=(ChildSpawnFailed,),
               doc="Start a child rank process with a new epoch."),
-        State("bootstrapping", bootstrapping, deadline=125.0, on_timeout=SupervisorStalled,
-              raises=(ChildMisconfigured,),
+        State("bootstrapping", bootstrapping, deadline=_DEADLINES["bootstrapping"],
+              on_timeout=SupervisorStalled, raises=(ChildMisconfigured,),
               doc="Wait for the child's ready line; a failure, exit or bound ends it."),
         State("running", running, steady=True, raises=(ChildMisconfigured,),
               doc="The child's group is up; watch for peer_lost or an exit."),
-        State("stopping", stopping, deadline=7.0, on_timeout=ChildStopTimeout,
-              doc="SIGTERM, grace, SIGKILL; reap the child."),
-        State("backing_off", backing_off, deadline=10.0, on_timeout=SupervisorStalled,
-              raises=(RestartBudgetExhausted,),
+        State("stopping", stopping, deadline=_DEADLINES["stopping"],
+              on_timeout=ChildStopTimeout, doc="SIGTERM, grace, SIGKILL; reap the child."),
+        State("backing_off", backing_off, deadline=_DEADLINES["backing_off"],
+              on_timeout=SupervisorStalled, raises=(RestartBudgetExhausted,),
               doc="Jittered exponential back-off; give up when the budget is spent."),
-        State("shutting_down", shutting_down, deadline=7.0, on_timeout=ChildStopTimeout,
+        State("shutting_down", shutting_down, deadline=_DEADLINES["shutting_down"],
+              on_timeout=ChildStopTimeout,
               doc="Asked to stop: end the child the same way, then stop."),
         State("stopped", doc="Stopped on request; no child is left."),
     ],

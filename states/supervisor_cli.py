@@ -23,8 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import trio
 
-from clusterfsm.fsm import TraceRecord, TraceWriter
-from clusterfsm.states.config import DEFAULT_DEADLINES
+from clusterfsm.fsm import TraceRecord, TraceWriter, effective_deadlines
 from clusterfsm.states.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from clusterfsm.states.lines import (
     EchoLine,
@@ -35,6 +34,7 @@ from clusterfsm.states.lines import (
     UsageLine,
     supervisor_speaker,
 )
+from clusterfsm.states.machine import BOOTSTRAP
 from clusterfsm.states.supervisor import (
     RestartPolicy,
     SupervisorContext,
@@ -116,8 +116,7 @@ def policy_from(args: argparse.Namespace) -> RestartPolicy:
     """The restart policy from ``--max-restarts``, ``--restart-backoff``, ``--stop-grace``
     and the child's ``--deadline`` values (a generation gets their sum plus a margin)."""
     low, high = parse_backoff(args.restart_backoff)
-    deadlines = dict(DEFAULT_DEADLINES)
-    deadlines.update(dict(args.deadline))
+    deadlines = effective_deadlines(BOOTSTRAP, dict(args.deadline))
     return RestartPolicy(
         max_restarts=args.max_restarts,
         backoff_min_s=low,

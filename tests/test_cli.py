@@ -47,9 +47,40 @@ def test_serve_usage_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture
     assert main(["serve", "--rank", "0", "--world-size", "2", "--key-file", str(key),
                  "--listen", "127.0.0.1:1", "--deadline", "nope=1"]) == 2
     assert "no such state" in capsys.readouterr().err
+    assert main(["serve", "--rank", "0", "--world-size", "2", "--key-file", str(key),
+                 "--listen", "127.0.0.1:1", "--deadline", "idle=-1"]) == 2
+    assert "positive" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["serve", "--rank", "0", "--world-size", "2", "--key-file", str(key),
-              "--deadline", "idle=-1"])
+              "--deadline", "idle=soon"])
+
+
+@pytest.mark.parametrize("extra", [[], ["--supervise"]])
+def test_a_deadline_for_ready_is_a_one_line_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str],
+) -> None:
+    """``ready`` is steady (no deadline): refused when the flags are parsed, by the
+    runner's own rule, never a run that ends in ``unexpected ValueError`` (which a
+    supervisor would restart)."""
+    key = tmp_path / "k"
+    main(["keygen", str(key)])
+    capsys.readouterr()
+    assert main(["serve", "--rank", "0", "--world-size", "2", "--key-file", str(key),
+                 "--listen", "127.0.0.1:1", "--deadline", "ready=1", *extra]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("\n") == 1, err
+    assert err.startswith("clusterfsm serve: deadline ready=1.0: state 'ready' declares "
+                          "no timeout error")
+    assert "unexpected" not in err and "ValueError" not in err
+
+
+def test_demo_refuses_a_bad_deadline_before_starting_ranks(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["demo", "--deadline", "handshaking=inf"]) == 2
+    assert capsys.readouterr().err.startswith(
+        "clusterfsm demo: deadline handshaking=inf: the deadline must be a positive, finite")
 
 
 def test_ci_runs_exactly_the_readme_test_command() -> None:
@@ -57,3 +88,15 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
     commands = re.findall(r"```sh\n(.*?)\n```", readme, flags=re.S)
     test_command = next(c for c in commands if c.endswith("pytest"))
     assert test_command in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
+def test_a_supervised_generation_is_bounded_by_the_child_deadlines() -> None:
+    """The child's deadlines are the machine's, with its ``--deadline`` overrides."""
+    from clusterfsm.states.cli import build_parser
+    from clusterfsm.states.supervisor_cli import BOOTSTRAP_MARGIN_S, policy_from
+
+    argv = ["serve", "--rank", "0", "--world-size", "2", "--key-file", "k", "--supervise"]
+    default = policy_from(build_parser().parse_args(argv))
+    assert default.bootstrap_timeout_s == 90.0 + BOOTSTRAP_MARGIN_S
+    shorter = policy_from(build_parser().parse_args([*argv, "--deadline", "handshaking=1"]))
+    assert shorter.bootstrap_timeout_s == 90.0 - 14.0 + BOOTSTRAP_MARGIN_S

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
 import trio.testing
 
 from clusterfsm.fsm import (
+    DeadlineOverrideError,
     IllegalTransition,
     MachineCancelled,
     Runner,
     UnexpectedError,
+    current_deadline,
+    effective_deadlines,
     report_progress,
+    time_left,
 )
 from clusterfsm.fsm.testing import HANG, After, Script, run_scripted
 from tests.toy_machine import TOY, Lost, WarmupTimeout, WorkFailed, WorkFailedBadly, WorkTimeout
@@ -79,6 +84,89 @@ def test_deadline_override_per_run() -> None:
 def test_bad_deadline_overrides_are_refused(deadlines: dict[str, float], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         Runner(TOY, None, deadlines=deadlines)
+
+
+@pytest.mark.parametrize(
+    ("deadlines", "problem"),
+    [({"nope": 1.0}, "no such state"), ({"stopped": 1.0}, "it is final"),
+     ({"serving": 1.0}, "declares no timeout error"), ({"idle": 0.0}, "positive"),
+     ({"idle": math.nan}, "finite")],
+)
+def test_a_deadline_override_error_is_typed_and_names_the_states_that_take_one(
+    deadlines: dict[str, float], problem: str,
+) -> None:
+    with pytest.raises(DeadlineOverrideError) as caught:
+        effective_deadlines(TOY, deadlines)
+    error = caught.value
+    [name] = deadlines
+    assert error.machine == "toy" and error.state == name and problem in error.problem
+    assert error.allowed == ("idle", "warming", "working")
+    assert str(error).startswith(f"deadline {name}=")
+    assert "\n" not in str(error)
+
+
+def test_effective_deadlines_are_the_declared_ones_with_the_overrides() -> None:
+    assert effective_deadlines(TOY) == {"idle": 1.0, "warming": 2.0, "working": 5.0}
+    assert effective_deadlines(TOY, {"warming": 0.5}) == {
+        "idle": 1.0, "warming": 0.5, "working": 5.0}
+    runner = Runner(TOY, None, deadlines={"warming": 0.5})
+    assert runner.deadline_for("warming") == 0.5 and runner.deadline_for("serving") is None
+
+
+def test_an_activity_reads_its_time_left_from_the_runner() -> None:
+    seen: dict[str, tuple[str, float, float | None, float]] = {}
+
+    def noting(event: str, wait: float = 0.0) -> Callable[[object], Awaitable[str]]:
+        async def activity(_ctx: object) -> str:
+            await trio.sleep(wait)
+            deadline = current_deadline()
+            seen[deadline.state] = (deadline.state, deadline.elapsed(), deadline.seconds,
+                                    time_left())
+            return event
+        return activity
+
+    spec = TOY.with_activities({
+        "idle": noting("start"), "warming": noting("warm", 0.25),
+        "working": noting("done"), "serving": noting("stop")})
+
+    async def main() -> None:
+        await Runner(spec, None, deadlines={"warming": 0.5}).run()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert seen["idle"] == ("idle", 0.0, 1.0, 1.0)
+    assert seen["warming"] == ("warming", 0.25, 0.5, 0.25)
+    assert seen["serving"][2] is None and seen["serving"][3] == math.inf
+
+
+def test_current_deadline_outside_an_activity_is_an_error() -> None:
+    async def main() -> None:
+        with pytest.raises(RuntimeError, match="inside an activity"):
+            current_deadline()
+
+    trio.run(main)
+
+
+def test_the_run_state_has_one_home_the_transitions_model() -> None:
+    async def returns_start(_ctx: object) -> str:
+        return "start"
+
+    async def hangs(_ctx: object) -> str:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    spec = TOY.with_activities({"idle": returns_start, "warming": hangs})
+
+    async def main() -> None:
+        runner = Runner(spec, None)
+        assert runner.state == runner._model.state == "idle"
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(runner.run)
+            assert await runner.wait_for("warming") == "warming"
+            assert runner.state == runner._model.state == "warming"
+            nursery.cancel_scope.cancel()
+        assert runner.state == runner._model.state == "cancelled"
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
 def test_undeclared_exception_ends_in_unexpected_and_is_kept() -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from clusterfsm.fsm import TraceWriter, read_trace, state_totals
-from clusterfsm.fsm.testing import After, run_scripted
+from clusterfsm.fsm import TraceWriter, deadline_trace, read_trace, state_totals
+from clusterfsm.fsm.testing import HANG, After, run_scripted
 from clusterfsm.fsm.trace import format_decomposition, parse_trace
 from tests.toy_machine import TOY, WorkFailed
 
@@ -62,3 +62,14 @@ def test_malformed_trace_lines_are_named() -> None:
     with pytest.raises(ValueError, match="line 1"):
         parse_trace(['{"source": "a"}'])
     assert parse_trace(["", '{"state": "x"}']).path == []
+
+
+def test_deadline_trace_writes_the_lines_the_runner_writes_at_a_deadline() -> None:
+    out = run_scripted(TOY, {"idle": "start", "warming": "warm", "working": HANG})
+    record, end = deadline_trace(TOY, "working", t=out.records[-1].t,
+                                 elapsed_ms=out.records[-1].elapsed_ms,
+                                 message=str(out.error))
+    assert record == out.records[-1]
+    assert end == out.end_record()
+    with pytest.raises(ValueError, match="no deadline error state"):
+        deadline_trace(TOY, "serving", t=0.0, elapsed_ms=0.0, message="")

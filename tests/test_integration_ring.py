@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from clusterfsm.fsm import read_trace
 from clusterfsm.states.demo import free_port
 from tests.processes import kill_and_reap
 
@@ -146,6 +147,10 @@ def test_hung_init_is_ended_by_the_hard_deadline_and_reported(ranks: Ranks) -> N
     assert c0 == -signal.SIGKILL
     assert "state group_init_timeout, error GroupInitTimeout" in e0
     assert trace_end(t0)["state"] == "group_init_timeout"
+    # The watchdog wrote the deadline transition the runner would have written.
+    last = read_trace(t0).records[-1]
+    assert (last.source, last.event, last.dest, last.error) == (
+        "initializing_group", "deadline", "group_init_timeout", "GroupInitTimeout")
     # rank 1 (alive, never called init) hit its own deadline or heard rank 0 die.
     assert c1 == 1
     assert "group_init_timeout" in e1 or "peer_disconnected" in e1

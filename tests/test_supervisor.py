@@ -14,7 +14,7 @@ import attrs
 import pytest
 import trio
 
-from clusterfsm.fsm import Edge, Outcome
+from clusterfsm.fsm import Edge, Outcome, effective_deadlines
 from clusterfsm.fsm.testing import drive_edge
 from clusterfsm.states.supervisor import (
     SUPERVISOR,
@@ -278,6 +278,12 @@ def test_backoff_is_bounded_jittered_and_seeded() -> None:
         nominal = min(5.0, 0.2 * 2**k)
         assert nominal / 2 <= wait <= nominal
     assert len({policy.backoff(3, random.Random(s)) for s in range(5)}) == 5
+
+
+def test_the_policy_is_the_one_source_of_the_supervisor_deadlines() -> None:
+    assert effective_deadlines(SUPERVISOR) == RestartPolicy().deadlines()
+    policy = RestartPolicy(stop_grace_s=1.0, backoff_max_s=2.0, bootstrap_timeout_s=30.0)
+    assert effective_deadlines(SUPERVISOR, policy.deadlines()) == policy.deadlines()
 
 
 def test_policy_and_flags_are_validated() -> None:
