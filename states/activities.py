@@ -20,14 +20,13 @@ import trio
 from clusterfsm.fsm import report_progress
 from clusterfsm.states.codec import (
     BootstrapAck,
+    BootstrapPayload,
     GroupConfirm,
     GroupConfirmed,
     InitGo,
     InitReady,
-    JacclBootstrapPayload,
     LinkReport,
     Message,
-    Topology,
 )
 from clusterfsm.states.config import Address
 from clusterfsm.states.context import ClusterContext
@@ -47,7 +46,7 @@ from clusterfsm.states.groupinit import InitPlan, TopologyDir, release_delay, re
 from clusterfsm.states.handshake import PROTOCOL_VERSION, CoordinatorHandshake, JoinerHandshake
 from clusterfsm.states.link import GOODBYE_GRACE, ControlLink, unexpected_message, wait_any
 from clusterfsm.states.sidechannel import JacclSideChannel
-from clusterfsm.states.topology import build_device_matrix
+from clusterfsm.states.topology import Topology, build_device_matrix
 from clusterfsm.states.transport import Conn, MultiListener, connection_refused
 
 #: A joiner retries a refused connect (rank 0 not listening yet) with this back-off.
@@ -396,7 +395,7 @@ async def exchanging_bootstrap(ctx: ClusterContext) -> str:
         topology, coordinator = _decide_topology(ctx, backend, reports)
         ctx.plan = InitPlan(backend, 0, ctx.world_size, topology, ctx.session_id,
                             coordinator)
-        payload = JacclBootstrapPayload(
+        payload = BootstrapPayload(
             coordinator_port=Address.parse(coordinator).port if coordinator else 0,
             session_id=ctx.session_id, backend=ctx.plan.wire_backend,
             world_size=ctx.world_size, topology=topology,
@@ -412,7 +411,7 @@ async def exchanging_bootstrap(ctx: ClusterContext) -> str:
         link = ctx.links[0]
         await link.send(LinkReport(ctx.session_id, tuple(sorted(ctx.peer_interfaces.items()))))
         report_progress("waiting for rank 0's bootstrap frame (0x07)")
-        frame = await _expect(link, JacclBootstrapPayload, "exchanging_bootstrap")
+        frame = await _expect(link, BootstrapPayload, "exchanging_bootstrap")
         if frame.session_id != ctx.session_id:
             raise BootstrapRejected(
                 f"session id {frame.session_id.hex()} is not this session's", link.peer)

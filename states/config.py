@@ -13,7 +13,9 @@ from typing import Literal
 
 import attrs
 
-Backend = Literal["ring", "jaccl", "any"]
+#: The backend a user asks for (``any``: jaccl if this MLX build has it, else ring);
+#: the bootstrap frame carries the decided one, ``codec.WireBackend``.
+BackendChoice = Literal["ring", "jaccl", "any"]
 BACKENDS: tuple[str, ...] = ("ring", "jaccl", "any")
 
 #: Default per-state deadlines in seconds (``--deadline STATE=SECONDS`` overrides).
@@ -95,7 +97,7 @@ class ClusterConfig:
     key: bytes = attrs.field(repr=False, validator=_key)
     listen: Address | None = None
     peers: tuple[Address, ...] = attrs.field(default=(), converter=tuple)
-    backend: Backend = attrs.field(default="ring")
+    backend: BackendChoice = attrs.field(default="ring")
     node_id: bytes = attrs.field(factory=lambda: secrets.token_bytes(16), validator=_node_id)
     deadlines: Mapping[str, float] = attrs.field(factory=dict)
     heartbeat_interval: float = 0.1
