@@ -13,6 +13,8 @@ from typing import Literal
 
 import attrs
 
+from clusterfsm.states.keys import check_key_length
+
 #: The backend a user asks for (``any``: jaccl if this MLX build has it, else ring);
 #: the bootstrap frame carries the decided one, ``codec.WireBackend``.
 BackendChoice = Literal["ring", "jaccl", "any"]
@@ -56,8 +58,7 @@ class Address:
 
 
 def _key(_inst: object, _attr: object, value: bytes) -> None:
-    if len(value) < 16:
-        raise ValueError("the cluster key must be at least 16 bytes (use `clusterfsm keygen`)")
+    check_key_length(value)
 
 
 def _node_id(_inst: object, _attr: object, value: bytes) -> None:
