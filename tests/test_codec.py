@@ -492,6 +492,30 @@ def test_validators_refuse_bad_local_values() -> None:
         Ping(1).seq = 2  # type: ignore[misc]
 
 
+def test_a_message_field_must_be_declared_with_its_wire_type() -> None:
+    from clusterfsm.states.wire import derive_codec
+
+    @attrs.frozen
+    class Undeclared:
+        seq: int
+
+    with pytest.raises(TypeError, match="wire"):
+        derive_codec(Undeclared)
+
+
+def test_a_type_byte_has_one_class() -> None:
+    from clusterfsm.states.codec import U64, message
+    from clusterfsm.states.wire import wire
+
+    with pytest.raises(TypeError, match="already"):
+
+        @message(ClusterMsgType.PING)
+        class SecondPing(Message):
+            seq: int = wire(U64)
+
+    assert MESSAGE_TYPES[ClusterMsgType.PING] is Ping
+
+
 # --------------------------------------------------------------------------- doc vectors
 
 VECTOR_RE = re.compile(r"^```hex vector (?P<name>[\w-]+)\n(?P<body>.*?)^```", re.M | re.S)
