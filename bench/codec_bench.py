@@ -1,6 +1,6 @@
 """Codec throughput: frames encoded and decoded per second.
 
-For the bootstrap frame (0x07, ``JacclBootstrapPayload`` with a 4-rank ring topology)
+For the bootstrap frame (0x07, ``BootstrapPayload`` with a 4-rank ring topology)
 and the heartbeats (``Ping``/``Pong``): ``encode_message`` then ``FrameDecoder.feed``
 and ``decode_message``, one frame at a time. Baseline, same run and same content:
 ``json.dumps`` + ``json.loads`` of an equivalent dict (what a naive wire format does).
@@ -18,11 +18,11 @@ from collections.abc import Callable
 from common import emit, row
 
 from clusterfsm.states.codec import (
-    Backend,
+    BootstrapPayload,
     FrameDecoder,
-    JacclBootstrapPayload,
     Ping,
     Pong,
+    WireBackend,
     decode_message,
     encode_message,
 )
@@ -44,7 +44,7 @@ def rate(fn: Callable[[], object], seconds: float) -> float:
 def measure(seconds: float) -> list[dict[str, object]]:
     sid = bytes(range(16))
     topology = tuple((f"10.0.0.{r + 1}:{50000 + r}",) for r in range(4))
-    boot = JacclBootstrapPayload(coordinator_port=0, session_id=sid, backend=Backend.RING,
+    boot = BootstrapPayload(coordinator_port=0, session_id=sid, backend=WireBackend.RING,
                                  world_size=4, topology=topology)
     boot_dict = {"type": 7, "coordinator_port": 0, "session_id": sid.hex(), "backend": "ring",
                  "world_size": 4, "topology": [list(t) for t in topology]}

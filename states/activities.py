@@ -21,13 +21,12 @@ import trio
 from clusterfsm.fsm import current_deadline, deadline_trace, report_progress
 from clusterfsm.states.codec import (
     BootstrapAck,
+    BootstrapPayload,
     GroupConfirm,
     GroupConfirmed,
     InitGo,
     InitReady,
-    JacclBootstrapPayload,
     LinkReport,
-    Topology,
 )
 from clusterfsm.states.config import Address
 from clusterfsm.states.context import ClusterContext
@@ -55,7 +54,7 @@ from clusterfsm.states.link import (
     wait_any,
 )
 from clusterfsm.states.sidechannel import JacclSideChannel
-from clusterfsm.states.topology import build_device_matrix
+from clusterfsm.states.topology import Topology, build_device_matrix
 from clusterfsm.states.transport import Conn, MultiListener, connection_refused
 
 #: A joiner retries a refused connect (rank 0 not listening yet) with this back-off.
@@ -402,7 +401,7 @@ async def exchanging_bootstrap(ctx: ClusterContext) -> str:
         topology, coordinator = _decide_topology(ctx, backend, reports)
         ctx.plan = InitPlan(backend, 0, ctx.world_size, topology, ctx.session_id,
                             coordinator)
-        payload = JacclBootstrapPayload(
+        payload = BootstrapPayload(
             coordinator_port=Address.parse(coordinator).port if coordinator else 0,
             session_id=ctx.session_id, backend=ctx.plan.wire_backend,
             world_size=ctx.world_size, topology=topology,
@@ -417,7 +416,7 @@ async def exchanging_bootstrap(ctx: ClusterContext) -> str:
         link = ctx.links[0]
         await link.send(LinkReport(ctx.session_id, tuple(sorted(ctx.peer_interfaces.items()))))
         report_progress("waiting for rank 0's bootstrap frame (0x07)")
-        frame = await _expect(link, JacclBootstrapPayload, "exchanging_bootstrap",
+        frame = await _expect(link, BootstrapPayload, "exchanging_bootstrap",
                               ctx.session_id, "bootstrap frame")
         if frame.world_size != ctx.world_size:
             raise BootstrapRejected(

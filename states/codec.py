@@ -11,8 +11,21 @@ HTTP at us, must cost one header's worth of memory and end in a typed
 :class:`~states.errors.FrameError`, never an allocation or a hang waiting for bytes
 that a real clusterfsm peer would never send.
 
-The byte layout of every frame and message is documented (with test vectors that the
-tests check) in ``docs/protocol.md``.
+Each message is one class, as in hyperframe: the :func:`message` decorator registers
+its type byte and derives its payload codec from its attrs fields, which are declared
+once, in wire order, each with its wire type (``states/wire.py``)::
+
+    @message(ClusterMsgType.PING)
+    class Ping(Message):
+        seq: int = wire(U64)
+
+To add a field: one line ``name: T = wire(TYPE)`` at its place in the wire order
+(``default=`` keeps existing constructor calls working). To add a message type: one
+member of :class:`ClusterMsgType` and one decorated class (an import-time check refuses
+a type byte without a class). A new kind of field: see ``states/wire.py``. Either way
+the wire changes: bump ``PROTOCOL_VERSION`` in ``states/handshake.py`` (or
+:data:`FRAME_VERSION` for a framing change) and update the layout tables and vectors
+of ``docs/protocol.md``, which the tests check byte for byte.
 """
 
 from __future__ import annotations
@@ -20,12 +33,26 @@ from __future__ import annotations
 import enum
 import json
 import struct
-from collections.abc import Callable, Sequence
-from typing import Any, ClassVar, Final, Self, TypeAlias
+from collections.abc import Callable
+from typing import Any, ClassVar, Final, Self, TypeVar, dataclass_transform
 
 import attrs
 
+from clusterfsm.states import topology
 from clusterfsm.states.errors import FrameError, FrameErrorKind, RejectReason
+from clusterfsm.states.topology import MAX_INTERFACE_NAME, Topology
+from clusterfsm.states.wire import (
+    Bool,
+    EnumByte,
+    Raw,
+    Reader,
+    Rest,
+    Str,
+    UInt,
+    VarWire,
+    derive_codec,
+    wire,
+)
 
 __all__ = [
     "FRAME_VERSION",
@@ -34,10 +61,11 @@ __all__ = [
     "MAX_PAYLOAD",
     "MAX_STR",
     "MESSAGE_TYPES",
+    "NO_SESSION",
     "Abort",
     "Auth",
-    "Backend",
     "BootstrapAck",
+    "BootstrapPayload",
     "Challenge",
     "ClusterMsgType",
     "Frame",
@@ -50,8 +78,6 @@ __all__ = [
     "Hello",
     "InitGo",
     "InitReady",
-    "JacclBootstrapPayload",
-    "JacclEntry",
     "LinkReport",
     "Message",
     "Ping",
@@ -59,11 +85,12 @@ __all__ = [
     "Reject",
     "Step",
     "Token",
-    "Topology",
     "Welcome",
+    "WireBackend",
     "decode_message",
     "encode_frame",
     "encode_message",
+    "message",
 ]
 
 MAGIC: Final = b"CF"
@@ -74,13 +101,10 @@ HEADER_SIZE: Final = 8
 MAX_PAYLOAD: Final = 65536
 #: Default limit (in UTF-8 bytes) of a string field.
 MAX_STR: Final = 1024
-#: Limit (in characters) of one topology string: an ``ip:port`` or an RDMA device name.
-MAX_TOPOLOGY_STR: Final = 64
-#: jaccl's mesh limit (see DESIGN.md section 3).
-MAX_JACCL_RANKS: Final = 8
+#: The session id of an Abort sent before there is a session.
+NO_SESSION: Final = bytes(16)
 
 _HEADER = struct.Struct(">2sBBI")
-_MAGIC0, _MAGIC1 = MAGIC[0], MAGIC[1]
 
 
 class ClusterMsgType(enum.IntEnum):
@@ -113,8 +137,12 @@ class ClusterMsgType(enum.IntEnum):
 _TYPE_BY_BYTE: Final[dict[int, ClusterMsgType]] = {int(t): t for t in ClusterMsgType}
 
 
-class Backend(enum.IntEnum):
-    """The MLX distributed backend named in the bootstrap frame."""
+class WireBackend(enum.IntEnum):
+    """The MLX distributed backend as the bootstrap frame names it (one byte).
+
+    Not the user's choice (``config.BackendChoice``, which may be ``"any"``): by the
+    time a bootstrap frame is built the backend is decided.
+    """
 
     RING = 1
     JACCL = 2
@@ -136,40 +164,59 @@ class Frame:
     payload: bytes
 
 
+def _framed(type_byte: int, payload: bytes) -> bytes:
+    n = len(payload)
+    if n > MAX_PAYLOAD:
+        raise ValueError(f"payload of {n} bytes exceeds the {MAX_PAYLOAD}-byte frame limit")
+    return _HEADER.pack(MAGIC, FRAME_VERSION, type_byte, n) + payload
+
+
 def encode_frame(frame: Frame) -> bytes:
     """Serialize ``frame`` (header + payload).
 
     Raises ValueError (a local bug, not a peer's fault) if the payload is above
     :data:`MAX_PAYLOAD` or the type is unknown: we never emit a frame we would refuse.
     """
-    n = len(frame.payload)
-    if n > MAX_PAYLOAD:
-        raise ValueError(f"payload of {n} bytes exceeds the {MAX_PAYLOAD}-byte frame limit")
     if frame.type not in _TYPE_BY_BYTE:
         raise ValueError(f"unknown message type {frame.type!r}")
-    return _HEADER.pack(MAGIC, FRAME_VERSION, frame.type, n) + frame.payload
+    return _framed(frame.type, frame.payload)
 
 
-def _check_header_prefix(buf: Any, pos: int, avail: int) -> None:
-    """Validate the first ``avail`` (< 8) header bytes at ``buf[pos:]``.
+#: The rest of a header that passes every check: a partial header is judged with its
+#: missing bytes taken from here, so only the bytes already received can fail, and the
+#: length is judged by its lower bound.
+_PASSING_HEADER: Final = _HEADER.pack(MAGIC, FRAME_VERSION, min(_TYPE_BY_BYTE), 0)
 
-    Why: a peer speaking another protocol (or a scanner) is told off on its first
-    bytes instead of leaving us waiting for a header it will never complete; and a
-    length whose known high bytes already exceed the limit is refused before the rest
-    arrives. The order of checks is the same as for a full header, so the error kind
-    never depends on how the stream was split.
+
+def _judge_header(buf: memoryview, pos: int, avail: int) -> tuple[ClusterMsgType, int]:
+    """Check the header at ``buf[pos:]``, of which ``avail`` bytes (>= 1) are here.
+
+    Checks magic, version, type, length, in that order, on as many bytes as have
+    arrived. Why judge a partial header: a peer speaking another protocol (or a
+    scanner) is told off on its first bytes instead of leaving us waiting for a header
+    it will never complete, and a length whose known high bytes already exceed the
+    limit is refused before the rest arrives. One function for whole and partial
+    headers, so the error kind never depends on how the stream was split. The result
+    is meaningful only when ``avail >= HEADER_SIZE``.
     """
-    if buf[pos] != _MAGIC0 or (avail >= 2 and buf[pos + 1] != _MAGIC1):
+    if avail >= HEADER_SIZE:
+        magic, version, type_byte, length = _HEADER.unpack_from(buf, pos)
+    else:
+        head = bytes(buf[pos : pos + avail]) + _PASSING_HEADER[avail:]
+        magic, version, type_byte, length = _HEADER.unpack(head)
+    if magic != MAGIC:
         raise FrameError(FrameErrorKind.BAD_MAGIC, f"magic {bytes(buf[pos : pos + 2])!r}")
-    if avail >= 3 and buf[pos + 2] != FRAME_VERSION:
-        raise FrameError(FrameErrorKind.BAD_VERSION, f"framing version {buf[pos + 2]}")
-    if avail >= 4 and buf[pos + 3] not in _TYPE_BY_BYTE:
-        raise FrameError(FrameErrorKind.UNKNOWN_TYPE, f"message type 0x{buf[pos + 3]:02x}")
-    if avail >= 5:
-        known = avail - 4  # 1..3 high-order bytes of the length are known
-        low = int.from_bytes(bytes(buf[pos + 4 : pos + avail]), "big") << (8 * (4 - known))
-        if low > MAX_PAYLOAD:
-            raise FrameError(FrameErrorKind.OVERSIZE, f"declared length >= {low} > {MAX_PAYLOAD}")
+    if version != FRAME_VERSION:
+        raise FrameError(FrameErrorKind.BAD_VERSION, f"framing version {version}")
+    mtype = _TYPE_BY_BYTE.get(type_byte)
+    if mtype is None:
+        raise FrameError(FrameErrorKind.UNKNOWN_TYPE, f"message type 0x{type_byte:02x}")
+    if length > MAX_PAYLOAD:
+        at_least = "" if avail >= HEADER_SIZE else ">= "
+        raise FrameError(
+            FrameErrorKind.OVERSIZE, f"declared length {at_least}{length} > {MAX_PAYLOAD}"
+        )
+    return mtype, length
 
 
 class FrameDecoder:
@@ -215,35 +262,15 @@ class FrameDecoder:
             src = data
         frames: list[Frame] = []
         append = frames.append
-        unpack_from = _HEADER.unpack_from
-        types = _TYPE_BY_BYTE
         n = len(src)
         pos = 0
         try:
             with memoryview(src) as mv:
-                while True:
-                    avail = n - pos
-                    if avail < HEADER_SIZE:
-                        if avail:
-                            _check_header_prefix(mv, pos, avail)
-                        break
-                    magic, version, type_byte, length = unpack_from(mv, pos)
-                    if magic != MAGIC:
-                        raise FrameError(FrameErrorKind.BAD_MAGIC, f"magic {magic!r}")
-                    if version != FRAME_VERSION:
-                        raise FrameError(FrameErrorKind.BAD_VERSION, f"framing version {version}")
-                    mtype = types.get(type_byte)
-                    if mtype is None:
-                        raise FrameError(
-                            FrameErrorKind.UNKNOWN_TYPE, f"message type 0x{type_byte:02x}"
-                        )
-                    if length > MAX_PAYLOAD:
-                        raise FrameError(
-                            FrameErrorKind.OVERSIZE, f"declared length {length} > {MAX_PAYLOAD}"
-                        )
+                while pos < n:
+                    mtype, length = _judge_header(mv, pos, n - pos)
                     start = pos + HEADER_SIZE
                     end = start + length
-                    if end > n:
+                    if end > n:  # also when the header itself is incomplete
                         break
                     append(Frame(mtype, bytes(mv[start:end])))
                     pos = end
@@ -274,597 +301,11 @@ class FrameDecoder:
 
 
 # ---------------------------------------------------------------------------------------
-# Field validators (attrs): bad values fail where they enter, on both the local and the
-# decode path (decode turns ValueError/TypeError into FrameError(BAD_PAYLOAD)).
-
-
-def _uint(bits: int) -> Callable[[Any, attrs.Attribute[Any], Any], None]:
-    return _int_range(0, (1 << bits) - 1)
-
-
-def _int_range(lo: int, hi: int) -> Callable[[Any, attrs.Attribute[Any], Any], None]:
-    def check(_inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise TypeError(f"{attr.name} must be an int, got {type(value).__name__}")
-        if not lo <= value <= hi:
-            raise ValueError(f"{attr.name}={value} outside {lo}..{hi}")
-
-    return check
-
-
-def _fixed_bytes(size: int) -> Callable[[Any, attrs.Attribute[Any], Any], None]:
-    def check(_inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
-        if not isinstance(value, bytes):
-            raise TypeError(f"{attr.name} must be bytes, got {type(value).__name__}")
-        if len(value) != size:
-            raise ValueError(f"{attr.name} must be {size} bytes, got {len(value)}")
-
-    return check
-
-
-def _text(max_bytes: int = MAX_STR) -> Callable[[Any, attrs.Attribute[Any], Any], None]:
-    def check(_inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
-        if not isinstance(value, str):
-            raise TypeError(f"{attr.name} must be str, got {type(value).__name__}")
-        try:
-            size = len(value.encode("utf-8"))
-        except UnicodeEncodeError as exc:  # lone surrogates
-            raise ValueError(f"{attr.name} is not encodable as UTF-8: {exc}") from None
-        if size > max_bytes:
-            raise ValueError(f"{attr.name} is {size} UTF-8 bytes, limit {max_bytes}")
-
-    return check
-
-
-def _is_bool(_inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{attr.name} must be bool, got {type(value).__name__}")
-
-
-def _body(_inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
-    if not isinstance(value, bytes):
-        raise TypeError(f"{attr.name} must be bytes, got {type(value).__name__}")
-    if len(value) > MAX_PAYLOAD:
-        raise ValueError(f"{attr.name} is {len(value)} bytes, limit {MAX_PAYLOAD}")
-
-
-# ---------------------------------------------------------------------------------------
-# Wire field codecs. Each message class lists one per attrs field, in order (``_LAYOUT``),
-# and the generic encode/decode in ``_Message`` walks that list. One place per rule.
-
-
-class _Reader:
-    """Cursor over a payload; every shortfall is a ``FrameError(BAD_PAYLOAD)``."""
-
-    __slots__ = ("_data", "_name", "_pos")
-
-    def __init__(self, data: bytes, name: str) -> None:
-        self._data = data
-        self._name = name
-        self._pos = 0
-
-    def fail(self, detail: str) -> FrameError:
-        return FrameError(FrameErrorKind.BAD_PAYLOAD, f"{self._name}: {detail}")
-
-    def take(self, n: int) -> bytes:
-        end = self._pos + n
-        if end > len(self._data):
-            raise self.fail(f"payload too short: need {end} bytes, have {len(self._data)}")
-        chunk = self._data[self._pos : end]
-        self._pos = end
-        return chunk
-
-    def uint(self, size: int) -> int:
-        return int.from_bytes(self.take(size), "big")
-
-    def rest(self) -> bytes:
-        chunk = self._data[self._pos :]
-        self._pos = len(self._data)
-        return chunk
-
-    def end(self) -> None:
-        extra = len(self._data) - self._pos
-        if extra:
-            raise self.fail(f"{extra} trailing bytes")
-
-
-class _Field:
-    """How one attrs field goes on the wire."""
-
-    __slots__ = ()
-
-    def pack(self, value: Any) -> bytes:
-        raise NotImplementedError
-
-    def unpack(self, r: _Reader) -> Any:
-        raise NotImplementedError
-
-
-class _UInt(_Field):
-    __slots__ = ("size",)
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-
-    def pack(self, value: Any) -> bytes:
-        return int(value).to_bytes(self.size, "big")
-
-    def unpack(self, r: _Reader) -> Any:
-        return r.uint(self.size)
-
-
-class _Raw(_Field):
-    """Fixed-size bytes."""
-
-    __slots__ = ("size",)
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-
-    def pack(self, value: Any) -> bytes:
-        return bytes(value)
-
-    def unpack(self, r: _Reader) -> Any:
-        return r.take(self.size)
-
-
-class _Bool(_Field):
-    __slots__ = ()
-
-    def pack(self, value: Any) -> bytes:
-        return b"\x01" if value else b"\x00"
-
-    def unpack(self, r: _Reader) -> Any:
-        b = r.uint(1)
-        if b > 1:
-            raise r.fail(f"bool byte must be 0 or 1, got {b}")
-        return b == 1
-
-
-class _Enum(_Field):
-    __slots__ = ("enum",)
-
-    def __init__(self, enum_type: type[enum.IntEnum]) -> None:
-        self.enum = enum_type
-
-    def pack(self, value: Any) -> bytes:
-        return int(value).to_bytes(1, "big")
-
-    def unpack(self, r: _Reader) -> Any:
-        b = r.uint(1)
-        try:
-            return self.enum(b)
-        except ValueError:
-            raise r.fail(f"{b} is not a {self.enum.__name__}") from None
-
-
-class _Str(_Field):
-    """u16 length + UTF-8."""
-
-    __slots__ = ("max_bytes",)
-
-    def __init__(self, max_bytes: int = MAX_STR) -> None:
-        self.max_bytes = max_bytes
-
-    def pack(self, value: Any) -> bytes:
-        raw = str(value).encode("utf-8")
-        return len(raw).to_bytes(2, "big") + raw
-
-    def unpack(self, r: _Reader) -> Any:
-        n = r.uint(2)
-        if n > self.max_bytes:
-            raise r.fail(f"string of {n} bytes, limit {self.max_bytes}")
-        raw = r.take(n)
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise r.fail(f"invalid UTF-8: {exc.reason}") from None
-
-
-class _LinkTable(_Field):
-    """u8 count, then per entry: 16-byte node id, u8 count, that many ``_Str(15)``."""
-
-    __slots__ = ()
-
-    def pack(self, value: Any) -> bytes:
-        out = [len(value).to_bytes(1, "big")]
-        for node_id, names in value:
-            out.append(bytes(node_id) + len(names).to_bytes(1, "big"))
-            out.extend(_IFNAME.pack(name) for name in names)
-        return b"".join(out)
-
-    def unpack(self, r: _Reader) -> Any:
-        entries = []
-        for _ in range(r.uint(1)):
-            node_id = r.take(16)
-            entries.append((node_id, tuple(_IFNAME.unpack(r) for _ in range(r.uint(1)))))
-        return tuple(entries)
-
-
-class _Rest(_Field):
-    """The whole remaining payload, opaque."""
-
-    __slots__ = ()
-
-    def pack(self, value: Any) -> bytes:
-        return bytes(value)
-
-    def unpack(self, r: _Reader) -> Any:
-        return r.rest()
-
-
-def _no_numbers(text: str) -> Any:
-    raise ValueError(f"numbers are not allowed in a topology ({text[:20]!r})")
-
-
-class _TopologyJson(_Field):
-    """u32 length + UTF-8 JSON (deterministic: sorted keys, no spaces)."""
-
-    __slots__ = ()
-
-    def pack(self, value: Any) -> bytes:
-        raw = json.dumps(
-            _topology_to_json(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False
-        ).encode("utf-8")
-        return len(raw).to_bytes(4, "big") + raw
-
-    def unpack(self, r: _Reader) -> Any:
-        raw = r.take(r.uint(4))
-        try:
-            obj = json.loads(
-                raw.decode("utf-8"),
-                parse_int=_no_numbers,
-                parse_float=_no_numbers,
-                parse_constant=_no_numbers,
-            )
-            return _topology_from_json(obj)
-        except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
-            raise r.fail(f"bad topology JSON: {exc}") from None
-
-
-# ---------------------------------------------------------------------------------------
-# Topology values
-
-#: One cell of a jaccl device matrix: ``None`` (diagonal), a device name, or several.
-JacclEntry: TypeAlias = str | tuple[str, ...] | None
-#: ring: one tuple of ``"ip:port"`` per rank. jaccl: an N x N matrix of :data:`JacclEntry`.
-Topology: TypeAlias = tuple[tuple[JacclEntry, ...], ...]
-
-
-def _topology_to_json(topology: Topology) -> list[list[Any]]:
-    return [[list(e) if isinstance(e, tuple) else e for e in row] for row in topology]
-
-
-def _topology_from_json(obj: Any) -> Topology:
-    """Lists (JSON or Python) to tuples, by the fixed 3-level shape (no recursion).
-
-    Anything that is not a list at levels 1-2 is left for the validator to name; a
-    value that cannot be a topology at all raises ValueError.
-    """
-    if not isinstance(obj, list | tuple):
-        raise ValueError(f"topology must be a list, got {type(obj).__name__}")
-    rows: list[tuple[JacclEntry, ...]] = []
-    for row in obj:
-        if not isinstance(row, list | tuple):
-            raise ValueError(f"topology row must be a list, got {type(row).__name__}")
-        cells: list[JacclEntry] = []
-        for cell in row:
-            if isinstance(cell, list | tuple):
-                cells.append(tuple(cell))
-            else:
-                cells.append(cell)
-        rows.append(tuple(cells))
-    return tuple(rows)
-
-
-def _check_topology_str(value: Any, where: str, max_len: int = MAX_TOPOLOGY_STR) -> str:
-    """A name on the wire (endpoint, device, interface): printable ASCII, no spaces."""
-    if not isinstance(value, str):
-        raise TypeError(f"{where}: expected a string, got {type(value).__name__}")
-    if not 1 <= len(value) <= max_len:
-        raise ValueError(f"{where}: string length {len(value)} outside 1..{max_len}")
-    if not (value.isascii() and value.isprintable()) or " " in value:
-        raise ValueError(f"{where}: {value!r} must be printable ASCII without spaces")
-    return value
-
-
-def _check_endpoint(value: Any, where: str) -> None:
-    _check_topology_str(value, where)
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not (port.isdigit() and 1 <= int(port) <= 65535):
-        raise ValueError(f"{where}: {value!r} is not host:port")
-
-
-def _validate_topology(inst: JacclBootstrapPayload, _attr: Any, topo: Topology) -> None:
-    """Check the topology against the backend and world size of the same frame.
-
-    Why here and not in the group-init code: a wrong matrix must fail where it enters
-    (the config on rank 0, the bootstrap frame on the others) with a clear message,
-    rather than inside MLX (which crashes or returns a silent size-1 group).
-    """
-    n = inst.world_size
-    if not isinstance(topo, tuple) or not all(isinstance(row, tuple) for row in topo):
-        raise TypeError("topology must be a tuple of tuples")
-    if len(topo) != n:
-        raise ValueError(f"topology has {len(topo)} rows, world_size is {n}")
-    if inst.backend is Backend.RING:
-        for i, row in enumerate(topo):
-            if not 1 <= len(row) <= 8:
-                raise ValueError(f"ring rank {i}: {len(row)} endpoints, need 1..8")
-            for j, cell in enumerate(row):
-                _check_endpoint(cell, f"ring rank {i} endpoint {j}")
-    else:
-        if n > MAX_JACCL_RANKS:
-            raise ValueError(f"jaccl supports at most {MAX_JACCL_RANKS} ranks, got {n}")
-        for i, row in enumerate(topo):
-            if len(row) != n:
-                raise ValueError(f"jaccl matrix row {i} has {len(row)} entries, need {n}")
-            for j, cell in enumerate(row):
-                where = f"jaccl devices[{i}][{j}]"
-                if i == j:
-                    if cell is not None:
-                        raise ValueError(f"{where}: the diagonal must be null")
-                elif cell is None:
-                    raise ValueError(f"{where}: null is only allowed on the diagonal")
-                elif isinstance(cell, tuple):
-                    if not 1 <= len(cell) <= 4:
-                        raise ValueError(f"{where}: {len(cell)} devices, need 1..4")
-                    for k, name in enumerate(cell):
-                        _check_topology_str(name, f"{where}[{k}]")
-                else:
-                    _check_topology_str(cell, where)
-
-
-def _topology_converter(value: Any) -> Topology:
-    """Accept lists for convenience (config code); the validator does the judging."""
-    if isinstance(value, list | tuple):
-        return _topology_from_json(value)
-    return value  # type: ignore[no-any-return]  # not a sequence: the validator names it
-
-
-# ---------------------------------------------------------------------------------------
-# Messages
-
-
-def _build(factory: Callable[..., Any], values: Sequence[Any], name: str) -> Any:
-    try:
-        return factory(*values)
-    except (TypeError, ValueError) as exc:
-        raise FrameError(FrameErrorKind.BAD_PAYLOAD, f"{name}: {exc}") from None
-
-
-class _Message:
-    """Generic payload encode/decode driven by the subclass's ``_LAYOUT``."""
-
-    __slots__ = ()
-
-    TYPE: ClassVar[ClusterMsgType]
-    _LAYOUT: ClassVar[tuple[_Field, ...]]
-    _NAMES: ClassVar[tuple[str, ...]]
-
-    def encode(self) -> bytes:
-        """The payload bytes (without the frame header)."""
-        return b"".join(
-            f.pack(getattr(self, name)) for f, name in zip(self._LAYOUT, self._NAMES, strict=True)
-        )
-
-    @classmethod
-    def decode(cls, payload: bytes) -> Self:
-        """Parse a payload; anything wrong is ``FrameError(BAD_PAYLOAD)``."""
-        r = _Reader(payload, cls.__name__)
-        values = [f.unpack(r) for f in cls._LAYOUT]
-        r.end()
-        result: Self = _build(cls, values, cls.__name__)
-        return result
-
-
-_U8, _U16, _U64 = _UInt(1), _UInt(2), _UInt(8)
-#: Interface names are at most 15 bytes (IFNAMSIZ - 1 on Linux and macOS).
-MAX_INTERFACE_NAME: Final = 15
-_IFNAME = _Str(MAX_INTERFACE_NAME)
-_ID16, _MAC32 = _Raw(16), _Raw(32)
-
-
-@attrs.frozen
-class Hello(_Message):
-    """Joiner -> coordinator: who I am, what I speak, and my nonce."""
-
-    TYPE: ClassVar[ClusterMsgType] = ClusterMsgType.HELLO
-    _LAYOUT: ClassVar[tuple[_Field, ...]] = (_U16, _ID16, _U8, _U8, _ID16, _Str(64), _U64)
-
-    protocol_version: int = attrs.field(validator=_uint(16))
-    node_id: bytes = attrs.field(validator=_fixed_bytes(16))
-    # The codec does not check rank < world_size: the handshake refuses that with a
-    # typed reason (BAD_RANK) the joiner can be told about.
-    rank: int = attrs.field(validator=_uint(8))
-    world_size: int = attrs.field(validator=_int_range(1, 255))
-    nonce: bytes = attrs.field(validator=_fixed_bytes(16))
-    software: str = attrs.field(default="", validator=_text(64))
-    # The joiner's generation (its supervisor's epoch; 0 = unsupervised). Rank 0
-    # refuses an epoch older than the newest admitted for this rank (STALE_SESSION);
-    # both handshake MACs cover it, so an on-path attacker cannot change it.
-    epoch: int = attrs.field(default=0, validator=_uint(64))
-
-
-@attrs.frozen
-class Challenge(_Message):
-    """Coordinator -> joiner: my identity, my nonce, and proof that I hold the key."""
-
-    TYPE: ClassVar[ClusterMsgType] = ClusterMsgType.CHALLENGE
-    _LAYOUT: ClassVar[tuple[_Field, ...]] = (_U16, _ID16, _U8, _ID16, _MAC32)
-
-    protocol_version: int = attrs.field(validator=_uint(16))
-    node_id: bytes = attrs.field(validator=_fixed_bytes(16))
-    world_size: int = attrs.field(validator=_int_range(1, 255))
-    nonce: bytes = attrs.field(validator=_fixed_bytes(16))
-    mac: bytes = attrs.field(validator=_fixed_bytes(32))
-
-
-@attrs.frozen
-class Auth(_Message):
-    """Joiner -> coordinator: proof that I hold the key, bound to my data port."""
-
-    TYPE: ClassVar[ClusterMsgType] = ClusterMsgType.AUTH
-    _LAYOUT: ClassVar[tuple[_Field, ...]] = (_MAC32, _U16)
-
-    mac: bytes = attrs.field(validator=_fixed_bytes(32))
-    data_port: int = attrs.field(validator=_uint(16))
-
-
-@attrs.frozen
-class Welcome(_Message):
-    """Coordinator -> joiner: admitted; here is the session id."""
-
-    TYPE: ClassVar[ClusterMsgType] = ClusterMsgType.WELCOME
-    _LAYOUT: ClassVar[tuple[_Field, ...]] = (_ID16,)
-
-    session_id: bytes = attrs.field(validator=_fixed_bytes(16))
-
-
-@attrs.frozen
-class Ping(_Message):
-    """Heartbeat request; ``seq`` pairs it with its Pong."""
-
-    TYPE: ClassVar[ClusterMsgType] = ClusterMsgType.PING
-    _LAYOUT: ClassVar[tuple[_Field, ...]] = (_U64,)
-
-    seq: int = attrs.field(validator=_uint(64))
-
-
-@attrs.frozen
-class Pong(_Message):
-    """Heartbeat answer, echoing the Ping's ``seq``."""
-
-    TYPE: ClassVar[ClusterMsgType] = ClusterMsgType.PONG
-    _LAYOUT: ClassVar[tuple[_Field, ...]] = (_U64,)
-
-    seq: int = attrs.field(validator=_uint(64))
-
-
-@attrs.frozen
-class JacclBootstrapPayload(_Message):
-    """Rank 0 -> every rank (type 0x07): what each rank needs to call ``init``.
-
-    Named for jaccl but carries either backend: for ``RING`` the topology is the
-    hostfile (one tuple of ``"ip:port"`` per rank), for ``JACCL`` the N x N device matrix.
-    """
-
-    TYPE: ClassVar[ClusterMsgType] = ClusterMsgType.BOOTSTRAP
-    _LAYOUT: ClassVar[tuple[_Field, ...]] = (_U16, _ID16, _Enum(Backend), _U8, _TopologyJson())
-
-    coordinator_port: int = attrs.field(validator=_uint(16))
-    session_id: bytes = attrs.field(validator=_fixed_bytes(16))
-    backend: Backend = attrs.field(validator=attrs.validators.instance_of(Backend))
-    world_size: int = attrs.field(validator=_int_range(1, 255))
-    topology: Topology = attrs.field(converter=_topology_converter, validator=_validate_topology)
-
-    def __attrs_post_init__(self) -> None:
-        # The one message whose size depends on its content: refuse one that cannot be
-        # framed here, not at send time.
-        size = len(self.encode())
-        if size > MAX_PAYLOAD:
-            raise ValueError(f"bootstrap payload is {size} bytes, limit {MAX_PAYLOAD}")
-
-
-@attrs.frozen
-class BootstrapAck(_Message):
-    """Rank k -> rank 0: bootstrap frame accepted for this session."""
-
-    TYPE: ClassVar[ClusterMsgType] = ClusterMsgType.BOOTSTRAP_ACK
-    _LAYOUT: ClassVar[tuple[_Field, ...]] = (_ID16,)
-
-    session_id: bytes = attrs.field(validator=_fixed_bytes(16))
-
-
-@attrs.frozen
-class InitReady(_Message):
-    """Rank k -> rank 0: environment set, about to call ``init`` (barrier arrival)."""
-
-    TYPE: ClassVar[ClusterMsgType] = ClusterMsgType.INIT_READY
-    _LAYOUT: ClassVar[tuple[_Field, ...]] = (_ID16,)
-
-    session_id: bytes = attrs.field(validator=_fixed_bytes(16))
-
-
-@attrs.frozen
-class InitGo(_Message):
-    """Rank 0 -> rank k: barrier release; wait ``delay_ms`` then call ``init``."""
-
-    TYPE: ClassVar[ClusterMsgType] = ClusterMsgType.INIT_GO
-    _LAYOUT: ClassVar[tuple[_Field, ...]] = (_ID16, _U16)
-
-    session_id: bytes = attrs.field(validator=_fixed_bytes(16))
-    delay_ms: int = attrs.field(validator=_uint(16))
-
-
-@attrs.frozen
-class GroupConfirm(_Message):
-    """Rank k -> rank 0: my ``init`` result (``ok``, the group ``size`` I got)."""
-
-    TYPE: ClassVar[ClusterMsgType] = ClusterMsgType.GROUP_CONFIRM
-    _LAYOUT: ClassVar[tuple[_Field, ...]] = (_ID16, _Bool(), _U8, _Str())
-
-    session_id: bytes = attrs.field(validator=_fixed_bytes(16))
-    ok: bool = attrs.field(validator=_is_bool)
-    size: int = attrs.field(validator=_uint(8))
-    detail: str = attrs.field(default="", validator=_text())
-
-
-@attrs.frozen
-class GroupConfirmed(_Message):
-    """Rank 0 -> rank k: every rank confirmed; the group is ready."""
-
-    TYPE: ClassVar[ClusterMsgType] = ClusterMsgType.GROUP_CONFIRMED
-    _LAYOUT: ClassVar[tuple[_Field, ...]] = (_ID16,)
-
-    session_id: bytes = attrs.field(validator=_fixed_bytes(16))
-
-
-NO_SESSION: Final = bytes(16)
-
-
-@attrs.frozen
-class Abort(_Message):
-    """Either direction: I failed in ``state`` with ``error``; ``session_id`` zeros if none."""
-
-    TYPE: ClassVar[ClusterMsgType] = ClusterMsgType.ABORT
-    _LAYOUT: ClassVar[tuple[_Field, ...]] = (_ID16, _Str(64), _Str(64), _Str())
-
-    session_id: bytes = attrs.field(validator=_fixed_bytes(16))
-    state: str = attrs.field(validator=_text(64))
-    error: str = attrs.field(validator=_text(64))
-    detail: str = attrs.field(default="", validator=_text())
-
-
-@attrs.frozen
-class Reject(_Message):
-    """Either direction during the handshake: refused, and why."""
-
-    TYPE: ClassVar[ClusterMsgType] = ClusterMsgType.REJECT
-    _LAYOUT: ClassVar[tuple[_Field, ...]] = (_Enum(RejectReason), _Str())
-
-    reason: RejectReason = attrs.field(validator=attrs.validators.instance_of(RejectReason))
-    detail: str = attrs.field(default="", validator=_text())
-
-
-@attrs.frozen
-class Step(_Message):
-    """Application message, opaque to clusterfsm (routed by the embedding app)."""
-
-    TYPE: ClassVar[ClusterMsgType] = ClusterMsgType.STEP
-    _LAYOUT: ClassVar[tuple[_Field, ...]] = (_Rest(),)
-
-    body: bytes = attrs.field(default=b"", validator=_body)
-
-
-@attrs.frozen
-class Token(_Message):
-    """Application message, opaque to clusterfsm (routed by the embedding app)."""
-
-    TYPE: ClassVar[ClusterMsgType] = ClusterMsgType.TOKEN
-    _LAYOUT: ClassVar[tuple[_Field, ...]] = (_Rest(),)
-
-    body: bytes = attrs.field(default=b"", validator=_body)
+# The protocol's wire types (states/wire.py has the generic ones)
+
+#: Which of a joiner's interfaces reached which peer: ``((node_id, (name, ...)), ...)``.
+Links = tuple[tuple[bytes, tuple[str, ...]], ...]
+_IFNAME = Str(MAX_INTERFACE_NAME)
 
 
 def _link_table(_inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
@@ -879,124 +320,329 @@ def _link_table(_inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
         if not (isinstance(names, tuple) and 1 <= len(names) <= 4):
             raise ValueError(f"{attr.name}: 1..4 interfaces per peer")
         for name in names:
-            _check_topology_str(name, f"{attr.name}: interface name", MAX_INTERFACE_NAME)
+            topology.check_name(name, f"{attr.name}: interface name", MAX_INTERFACE_NAME)
 
 
-@attrs.frozen
-class LinkReport(_Message):
+class LinkTable(VarWire[Links]):
+    """u8 count, then per entry: 16-byte node id, u8 count, that many ``Str(15)``."""
+
+    __slots__ = ()
+
+    def __init__(self) -> None:
+        super().__init__(_link_table)
+
+    def pack(self, value: Links) -> bytes:
+        out = [len(value).to_bytes(1, "big")]
+        for node_id, names in value:
+            out.append(node_id + len(names).to_bytes(1, "big"))
+            out.extend(_IFNAME.pack(name) for name in names)
+        return b"".join(out)
+
+    def unpack(self, r: Reader) -> Links:
+        entries = []
+        for _ in range(r.uint(1)):
+            node_id = r.take(16)
+            entries.append((node_id, tuple(_IFNAME.unpack(r) for _ in range(r.uint(1)))))
+        return tuple(entries)
+
+
+def _no_numbers(text: str) -> Any:
+    raise ValueError(f"numbers are not allowed in a topology ({text[:20]!r})")
+
+
+class TopologyJson(VarWire[Topology]):
+    """u32 length + UTF-8 JSON (deterministic: sorted keys, no spaces).
+
+    Accepts lists for convenience (config code). No check of its own: the topology
+    rules depend on the backend and world size, so the message that carries one adds
+    them (see :class:`BootstrapPayload`).
+    """
+
+    __slots__ = ()
+
+    def __init__(self) -> None:
+        super().__init__(None, converter=topology.from_lists)
+
+    def pack(self, value: Topology) -> bytes:
+        raw = json.dumps(
+            topology.to_lists(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+        ).encode("utf-8")
+        return len(raw).to_bytes(4, "big") + raw
+
+    def unpack(self, r: Reader) -> Topology:
+        raw = r.take(r.uint(4))
+        try:
+            obj = json.loads(
+                raw.decode("utf-8"),
+                parse_int=_no_numbers,
+                parse_float=_no_numbers,
+                parse_constant=_no_numbers,
+            )
+            return topology.from_lists(obj)
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
+            raise r.fail(f"bad topology JSON: {exc}") from None
+
+
+U8, U16, U64 = UInt(8), UInt(16), UInt(64)
+#: A group has 1..255 ranks.
+WORLD_SIZE = UInt(8, lo=1)
+BYTES16, BYTES32 = Raw(16), Raw(32)
+BOOL = Bool()
+TEXT, TEXT64 = Str(MAX_STR), Str(64)
+REST = Rest(MAX_PAYLOAD)
+
+
+# ---------------------------------------------------------------------------------------
+# Messages: the base class, the registry and the class decorator
+
+
+class Message:
+    """Base of every message; :func:`message` fills in ``TYPE``, ``encode``, ``decode``."""
+
+    __slots__ = ()
+
+    TYPE: ClassVar[ClusterMsgType]
+
+    def encode(self) -> bytes:
+        """The payload bytes (without the frame header)."""
+        raise NotImplementedError
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Self:
+        """Parse a payload; anything wrong is ``FrameError(BAD_PAYLOAD)``."""
+        raise NotImplementedError
+
+
+MESSAGE_TYPES: Final[dict[ClusterMsgType, type[Message]]] = {}
+M = TypeVar("M", bound=Message)
+
+
+@dataclass_transform(frozen_default=True, field_specifiers=(wire, attrs.field))
+def message(msg_type: ClusterMsgType) -> Callable[[type[M]], type[M]]:
+    """Class decorator: a frozen attrs message of type ``msg_type``, registered, with
+    ``encode``/``decode`` derived from its :func:`wire` fields in declaration order."""
+
+    def register(cls: type[M]) -> type[M]:
+        if msg_type in MESSAGE_TYPES:
+            raise TypeError(f"{msg_type!r} already belongs to {MESSAGE_TYPES[msg_type]}")
+        made = attrs.frozen(cls)
+        made.TYPE = msg_type
+        encode, decode = derive_codec(made)
+        made.encode = encode  # type: ignore[method-assign, assignment]
+        made.decode = staticmethod(decode)  # type: ignore[method-assign, assignment]
+        MESSAGE_TYPES[msg_type] = made
+        return made
+
+    return register
+
+
+# ---------------------------------------------------------------------------------------
+# The messages, in type-byte order (docs/protocol.md has the byte layout of each)
+
+
+@message(ClusterMsgType.HELLO)
+class Hello(Message):
+    """Joiner -> coordinator: who I am, what I speak, and my nonce."""
+
+    protocol_version: int = wire(U16)
+    node_id: bytes = wire(BYTES16)
+    # The codec does not check rank < world_size: the handshake refuses that with a
+    # typed reason (BAD_RANK) the joiner can be told about.
+    rank: int = wire(U8)
+    world_size: int = wire(WORLD_SIZE)
+    nonce: bytes = wire(BYTES16)
+    software: str = wire(TEXT64, default="")
+    # The joiner's generation (its supervisor's epoch; 0 = unsupervised). Rank 0
+    # refuses an epoch older than the newest admitted for this rank (STALE_SESSION);
+    # both handshake MACs cover it, so an on-path attacker cannot change it.
+    epoch: int = wire(U64, default=0)
+
+
+@message(ClusterMsgType.CHALLENGE)
+class Challenge(Message):
+    """Coordinator -> joiner: my identity, my nonce, and proof that I hold the key."""
+
+    protocol_version: int = wire(U16)
+    node_id: bytes = wire(BYTES16)
+    world_size: int = wire(WORLD_SIZE)
+    nonce: bytes = wire(BYTES16)
+    mac: bytes = wire(BYTES32)
+
+
+@message(ClusterMsgType.AUTH)
+class Auth(Message):
+    """Joiner -> coordinator: proof that I hold the key, bound to my data port."""
+
+    mac: bytes = wire(BYTES32)
+    data_port: int = wire(U16)
+
+
+@message(ClusterMsgType.WELCOME)
+class Welcome(Message):
+    """Coordinator -> joiner: admitted; here is the session id."""
+
+    session_id: bytes = wire(BYTES16)
+
+
+@message(ClusterMsgType.PING)
+class Ping(Message):
+    """Heartbeat request; ``seq`` pairs it with its Pong."""
+
+    seq: int = wire(U64)
+
+
+@message(ClusterMsgType.PONG)
+class Pong(Message):
+    """Heartbeat answer, echoing the Ping's ``seq``."""
+
+    seq: int = wire(U64)
+
+
+def _topology_fits(inst: BootstrapPayload, _attr: Any, value: Topology) -> None:
+    """The topology rules of the frame's own backend and world size (states.topology)."""
+    if inst.backend is WireBackend.RING:
+        topology.check_ring_hostfile(value, inst.world_size)
+    else:
+        topology.check_jaccl_matrix(value, inst.world_size)
+
+
+@message(ClusterMsgType.BOOTSTRAP)
+class BootstrapPayload(Message):
+    """Rank 0 -> every rank (type 0x07): what each rank needs to call ``init``.
+
+    For ``RING`` the topology is the hostfile (one tuple of ``"ip:port"`` per rank),
+    for ``JACCL`` the N x N device matrix.
+    """
+
+    coordinator_port: int = wire(U16)
+    session_id: bytes = wire(BYTES16)
+    backend: WireBackend = wire(EnumByte(WireBackend))
+    world_size: int = wire(WORLD_SIZE)
+    topology: Topology = wire(TopologyJson(), validator=_topology_fits)
+
+    def __attrs_post_init__(self) -> None:
+        # The one message whose size depends on its content: refuse one that cannot be
+        # framed here, not at send time.
+        size = len(self.encode())
+        if size > MAX_PAYLOAD:
+            raise ValueError(f"bootstrap payload is {size} bytes, limit {MAX_PAYLOAD}")
+
+
+@message(ClusterMsgType.BOOTSTRAP_ACK)
+class BootstrapAck(Message):
+    """Rank k -> rank 0: bootstrap frame accepted for this session."""
+
+    session_id: bytes = wire(BYTES16)
+
+
+@message(ClusterMsgType.INIT_READY)
+class InitReady(Message):
+    """Rank k -> rank 0: environment set, about to call ``init`` (barrier arrival)."""
+
+    session_id: bytes = wire(BYTES16)
+
+
+@message(ClusterMsgType.INIT_GO)
+class InitGo(Message):
+    """Rank 0 -> rank k: barrier release; wait ``delay_ms`` then call ``init``."""
+
+    session_id: bytes = wire(BYTES16)
+    delay_ms: int = wire(U16)
+
+
+@message(ClusterMsgType.GROUP_CONFIRM)
+class GroupConfirm(Message):
+    """Rank k -> rank 0: my ``init`` result (``ok``, the group ``size`` I got)."""
+
+    session_id: bytes = wire(BYTES16)
+    ok: bool = wire(BOOL)
+    size: int = wire(U8)
+    detail: str = wire(TEXT, default="")
+
+
+@message(ClusterMsgType.GROUP_CONFIRMED)
+class GroupConfirmed(Message):
+    """Rank 0 -> rank k: every rank confirmed; the group is ready."""
+
+    session_id: bytes = wire(BYTES16)
+
+
+@message(ClusterMsgType.ABORT)
+class Abort(Message):
+    """Either direction: I failed in ``state`` with ``error``; ``session_id`` zeros if none."""
+
+    session_id: bytes = wire(BYTES16)
+    state: str = wire(TEXT64)
+    error: str = wire(TEXT64)
+    detail: str = wire(TEXT, default="")
+
+
+@message(ClusterMsgType.REJECT)
+class Reject(Message):
+    """Either direction during the handshake: refused, and why."""
+
+    reason: RejectReason = wire(EnumByte(RejectReason))
+    detail: str = wire(TEXT, default="")
+
+
+@message(ClusterMsgType.LINK_REPORT)
+class LinkReport(Message):
     """Joiner -> rank 0, first thing after the session is healthy: which of my
     interfaces reached which peer (by node id), so rank 0 can build the jaccl device
     matrix. Empty with static discovery (``--peer``)."""
 
-    TYPE: ClassVar[ClusterMsgType] = ClusterMsgType.LINK_REPORT
-    _LAYOUT: ClassVar[tuple[_Field, ...]] = (_ID16, _LinkTable())
-
-    session_id: bytes = attrs.field(validator=_fixed_bytes(16))
-    links: tuple[tuple[bytes, tuple[str, ...]], ...] = attrs.field(
-        default=(), validator=_link_table)
+    session_id: bytes = wire(BYTES16)
+    links: Links = wire(LinkTable(), default=())
 
 
-@attrs.frozen
-class GatherPart(_Message):
+@message(ClusterMsgType.GATHER_PART)
+class GatherPart(Message):
     """Joiner -> rank 0 during group init: this rank's share of one all-gather round
     of jaccl's side channel (``init(all_gather_factory=...)``)."""
 
-    TYPE: ClassVar[ClusterMsgType] = ClusterMsgType.GATHER_PART
-    _LAYOUT: ClassVar[tuple[_Field, ...]] = (_ID16, _U16, _Rest())
-
-    session_id: bytes = attrs.field(validator=_fixed_bytes(16))
-    round: int = attrs.field(validator=_uint(16))
-    data: bytes = attrs.field(default=b"", validator=_body)
+    session_id: bytes = wire(BYTES16)
+    round: int = wire(U16)
+    data: bytes = wire(REST, default=b"")
 
 
-@attrs.frozen
-class GatherResult(_Message):
+@message(ClusterMsgType.GATHER_RESULT)
+class GatherResult(Message):
     """Rank 0 -> joiner: every rank's share of one all-gather round, in rank order."""
 
-    TYPE: ClassVar[ClusterMsgType] = ClusterMsgType.GATHER_RESULT
-    _LAYOUT: ClassVar[tuple[_Field, ...]] = (_ID16, _U16, _Rest())
-
-    session_id: bytes = attrs.field(validator=_fixed_bytes(16))
-    round: int = attrs.field(validator=_uint(16))
-    data: bytes = attrs.field(default=b"", validator=_body)
+    session_id: bytes = wire(BYTES16)
+    round: int = wire(U16)
+    data: bytes = wire(REST, default=b"")
 
 
-@attrs.frozen
-class Goodbye(_Message):
+@message(ClusterMsgType.GOODBYE)
+class Goodbye(Message):
     """Either direction, after ``ready``: my app closed the cluster on purpose; the
     link's EOF that follows is a departure (``peer_left``), not a loss (``peer_lost``)."""
 
-    TYPE: ClassVar[ClusterMsgType] = ClusterMsgType.GOODBYE
-    _LAYOUT: ClassVar[tuple[_Field, ...]] = (_ID16,)
-
-    session_id: bytes = attrs.field(validator=_fixed_bytes(16))
+    session_id: bytes = wire(BYTES16)
 
 
-Message: TypeAlias = (
-    Hello
-    | Challenge
-    | Auth
-    | Welcome
-    | Ping
-    | Pong
-    | JacclBootstrapPayload
-    | BootstrapAck
-    | InitReady
-    | InitGo
-    | GroupConfirm
-    | GroupConfirmed
-    | Abort
-    | Reject
-    | LinkReport
-    | GatherPart
-    | GatherResult
-    | Goodbye
-    | Step
-    | Token
-)
+@message(ClusterMsgType.STEP)
+class Step(Message):
+    """Application message, opaque to clusterfsm (routed by the embedding app)."""
 
-MESSAGE_TYPES: Final[dict[ClusterMsgType, type[Message]]] = {
-    cls.TYPE: cls
-    for cls in (
-        Hello,
-        Challenge,
-        Auth,
-        Welcome,
-        Ping,
-        Pong,
-        JacclBootstrapPayload,
-        BootstrapAck,
-        InitReady,
-        InitGo,
-        GroupConfirm,
-        GroupConfirmed,
-        Abort,
-        Reject,
-        LinkReport,
-        GatherPart,
-        GatherResult,
-        Goodbye,
-        Step,
-        Token,
-    )
-}
+    body: bytes = wire(REST, default=b"")
 
 
-def _bind_layouts() -> None:
-    """Tie each layout to its attrs fields and check the registry is complete."""
-    assert set(MESSAGE_TYPES) == set(ClusterMsgType), "every message type needs a class"
-    for cls in MESSAGE_TYPES.values():
-        names = tuple(f.name for f in attrs.fields(cls))
-        assert len(names) == len(cls._LAYOUT), f"{cls.__name__}: layout/fields mismatch"
-        cls._NAMES = names
+@message(ClusterMsgType.TOKEN)
+class Token(Message):
+    """Application message, opaque to clusterfsm (routed by the embedding app)."""
+
+    body: bytes = wire(REST, default=b"")
 
 
-_bind_layouts()
+if _missing := set(ClusterMsgType) - set(MESSAGE_TYPES):
+    raise TypeError(f"message types without a class: {sorted(_missing)}")
 
 
 def encode_message(msg: Message) -> bytes:
     """A whole frame (header + payload) for ``msg``."""
-    return encode_frame(Frame(msg.TYPE, msg.encode()))
+    return _framed(msg.TYPE, msg.encode())
 
 
 def decode_message(frame: Frame) -> Message:

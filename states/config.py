@@ -14,8 +14,11 @@ from typing import Literal
 import attrs
 
 from clusterfsm.states.discovery import DEFAULT_BEACON_PORT
+from clusterfsm.states.keys import check_key_length
 
-Backend = Literal["ring", "jaccl", "any"]
+#: The backend a user asks for (``any``: jaccl if this MLX build has it, else ring);
+#: the bootstrap frame carries the decided one, ``codec.WireBackend``.
+BackendChoice = Literal["ring", "jaccl", "any"]
 BACKENDS: tuple[str, ...] = ("ring", "jaccl", "any")
 
 
@@ -45,8 +48,7 @@ class Address:
 
 
 def _key(_inst: object, _attr: object, value: bytes) -> None:
-    if len(value) < 16:
-        raise ValueError("the cluster key must be at least 16 bytes (use `clusterfsm keygen`)")
+    check_key_length(value)
 
 
 def _node_id(_inst: object, _attr: object, value: bytes) -> None:
@@ -86,7 +88,7 @@ class ClusterConfig:
     key: bytes = attrs.field(repr=False, validator=_key)
     listen: Address | None = None
     peers: tuple[Address, ...] = attrs.field(default=(), converter=tuple)
-    backend: Backend = attrs.field(default="ring")
+    backend: BackendChoice = attrs.field(default="ring")
     node_id: bytes = attrs.field(factory=lambda: secrets.token_bytes(16), validator=_node_id)
     #: Per-state deadline overrides (``--deadline STATE=SECONDS``) for this rank's run;
     #: the defaults are declared by the machine's states, and the runner checks and

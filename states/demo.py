@@ -29,7 +29,7 @@ from typing import Any
 import attrs
 
 from clusterfsm.fsm import read_trace, state_totals
-from clusterfsm.states.config import Address, Backend, ClusterConfig
+from clusterfsm.states.config import Address, BackendChoice, ClusterConfig
 from clusterfsm.states.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from clusterfsm.states.keys import load_key, write_key
 from clusterfsm.states.lines import AllSumLine, ReadyLine
@@ -51,7 +51,7 @@ def rank_trace_path(base: str | Path, rank: int) -> Path:
     return base.with_name(f"{base.stem}.rank{rank}{base.suffix or '.jsonl'}")
 
 
-def rank_config(rank: int, ranks: int, port: int, key: bytes, backend: Backend,
+def rank_config(rank: int, ranks: int, port: int, key: bytes, backend: BackendChoice,
                 deadlines: dict[str, float]) -> ClusterConfig:
     """One rank's config: rank 0 listens on loopback ``port``, the others dial it."""
     where = Address("127.0.0.1", port)
@@ -70,7 +70,7 @@ class DemoRun:
     traces: tuple[Path, ...]
 
 
-def run_demo(*, ranks: int, backend: Backend, trace_json: str | None,
+def run_demo(*, ranks: int, backend: BackendChoice, trace_json: str | None,
              deadlines: dict[str, float], timeout: float) -> DemoRun:
     if ranks < 2:
         print("clusterfsm demo: --ranks must be at least 2", file=sys.stderr)

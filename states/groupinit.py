@@ -35,8 +35,7 @@ from typing import Any, Protocol
 import attrs
 import trio
 
-from clusterfsm.states.codec import Backend as WireBackend
-from clusterfsm.states.codec import Topology
+from clusterfsm.states.codec import WireBackend
 from clusterfsm.states.errors import (
     BackendUnavailable,
     GroupInitFailed,
@@ -44,6 +43,7 @@ from clusterfsm.states.errors import (
     PrecheckFailed,
 )
 from clusterfsm.states.sidechannel import AllGatherFactory, JacclSideChannel
+from clusterfsm.states.topology import Topology
 
 #: Fault injection for tests (``never-init``): see GroupInitializer.initialize.
 FAULT_ENV = "CLUSTERFSM_FAULT"

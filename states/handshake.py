@@ -71,11 +71,11 @@ from typing import Final, NoReturn
 
 from clusterfsm.states.codec import Auth, Challenge, Hello, Message, Reject, Welcome
 from clusterfsm.states.errors import FrameError, FrameErrorKind, HandshakeRejected, RejectReason
+from clusterfsm.states.keys import check_key_length
 
 __all__ = [
     "COORDINATOR_LABEL",
     "JOINER_LABEL",
-    "MIN_KEY_BYTES",
     "PROTOCOL_VERSION",
     "CoordinatorHandshake",
     "JoinerHandshake",
@@ -86,8 +86,6 @@ __all__ = [
 PROTOCOL_VERSION: Final = 1
 COORDINATOR_LABEL: Final = b"clusterfsm/v1/coordinator"
 JOINER_LABEL: Final = b"clusterfsm/v1/joiner"
-#: A shorter key is a configuration mistake (a truncated key file), not a key.
-MIN_KEY_BYTES: Final = 16
 SOFTWARE: Final = "clusterfsm/0.1"
 
 
@@ -139,8 +137,9 @@ def _mac(key: bytes, data: bytes) -> bytes:
 
 def _check_init(key: bytes, node_id: bytes, world_size: int, nonce: bytes | None) -> bytes:
     """Validate the local configuration (ValueError: our bug, not the peer's)."""
-    if not isinstance(key, bytes) or len(key) < MIN_KEY_BYTES:
-        raise ValueError(f"the cluster key must be at least {MIN_KEY_BYTES} bytes")
+    if not isinstance(key, bytes):
+        raise ValueError(f"the cluster key must be bytes, got {type(key).__name__}")
+    check_key_length(key)
     if len(node_id) != 16:
         raise ValueError("node_id must be 16 bytes")
     if not 1 <= world_size <= 255:

@@ -1,4 +1,8 @@
-"""The pre-shared cluster key: generated, stored 0600, checked on load, never printed."""
+"""The pre-shared cluster key: generated, stored 0600, checked on load, never printed.
+
+This module owns the key-length rule (:data:`MIN_KEY_BYTES`, :func:`check_key_length`):
+the key file, the config and the handshake all apply this one check.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,11 @@ from pathlib import Path
 
 import attrs
 
+#: What ``clusterfsm keygen`` writes: the full HMAC-SHA256 output size.
 KEY_BYTES = 32
+#: The shortest key accepted anywhere: a shorter one is a configuration mistake (a
+#: truncated key file), not a key.
+MIN_KEY_BYTES = 16
 
 
 @attrs.frozen(auto_exc=True)
@@ -21,6 +29,13 @@ class KeyFileError(Exception):
 
     def __str__(self) -> str:
         return f"key file {self.path}: {self.problem}"
+
+
+def check_key_length(key: bytes) -> None:
+    """Raise ValueError (with the fix) if ``key`` is too short to be a cluster key."""
+    if len(key) < MIN_KEY_BYTES:
+        raise ValueError(f"the cluster key must be at least {MIN_KEY_BYTES} bytes "
+                         "(use `clusterfsm keygen`)")
 
 
 def generate_key() -> bytes:
@@ -61,6 +76,8 @@ def load_key(path: str | os.PathLike[str]) -> bytes:
         key = bytes.fromhex(text)
     except ValueError as exc:
         raise KeyFileError(str(target), "is not a hex key") from exc
-    if len(key) < 16:
-        raise KeyFileError(str(target), "key is shorter than 16 bytes")
+    try:
+        check_key_length(key)
+    except ValueError as exc:
+        raise KeyFileError(str(target), str(exc)) from None
     return key

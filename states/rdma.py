@@ -23,9 +23,8 @@ from collections.abc import Awaitable, Callable, Sequence
 import attrs
 import trio
 
-from clusterfsm.states.codec import Topology
 from clusterfsm.states.errors import PrecheckFailed
-from clusterfsm.states.topology import RDMA_PREFIX, check_matrix, devices_in_row
+from clusterfsm.states.topology import RDMA_PREFIX, Topology, check_matrix, devices_in_row
 
 #: Seconds one system tool may take before the check reports it as hung.
 TOOL_TIMEOUT = 5.0

@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from clusterfsm.fsm.errors import MachineCancelled, StateTimeout
-from clusterfsm.states.codec import Backend, JacclBootstrapPayload
+from clusterfsm.states.codec import BootstrapPayload, WireBackend
 from clusterfsm.states.errors import (
     BackendUnavailable,
     BootstrapRejected,
@@ -220,8 +220,8 @@ class ScriptedCoordinator:
             await link.send(Pong(msg.seq))
             await link.send(Ping(1))
             if self.after == "stale_bootstrap":
-                await link.send(JacclBootstrapPayload(
-                    coordinator_port=0, session_id=b"OLD-SESSION-0000", backend=Backend.RING,
+                await link.send(BootstrapPayload(
+                    coordinator_port=0, session_id=b"OLD-SESSION-0000", backend=WireBackend.RING,
                     world_size=2, topology=(("1.2.3.4:1",), ("1.2.3.4:2",))))
             await trio.sleep_forever()
 
@@ -276,7 +276,7 @@ class ScriptedJoiner:
             link.start(nursery, heartbeat_interval=0.1)
             await link.send(LinkReport(hs.session_id, ()))
             frame = await link.next_message()
-            assert isinstance(frame, JacclBootstrapPayload)
+            assert isinstance(frame, BootstrapPayload)
             await link.send(BootstrapAck(hs.session_id))
             await link.send(InitReady(b"OLD-SESSION-0000"))
             await trio.sleep_forever()

@@ -100,3 +100,28 @@ def test_a_supervised_generation_is_bounded_by_the_child_deadlines() -> None:
     assert default.bootstrap_timeout_s == 90.0 + BOOTSTRAP_MARGIN_S
     shorter = policy_from(build_parser().parse_args([*argv, "--deadline", "handshaking=1"]))
     assert shorter.bootstrap_timeout_s == 90.0 - 14.0 + BOOTSTRAP_MARGIN_S
+
+
+@pytest.mark.parametrize("size", [15, 16])
+def test_the_key_length_rule_is_the_same_for_file_config_and_handshake(
+    tmp_path: Path, size: int
+) -> None:
+    """One rule (states.keys.MIN_KEY_BYTES), applied where a key enters."""
+    from clusterfsm.states.config import Address, ClusterConfig
+    from clusterfsm.states.handshake import JoinerHandshake
+    from clusterfsm.states.keys import MIN_KEY_BYTES, write_key
+
+    key = bytes(range(size))
+    path = write_key(tmp_path / "k", key)
+    building = [
+        lambda: load_key(path),
+        lambda: ClusterConfig(rank=1, world_size=2, key=key,
+                              peers=(Address("127.0.0.1", 5000),)),
+        lambda: JoinerHandshake(key, bytes(16), 1, 2, 5000),
+    ]
+    for build in building:
+        if size >= MIN_KEY_BYTES:
+            build()
+        else:
+            with pytest.raises((KeyFileError, ValueError), match=f"at least {MIN_KEY_BYTES}"):
+                build()

@@ -25,8 +25,8 @@ from clusterfsm.states.codec import (
     MESSAGE_TYPES,
     Abort,
     Auth,
-    Backend,
     BootstrapAck,
+    BootstrapPayload,
     Challenge,
     ClusterMsgType,
     Frame,
@@ -39,7 +39,6 @@ from clusterfsm.states.codec import (
     Hello,
     InitGo,
     InitReady,
-    JacclBootstrapPayload,
     LinkReport,
     Message,
     Ping,
@@ -48,6 +47,7 @@ from clusterfsm.states.codec import (
     Step,
     Token,
     Welcome,
+    WireBackend,
     decode_message,
     encode_frame,
     encode_message,
@@ -101,9 +101,9 @@ SAMPLES: list[Message] = [
     Ping(0),
     Ping(2**64 - 1),
     Pong(42),
-    JacclBootstrapPayload(5000, SID, Backend.RING, 2, RING2),
-    JacclBootstrapPayload(0, SID, Backend.JACCL, 3, JACCL3),
-    JacclBootstrapPayload(1, SID, Backend.JACCL, 1, ((None,),)),
+    BootstrapPayload(5000, SID, WireBackend.RING, 2, RING2),
+    BootstrapPayload(0, SID, WireBackend.JACCL, 3, JACCL3),
+    BootstrapPayload(1, SID, WireBackend.JACCL, 1, ((None,),)),
     BootstrapAck(SID),
     InitReady(SID),
     InitGo(SID, 25),
@@ -167,14 +167,15 @@ def test_round_trip(msg: Message) -> None:
 
 
 def test_topology_lists_become_tuples_and_encoding_is_deterministic() -> None:
-    from_lists = JacclBootstrapPayload(
-        5000, SID, Backend.JACCL, 3, [[None, "a", ["b", "c"]], ["a", None, "d"], ["b", "d", None]]
+    from_lists = BootstrapPayload(
+        5000, SID, WireBackend.JACCL, 3,
+        [[None, "a", ["b", "c"]], ["a", None, "d"], ["b", "d", None]],
     )
     assert from_lists.topology[0][2] == ("b", "c")
     assert isinstance(from_lists.topology, tuple)
     payload = from_lists.encode()
     assert b'[[null,"a",["b","c"]],["a",null,"d"],["b","d",null]]' in payload
-    assert from_lists.encode() == JacclBootstrapPayload.decode(payload).encode()
+    assert from_lists.encode() == BootstrapPayload.decode(payload).encode()
 
 
 # --------------------------------------------------------------------------- strategies
@@ -196,16 +197,16 @@ endpoint = st.builds(
 
 
 @st.composite
-def bootstrap_payloads(draw: st.DrawFn) -> JacclBootstrapPayload:
-    backend = draw(st.sampled_from(Backend))
-    n = draw(st.integers(1, 4 if backend is Backend.RING else 8))
+def bootstrap_payloads(draw: st.DrawFn) -> BootstrapPayload:
+    backend = draw(st.sampled_from(WireBackend))
+    n = draw(st.integers(1, 4 if backend is WireBackend.RING else 8))
     topo: tuple[tuple[Any, ...], ...]
-    if backend is Backend.RING:
+    if backend is WireBackend.RING:
         topo = tuple(tuple(draw(st.lists(endpoint, min_size=1, max_size=3))) for _ in range(n))
     else:
         cell = st.one_of(topo_name, st.lists(topo_name, min_size=1, max_size=4).map(tuple))
         topo = tuple(tuple(None if i == j else draw(cell) for j in range(n)) for i in range(n))
-    return JacclBootstrapPayload(draw(u16), draw(ids16), backend, n, topo)
+    return BootstrapPayload(draw(u16), draw(ids16), backend, n, topo)
 
 
 messages: st.SearchStrategy[Message] = st.one_of(
@@ -418,7 +419,7 @@ def _bad(t: ClusterMsgType, payload: bytes) -> str:
 
 
 HELLO_PAYLOAD = Hello(1, ID_A, 1, 2, ID_B, "sw").encode()
-RING_PAYLOAD = JacclBootstrapPayload(5000, SID, Backend.RING, 2, RING2).encode()
+RING_PAYLOAD = BootstrapPayload(5000, SID, WireBackend.RING, 2, RING2).encode()
 _PREFIX = RING_PAYLOAD[:20]
 
 
@@ -437,7 +438,7 @@ BAD_PAYLOADS = [
     (ClusterMsgType.GROUP_CONFIRM, SID + b"\x02\x02\x00\x00", "bool"),
     (ClusterMsgType.REJECT, b"\x63\x00\x00", "RejectReason"),
     (ClusterMsgType.REJECT, b"\x01\x04\x01" + b"a" * 1025, "limit 1024"),
-    (ClusterMsgType.BOOTSTRAP, RING_PAYLOAD[:18] + b"\x03" + RING_PAYLOAD[19:], "Backend"),
+    (ClusterMsgType.BOOTSTRAP, RING_PAYLOAD[:18] + b"\x03" + RING_PAYLOAD[19:], "WireBackend"),
     (ClusterMsgType.BOOTSTRAP, _topo('[["a:1"]]'), "rows"),
     (ClusterMsgType.BOOTSTRAP, _topo('[["a:1"],["b"]]'), "host:port"),
     (ClusterMsgType.BOOTSTRAP, _topo('[["a:1"],["b:0"]]'), "host:port"),
@@ -483,12 +484,36 @@ def test_validators_refuse_bad_local_values() -> None:
     with pytest.raises(TypeError):
         GroupConfirm(SID, 1, 2)  # type: ignore[arg-type]
     with pytest.raises(ValueError):
-        JacclBootstrapPayload(1, SID, Backend.JACCL, 9, ((None,),) * 9)
+        BootstrapPayload(1, SID, WireBackend.JACCL, 9, ((None,),) * 9)
     with pytest.raises(ValueError, match="limit"):
         big = tuple(tuple(f"{'h' * 58}:{p}" for p in range(1, 9)) for _ in range(255))
-        JacclBootstrapPayload(1, SID, Backend.RING, 255, big)
+        BootstrapPayload(1, SID, WireBackend.RING, 255, big)
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         Ping(1).seq = 2  # type: ignore[misc]
+
+
+def test_a_message_field_must_be_declared_with_its_wire_type() -> None:
+    from clusterfsm.states.wire import derive_codec
+
+    @attrs.frozen
+    class Undeclared:
+        seq: int
+
+    with pytest.raises(TypeError, match="wire"):
+        derive_codec(Undeclared)
+
+
+def test_a_type_byte_has_one_class() -> None:
+    from clusterfsm.states.codec import U64, message
+    from clusterfsm.states.wire import wire
+
+    with pytest.raises(TypeError, match="already"):
+
+        @message(ClusterMsgType.PING)
+        class SecondPing(Message):
+            seq: int = wire(U64)
+
+    assert MESSAGE_TYPES[ClusterMsgType.PING] is Ping
 
 
 # --------------------------------------------------------------------------- doc vectors
@@ -498,7 +523,7 @@ DOC_VECTORS: dict[str, Message] = {
     "hello": Hello(1, ID_A, 1, 2, bytes(range(0x30, 0x40)), "clusterfsm/0.1",
                    1_700_000_000_000_000_000),
     "ping": Ping(42),
-    "bootstrap-ring-2": JacclBootstrapPayload(5000, SID, Backend.RING, 2, RING2),
+    "bootstrap-ring-2": BootstrapPayload(5000, SID, WireBackend.RING, 2, RING2),
     "abort": Abort(SID, "initializing_group", "GroupSizeMismatch", "group size 1, expected 2"),
     # The handshake vectors' MACs are recomputed from their inputs in test_handshake.py.
     "challenge": Challenge(
@@ -635,11 +660,11 @@ def test_fuzz_topology_json(value: Any, backend: int, world: int) -> None:
 
     payload = _topo(json.dumps(value), backend=backend, world=world)
     try:
-        msg = JacclBootstrapPayload.decode(payload)
+        msg = BootstrapPayload.decode(payload)
     except FrameError as exc:
         assert exc.kind is FrameErrorKind.BAD_PAYLOAD
     else:
-        assert JacclBootstrapPayload.decode(msg.encode()) == msg
+        assert BootstrapPayload.decode(msg.encode()) == msg
 
 
 def test_prefix_of_valid_stream_never_errors_before_close() -> None:

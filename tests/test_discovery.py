@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 import trio
 
-from clusterfsm.states.codec import Topology
 from clusterfsm.states.config import ClusterConfig
 from clusterfsm.states.discovery import (
     AUTO_RANK,
@@ -39,6 +38,7 @@ from clusterfsm.states.errors import (
 from clusterfsm.states.groupinit import GroupInitializer, InitPlan, fake_initializer
 from clusterfsm.states.nodeid import load_or_create_node_id
 from clusterfsm.states.rdma import check_jaccl_plan
+from clusterfsm.states.topology import Topology
 from clusterfsm.states.transport import MemoryNetwork
 from tests.cluster_harness import KEY, RankResult, run_rank
 

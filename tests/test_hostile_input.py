@@ -30,14 +30,14 @@ from clusterfsm.states import activities
 from clusterfsm.states.codec import (
     MAX_PAYLOAD,
     Auth,
-    Backend,
+    BootstrapPayload,
     Challenge,
     FrameDecoder,
     Hello,
-    JacclBootstrapPayload,
     Message,
     Reject,
     Welcome,
+    WireBackend,
     decode_message,
     encode_message,
 )
@@ -158,9 +158,9 @@ def _captured_joiner_frames() -> bytes:
     return encode_message(hello) + encode_message(auth)
 
 
-def _earlier_bootstrap_frame(session_id: bytes = b"E" * 16) -> JacclBootstrapPayload:
-    return JacclBootstrapPayload(
-        coordinator_port=0, session_id=session_id, backend=Backend.RING, world_size=2,
+def _earlier_bootstrap_frame(session_id: bytes = b"E" * 16) -> BootstrapPayload:
+    return BootstrapPayload(
+        coordinator_port=0, session_id=session_id, backend=WireBackend.RING, world_size=2,
         topology=((f"{LOOPBACK}:40001",), (f"{LOOPBACK}:40002",)))
 
 
