@@ -23,7 +23,6 @@ from clusterfsm.states.discovery import (
     Beacon,
     BeaconIgnored,
     DiscoveryState,
-    MemoryLinks,
     Peer,
     decode_beacon,
     elect,
@@ -36,10 +35,10 @@ from clusterfsm.states.errors import (
     InterfaceUnavailable,
     PrecheckFailed,
 )
-from clusterfsm.states.groupinit import GroupInitializer, InitPlan, fake_initializer
+from clusterfsm.states.groupinit import GroupInitializer, InitPlan
 from clusterfsm.states.nodeid import load_or_create_node_id
 from clusterfsm.states.rdma import check_jaccl_plan
-from clusterfsm.states.transport import MemoryNetwork
+from clusterfsm.states.testing import MemoryLinks, MemoryNetwork, fake_initializer
 from tests.cluster_harness import KEY, RankResult, run_rank
 
 SAMPLES = Path(__file__).parent / "samples"
