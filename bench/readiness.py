@@ -22,10 +22,8 @@ from common import emit, median, percentile, row
 from clusterfsm.states.api import bootstrap_cluster
 from clusterfsm.states.codec import Pong
 from clusterfsm.states.config import Address, ClusterConfig
-from clusterfsm.states.context import FakePortReservation
-from clusterfsm.states.groupinit import fake_initializer
 from clusterfsm.states.link import ControlLink
-from clusterfsm.states.transport import MemoryNetwork
+from clusterfsm.states.testing import FakePortReservation, MemoryNetwork, fake_initializer
 from clusterfsm.states.watchdog import NoWatchdog
 
 KEY = b"k" * 32

@@ -2,14 +2,14 @@
 
 Every rank runs the real machine, runner, activities, codec, HMAC handshake, control
 links and heartbeats (default interval, 0.1 s); group init is
-:func:`clusterfsm.states.groupinit.fake_initializer`, which takes the real path up to the MLX
+:func:`clusterfsm.states.testing.fake_initializer`, which takes the real path up to the MLX
 call (env, private topology directory and file, read back as MLX would) and returns
 a fake group. All sessions start together in one ``trio.run`` on the real clock. A
 rank holds ``ready`` only until its peer is there too (an app that is done with the
 cluster), then closes; the total is from the start to the last rank closed. Peak
 memory is the process's peak RSS (``ru_maxrss``), next to the RSS before the run.
 
-The in-memory network is the states' :class:`~states.transport.MemoryNetwork` with
+The in-memory network is the states' :class:`~states.testing.MemoryNetwork` with
 :func:`pipe_pair` connections: pairs of unbounded in-memory byte pipes whose
 ``send_all``/``receive_some`` checkpoint once, as trio's TCP ``SocketStream`` does.
 The tests' default, ``trio.testing.memory_stream_pair``, checkpoints twice in every
@@ -48,9 +48,8 @@ from common import emit, row
 
 from clusterfsm.states.api import bootstrap_cluster
 from clusterfsm.states.config import Address, ClusterConfig
-from clusterfsm.states.context import FakePortReservation
-from clusterfsm.states.groupinit import TopologyDir, fake_initializer
-from clusterfsm.states.transport import MemoryNetwork
+from clusterfsm.states.groupinit import TopologyDir
+from clusterfsm.states.testing import FakePortReservation, MemoryNetwork, fake_initializer
 from clusterfsm.states.watchdog import NoWatchdog
 
 KEY = b"k" * 32

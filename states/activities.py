@@ -10,8 +10,6 @@ job too: no activity here sleeps in a loop or waits without a bound of its own.
 
 from __future__ import annotations
 
-import logging
-import secrets
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -19,6 +17,7 @@ import attrs
 import trio
 
 from clusterfsm.fsm import current_deadline, deadline_trace, report_progress
+from clusterfsm.states.admission import Admission, join
 from clusterfsm.states.codec import (
     BootstrapAck,
     BootstrapPayload,
@@ -31,20 +30,15 @@ from clusterfsm.states.codec import (
 from clusterfsm.states.config import Address
 from clusterfsm.states.context import ClusterContext
 from clusterfsm.states.discovery import AUTO_RANK, Beacon, BeaconSocket, discover, keep_beaconing
-from clusterfsm.states.epochs import EPOCH_LOGGER
 from clusterfsm.states.errors import (
     BootstrapRejected,
-    FrameError,
-    HandshakeRejected,
     PeerAborted,
-    PeerDisconnected,
     PeerLost,
     PrecheckFailed,
-    printable,
 )
 from clusterfsm.states.groupinit import InitPlan, TopologyDir, release_delay, resolve_backend
-from clusterfsm.states.handshake import PROTOCOL_VERSION, CoordinatorHandshake, JoinerHandshake
-from clusterfsm.states.lines import AdmissionLine, ErrorLine
+from clusterfsm.states.handshake import PROTOCOL_VERSION
+from clusterfsm.states.lines import ErrorLine
 from clusterfsm.states.link import (
     GOODBYE_GRACE,
     ControlLink,
@@ -55,30 +49,10 @@ from clusterfsm.states.link import (
 )
 from clusterfsm.states.sidechannel import JacclSideChannel
 from clusterfsm.states.topology import Topology, build_device_matrix
-from clusterfsm.states.transport import Conn, MultiListener, connection_refused
+from clusterfsm.states.transport import MultiListener
 
-#: A joiner retries a refused connect (rank 0 not listening yet) with this back-off.
-#: A refused connect costs ~0.1 ms; ranks started together (``demo``) are usually a
-#: few ms apart, so the first retries are short (1, 2, 4 ms ...) instead of 10 ms.
-CONNECT_RETRY_FIRST = 0.001
-CONNECT_RETRY_MAX = 0.2
-#: Upper bound on one joiner connection's handshake at rank 0 (slow clients).
-PER_CONNECTION_HANDSHAKE = 5.0
 #: How long after the soft init deadline the watchdog kills a rank frozen in init.
 HARD_DEADLINE_GRACE = 0.5
-#: Unauthenticated connections rank 0 holds at once. When one more arrives, the
-#: oldest pending one is evicted (closed, recorded): a flood of silent connections
-#: costs a bounded number of sockets and never queues the legitimate peer behind it.
-MAX_PENDING_HANDSHAKES = 32
-#: Refusals kept for the timeout error's detail and for the app (the count is exact).
-MAX_REJECTIONS_KEPT = 16
-
-#: Every refused connection is logged here (peer, error type, error), never the key.
-_admission_log = logging.getLogger("clusterfsm.states.admission")
-#: Every admitted joiner's epoch, at INFO: an admission line (states.lines). A
-#: supervised ``serve`` prints these on stdout for its supervisor, which remembers the
-#: newest epoch per rank for its next coordinator (states.epochs).
-_epoch_log = logging.getLogger(EPOCH_LOGGER)
 
 
 # -- idle ---------------------------------------------------------------------------
@@ -155,9 +129,9 @@ async def _announce(scope: trio.CancelScope, sockets: list[tuple[BeaconSocket, B
 
 async def handshaking(ctx: ClusterContext) -> str:
     if ctx.is_coordinator:
-        await _admit_joiners(ctx)
+        await Admission(ctx).run()
     else:
-        await _join(ctx)
+        await join(ctx)
     for link in ctx.links.values():
         # Periodic heartbeats start in ``ready``, where silence means a lost peer;
         # before it, every state has its own deadline and pings when it needs an
@@ -165,197 +139,6 @@ async def handshaking(ctx: ClusterContext) -> str:
         # pay ten pings a second each while they bootstrap.
         link.start(ctx.nursery, heartbeat_interval=None)
     return "authenticated"
-
-
-async def _join(ctx: ClusterContext) -> None:
-    conn = await _dial_coordinator(ctx)
-    link = ControlLink(conn, peer_rank=0)
-    ctx.links[0] = link
-    ctx.reservation = ctx.allocate_port(conn.local_host)
-    hs = JoinerHandshake(
-        ctx.config.key, ctx.config.node_id, ctx.rank, ctx.world_size,
-        ctx.reservation.port, epoch=ctx.config.epoch, peer=conn.remote,
-    )
-    report_progress(f"handshake with rank 0 at {conn.remote}")
-    await link.send(hs.start())
-    try:
-        await _drive_handshake(link, hs)
-    except (HandshakeRejected, FrameError):
-        await link.aclose()
-        raise
-    ctx.session_id = hs.session_id
-
-
-async def _drive_handshake(
-    link: ControlLink,
-    hs: JoinerHandshake | CoordinatorHandshake,
-    on_done: Callable[[], None] = lambda: None,
-) -> None:
-    """Feed the sans-IO handshake from the link until done; send what it answers.
-
-    On refusal the ``Reject`` it owes the peer is sent before the error propagates.
-    ``on_done`` runs as soon as the handshake completes, before its last reply is
-    sent (rank 0 registers the admitted rank there, see CoordinatorHandshake).
-    """
-    while not hs.done:
-        msg = await link.receive()
-        try:
-            replies = hs.receive(msg)
-        except (HandshakeRejected, FrameError):
-            for reply in hs.outbox_on_failure:
-                await link.send(reply)
-            raise
-        if hs.done:
-            on_done()
-        for reply in replies:
-            await link.send(reply)
-
-
-async def _dial_coordinator(ctx: ClusterContext) -> Conn:
-    """Dial the peers in order until one accepts; refused means "not up yet": retry."""
-    delay = CONNECT_RETRY_FIRST
-    attempt = 0
-    while True:
-        for address, interface in ctx.dial_targets or [(a, None) for a in ctx.config.peers]:
-            attempt += 1
-            try:
-                return await ctx.transport.connect(address, interface=interface)
-            except OSError as exc:
-                if not connection_refused(exc):
-                    raise PeerDisconnected(str(address), "handshaking",
-                                           f"connect: {exc}") from exc
-                report_progress(f"rank 0 at {address} refused {attempt} connect attempt(s)")
-        await trio.sleep(delay)
-        delay = min(delay * 2, CONNECT_RETRY_MAX)
-
-
-async def _admit_joiners(ctx: ClusterContext) -> None:
-    """Accept connections until every rank 1..N-1 has proved the key.
-
-    A connection that fails its handshake (wrong key, version, duplicate rank,
-    garbage, silence) is refused, logged and closed; the listener keeps serving, so a
-    rogue host cannot lock the legitimate peers out. At most
-    ``MAX_PENDING_HANDSHAKES`` unauthenticated connections are held: one more evicts
-    the oldest, so a flood costs bounded memory and file descriptors and a peer that
-    completes its handshake promptly always gets in. Each connection has
-    ``PER_CONNECTION_HANDSHAKE`` seconds from its accept. The refusals are counted
-    and the last few kept (``ctx.rejections``), and named in the timeout error if the
-    legitimate peers never come. Every connection not admitted is closed, also when
-    the state is cancelled.
-
-    Stale generations: ``floors`` (rank -> newest admitted epoch) starts from the
-    configured ``epoch_floors`` (what earlier coordinators of this rank 0 admitted) and
-    is raised as soon as a joiner's MAC has verified its epoch, so an older generation
-    of an admitted rank is refused ``STALE_SESSION`` here and by the next coordinator.
-    """
-    assert ctx.listener is not None
-    ctx.session_id = secrets.token_bytes(16)
-    admitted: dict[int, ControlLink] = {}
-    taken_ranks: set[int] = set()
-    taken_nodes: set[bytes] = set()
-    floors: dict[int, int] = dict(ctx.config.epoch_floors)
-    everyone = trio.Event()
-    # Pending handshakes, oldest first (dict order), and the ones evicted for room.
-    pending: dict[int, trio.CancelScope] = {}
-    evicted: set[int] = set()
-    refused = 0
-    needed = ctx.world_size - 1
-
-    def progress() -> None:
-        waiting = sorted(set(range(1, ctx.world_size)) - set(admitted))
-        text = f"admitted {len(admitted)} of {needed} ranks; waiting for ranks {waiting}"
-        if refused:
-            last = ctx.rejections[-1]
-            text += f"; refused {refused} connection(s), last: {last}"
-        report_progress(text)
-
-    def refuse(conn: Conn, refusal: BaseException) -> None:
-        nonlocal refused
-        refused += 1
-        ctx.rejections.append(refusal)
-        del ctx.rejections[:-MAX_REJECTIONS_KEPT]
-        _admission_log.warning("refused connection from %s: %s: %s",
-                               conn.remote, type(refusal).__name__, printable(refusal))
-        progress()
-
-    async def handshake_one(conn: Conn, token: int, scope: trio.CancelScope) -> None:
-        link = ControlLink(conn)
-        assert ctx.session_id is not None
-        hs = CoordinatorHandshake(
-            ctx.config.key, ctx.config.node_id, ctx.world_size, ctx.session_id,
-            taken_ranks, taken_nodes, epoch_floors=floors, peer=conn.remote,
-        )
-
-        def register() -> None:
-            taken_ranks.add(hs.rank)
-            taken_nodes.add(hs.peer_node_id)
-            # The MAC covered the epoch: this generation exists and holds the key.
-            floors[hs.rank] = max(floors.get(hs.rank, 0), hs.epoch)
-
-        refusal: BaseException | None = None
-        try:
-            try:
-                with scope:
-                    await _drive_handshake(link, hs, register)
-            except (HandshakeRejected, FrameError, PeerDisconnected) as exc:
-                refusal = exc
-            finally:
-                pending.pop(token, None)
-            if refusal is None and scope.cancelled_caught:
-                # Our deadline or an eviction (never the state's own cancellation,
-                # which propagates): possibly after register(), mid-Welcome.
-                why = (f"evicted: {MAX_PENDING_HANDSHAKES} newer connections pending"
-                       if token in evicted
-                       else f"no handshake within {PER_CONNECTION_HANDSHAKE} s")
-                refusal = PeerDisconnected(conn.remote, "handshaking", why)
-            if refusal is not None:
-                if hs.done:
-                    taken_ranks.discard(hs.rank)
-                    taken_nodes.discard(hs.peer_node_id)
-                refuse(conn, refusal)
-                return
-            link.peer_rank = hs.rank
-            admitted[hs.rank] = link
-            ctx.hosts[hs.rank] = conn.remote_host
-            ctx.data_ports[hs.rank] = hs.data_port
-            if hs.epoch:
-                _epoch_log.info("%s", AdmissionLine(hs.rank, hs.epoch, conn.remote).format())
-            if 0 not in ctx.hosts:
-                ctx.hosts[0] = conn.local_host
-            progress()
-            if len(admitted) == needed:
-                everyone.set()
-        finally:
-            evicted.discard(token)
-            if link.peer_rank < 0:
-                await link.aclose()  # shielded; also on cancellation
-
-    progress()
-    async with trio.open_nursery() as nursery:
-        async def accept_loop() -> None:
-            assert ctx.listener is not None
-            token = 0
-            while True:
-                conn = await ctx.listener.accept()
-                if len(pending) >= MAX_PENDING_HANDSHAKES:
-                    oldest = next(iter(pending))
-                    evicted.add(oldest)
-                    pending.pop(oldest).cancel()
-                token += 1
-                scope = trio.CancelScope(
-                    deadline=trio.current_time() + PER_CONNECTION_HANDSHAKE)
-                pending[token] = scope
-                nursery.start_soon(handshake_one, conn, token, scope)
-
-        nursery.start_soon(accept_loop)
-        await everyone.wait()
-        nursery.cancel_scope.cancel()
-    ctx.links.update(sorted(admitted.items()))
-    # The session is full: stop listening so no one else can even try.
-    listener, ctx.listener = ctx.listener, None
-    await listener.aclose()
-    ctx.reservation = ctx.allocate_port(ctx.hosts[0])
-    ctx.data_ports[0] = ctx.reservation.port
 
 
 # -- awaiting_session ---------------------------------------------------------------

@@ -13,6 +13,7 @@ import secrets
 import socket
 from collections.abc import Callable
 from contextlib import AsyncExitStack
+from typing import Protocol
 
 import attrs
 import trio
@@ -46,20 +47,17 @@ class PortReservation:
             self._sock = None
 
 
-class FakePortReservation:
-    """For in-memory tests: hands out distinct numbers, binds nothing."""
+class Reservation(Protocol):
+    """A data-plane port held until the group is up (:class:`PortReservation`, or a
+    test's stand-in that binds nothing)."""
 
-    _next = 50000
+    port: int
 
-    def __init__(self, host: str) -> None:
-        FakePortReservation._next += 1
-        self.port = FakePortReservation._next
-
-    def release(self) -> None:
-        return None
+    def release(self) -> None: ...
 
 
-PortAllocator = Callable[[str], "PortReservation | FakePortReservation"]
+#: Reserves a data-plane port on the given local host.
+PortAllocator = Callable[[str], Reservation]
 
 
 @attrs.define
@@ -84,7 +82,7 @@ class ClusterContext:
     session_id: bytes | None = None
     hosts: dict[int, str] = attrs.field(factory=dict)
     data_ports: dict[int, int] = attrs.field(factory=dict)
-    reservation: PortReservation | FakePortReservation | None = None
+    reservation: Reservation | None = None
     rejections: list[BaseException] = attrs.field(factory=list)
     plan: InitPlan | None = None
     files: TopologyDir | None = None

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import math
-import random
 import socket
 import struct
 from collections.abc import AsyncIterator, Iterable
@@ -277,64 +275,6 @@ class UdpDiscoveryNet:
                 raise InterfaceUnavailable(
                     interface, f"cannot bind the beacon port {port}: {exc}") from exc
             yield UdpBeaconSocket(sock, interface, port)
-
-
-class MemoryBeaconSocket:
-    def __init__(self, bus: MemoryLinks, host: str, interface: str, link: str) -> None:
-        self.interface = interface
-        self._bus, self._host, self._link = bus, host, link
-        self._send, self._receive = trio.open_memory_channel[tuple[bytes, str]](math.inf)
-
-    async def broadcast(self, data: bytes) -> None:
-        await trio.lowlevel.checkpoint()
-        for other in self._bus.members.get(self._link, []):
-            if other is not self and self._link not in self._bus.down:
-                if self._bus.loss and self._bus.rng.random() < self._bus.loss:
-                    continue  # a lossy link (seeded): beacons must be repeated
-                other._send.send_nowait((data, self._host))
-
-    async def receive(self) -> tuple[bytes, str]:
-        return await self._receive.receive()
-
-
-class MemoryLinks:
-    """In-memory links for deterministic tests: nodes' interfaces attached to named
-    links; a broadcast reaches every other socket on the same link."""
-
-    def __init__(self, *, loss: float = 0.0, seed: int = 0) -> None:
-        self.members: dict[str, list[MemoryBeaconSocket]] = {}
-        self.down: set[str] = set()
-        self.loss = loss
-        self.rng = random.Random(seed)
-
-    def node(self, host: str, attached: dict[str, str]) -> MemoryDiscoveryNet:
-        """A node ``host`` whose interface ``name`` is on link ``attached[name]``."""
-        return MemoryDiscoveryNet(self, host, attached)
-
-
-class MemoryDiscoveryNet:
-    def __init__(self, bus: MemoryLinks, host: str, attached: dict[str, str]) -> None:
-        self._bus, self._host, self._attached = bus, host, attached
-
-    def probe(self, interface: str) -> InterfaceInfo:
-        link = self._attached.get(interface)
-        if link is None:
-            raise InterfaceUnavailable(interface, "no such interface")
-        if link in self._bus.down:
-            raise InterfaceUnavailable(interface, "no carrier: the cable is out or the "
-                                       "peer's end is down")
-        return InterfaceInfo(interface, 1, self._host)
-
-    @asynccontextmanager
-    async def beacon_socket(self, interface: str, port: int
-                            ) -> AsyncIterator[MemoryBeaconSocket]:
-        link = self._attached[interface]
-        sock = MemoryBeaconSocket(self._bus, self._host, interface, link)
-        self._bus.members.setdefault(link, []).append(sock)
-        try:
-            yield sock
-        finally:
-            self._bus.members[link].remove(sock)
 
 
 # -- the driver ---------------------------------------------------------------------

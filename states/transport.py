@@ -9,9 +9,8 @@ configuration that may name a different interface.
 from __future__ import annotations
 
 import errno
-import math
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Protocol
 
@@ -143,86 +142,6 @@ def connection_refused(exc: BaseException) -> bool:
         exc.errno in (errno.ECONNREFUSED, errno.ECONNRESET, errno.EHOSTUNREACH)
         or "all attempts to connect" in str(exc).lower()
     )
-
-
-# -- in memory ----------------------------------------------------------------------
-
-
-#: Makes the two ends of one in-memory connection.
-StreamPairFactory = Callable[[], tuple[trio.abc.Stream, trio.abc.Stream]]
-
-
-class MemoryListener:
-    def __init__(self, network: MemoryNetwork, address: Address) -> None:
-        self.address = address
-        self._network = network
-        self._send, self._receive = trio.open_memory_channel[Conn](math.inf)
-
-    async def accept(self) -> Conn:
-        return await self._receive.receive()
-
-    async def aclose(self) -> None:
-        self._network._listeners.pop(self.address, None)
-        self._send.close()
-        self._receive.close()
-
-
-class MemoryNetwork:
-    """A loopback network in one process: deterministic under ``MockClock``.
-
-    Each node has its own host name; ``connect`` to an address nobody listens on
-    raises ``ConnectionRefusedError`` like TCP does. Connections are
-    ``trio.testing.memory_stream_pair`` (which checks for misuse, at some cost) unless
-    ``stream_pair`` makes them otherwise (the scale benchmark's cheaper pipes).
-    """
-
-    def __init__(self, stream_pair: StreamPairFactory | None = None) -> None:
-        self._listeners: dict[Address, MemoryListener] = {}
-        self._next_port = 40000
-        self._stream_pair = stream_pair
-
-    def transport(self, host: str) -> MemoryTransport:
-        return MemoryTransport(self, host)
-
-
-class MemoryTransport:
-    def __init__(self, network: MemoryNetwork, host: str) -> None:
-        self.network = network
-        self.host = host
-
-    @asynccontextmanager
-    async def listen(self, address: Address, interface: str | None = None
-                     ) -> AsyncIterator[MemoryListener]:
-        if address.port == 0:
-            self.network._next_port += 1
-            address = Address(address.host, self.network._next_port)
-        if address in self.network._listeners:
-            raise BindFailed(str(address), "address already in use")
-        listener = MemoryListener(self.network, address)
-        self.network._listeners[address] = listener
-        try:
-            yield listener
-        finally:
-            await listener.aclose()
-
-    async def connect(self, address: Address, interface: str | None = None) -> Conn:
-        await trio.lowlevel.checkpoint()
-        listener = self.network._listeners.get(address)
-        if listener is None:
-            raise ConnectionRefusedError(errno.ECONNREFUSED, f"nobody listens on {address}")
-        self.network._next_port += 1
-        mine = Address(self.host, self.network._next_port)
-        if self.network._stream_pair is not None:
-            a, b = self.network._stream_pair()
-        else:
-            # Imported here, not at module level: trio.testing pulls in pytest (~75 ms
-            # on every process start), and only the in-memory test network needs it.
-            from trio.testing import memory_stream_pair  # not "import trio.testing":
-            # that would make ``trio`` a local name of this whole function
-
-            a, b = memory_stream_pair()
-        listener._send.send_nowait(Conn(b, address.host, str(mine)))
-        return Conn(a, self.host, str(address))
 
 
 class MultiListener:

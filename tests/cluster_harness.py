@@ -15,10 +15,9 @@ import trio
 
 from clusterfsm.states.api import bootstrap_cluster
 from clusterfsm.states.config import Address, ClusterConfig
-from clusterfsm.states.context import FakePortReservation
 from clusterfsm.states.discovery import DiscoveryNet
-from clusterfsm.states.groupinit import GroupInitializer, fake_initializer
-from clusterfsm.states.transport import MemoryNetwork
+from clusterfsm.states.groupinit import GroupInitializer
+from clusterfsm.states.testing import FakePortReservation, MemoryNetwork, fake_initializer
 from clusterfsm.states.watchdog import NoWatchdog
 
 KEY = b"k" * 32

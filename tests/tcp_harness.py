@@ -19,7 +19,8 @@ import trio
 from clusterfsm.fsm import TraceRecord
 from clusterfsm.states.api import Cluster, bootstrap_cluster
 from clusterfsm.states.config import Address, ClusterConfig
-from clusterfsm.states.groupinit import GroupInitializer, fake_initializer
+from clusterfsm.states.groupinit import GroupInitializer
+from clusterfsm.states.testing import fake_initializer
 from clusterfsm.states.transport import TcpListener, TcpTransport
 from clusterfsm.states.watchdog import NoWatchdog
 

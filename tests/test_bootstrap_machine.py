@@ -23,8 +23,8 @@ from clusterfsm.states.errors import (
     PeerLost,
     RejectReason,
 )
-from clusterfsm.states.groupinit import fake_initializer
-from clusterfsm.states.transport import BindFailed, MemoryNetwork
+from clusterfsm.states.testing import MemoryNetwork, fake_initializer
+from clusterfsm.states.transport import BindFailed
 from tests.cluster_harness import COORD, RankResult, config, run_rank, run_ranks
 
 HAPPY = ["discovering", "handshaking", "awaiting_session", "exchanging_bootstrap",
@@ -149,7 +149,7 @@ async def test_cancellation_in_every_state_ends_in_cancelled(
 
             async def rank0() -> None:
                 from clusterfsm.states.api import bootstrap_cluster
-                from clusterfsm.states.context import FakePortReservation
+                from clusterfsm.states.testing import FakePortReservation
                 from clusterfsm.states.watchdog import NoWatchdog
 
                 try:

@@ -22,7 +22,6 @@ from clusterfsm.states.discovery import (
     Beacon,
     BeaconIgnored,
     DiscoveryState,
-    MemoryLinks,
     Peer,
     decode_beacon,
     elect,
@@ -35,11 +34,11 @@ from clusterfsm.states.errors import (
     InterfaceUnavailable,
     PrecheckFailed,
 )
-from clusterfsm.states.groupinit import GroupInitializer, InitPlan, fake_initializer
+from clusterfsm.states.groupinit import GroupInitializer, InitPlan
 from clusterfsm.states.nodeid import load_or_create_node_id
 from clusterfsm.states.rdma import check_jaccl_plan
+from clusterfsm.states.testing import MemoryLinks, MemoryNetwork, fake_initializer
 from clusterfsm.states.topology import Topology
-from clusterfsm.states.transport import MemoryNetwork
 from tests.cluster_harness import KEY, RankResult, run_rank
 
 SAMPLES = Path(__file__).parent / "samples"

@@ -40,14 +40,12 @@ from clusterfsm.states.codec import (
     encode_message,
 )
 from clusterfsm.states.config import ClusterConfig
-from clusterfsm.states.context import FakePortReservation
 from clusterfsm.states.epochs import EPOCH_ENV, EPOCH_FLOORS_ENV, format_floors, parse_floors
 from clusterfsm.states.errors import HandshakeRejected, RejectReason
-from clusterfsm.states.groupinit import fake_initializer
 from clusterfsm.states.handshake import CoordinatorHandshake, JoinerHandshake
 from clusterfsm.states.lines import AdmissionLine
 from clusterfsm.states.supervisor_child import InboxItem, ProcessLauncher
-from clusterfsm.states.transport import MemoryNetwork
+from clusterfsm.states.testing import FakePortReservation, MemoryNetwork, fake_initializer
 from clusterfsm.states.watchdog import NoWatchdog
 from tests.cluster_harness import KEY, RankResult, config
 from tests.test_supervisor_processes import Cluster, cluster  # noqa: F401 - fixture

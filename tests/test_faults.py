@@ -33,8 +33,9 @@ from clusterfsm.states.errors import (
     HandshakeTimeout,
     PeerDisconnected,
 )
-from clusterfsm.states.groupinit import FAULT_ENV, GroupInitializer, fake_initializer
+from clusterfsm.states.groupinit import FAULT_ENV, GroupInitializer
 from clusterfsm.states.keys import write_key
+from clusterfsm.states.testing import fake_initializer
 from tests.netns import NetnsPair, netns_pair  # noqa: F401 - fixture
 from tests.processes import kill_and_reap
 from tests.tcp_harness import (

@@ -26,7 +26,7 @@ import attrs
 import pytest
 import trio
 
-from clusterfsm.states import activities
+from clusterfsm.states import admission
 from clusterfsm.states.codec import (
     MAX_PAYLOAD,
     Auth,
@@ -87,7 +87,7 @@ FLOOD = 200
 
 @pytest.fixture(autouse=True)
 def _short_per_connection_limit(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(activities, "PER_CONNECTION_HANDSHAKE", SLOW_CLIENT_LIMIT)
+    monkeypatch.setattr(admission, "PER_CONNECTION_HANDSHAKE", SLOW_CLIENT_LIMIT)
 
 
 # --------------------------------------------------------------------------- attackers
@@ -371,7 +371,7 @@ async def test_200_silent_connections_do_not_lock_out_the_legitimate_peer() -> N
     # The per-connection limit at its default, so only eviction can let the peer in.
     limit = 5.0
     with pytest.MonkeyPatch.context() as mp, evictions.installed():
-        mp.setattr(activities, "PER_CONNECTION_HANDSHAKE", limit)
+        mp.setattr(admission, "PER_CONNECTION_HANDSHAKE", limit)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(lambda: run_rank(
                 rank0_config(deadlines={"handshaking": 2.0}), r0, transport=transport,
@@ -384,7 +384,7 @@ async def test_200_silent_connections_do_not_lock_out_the_legitimate_peer() -> N
             # Wait (on log events) until rank 0 has accepted the whole flood: by then
             # it has evicted all but the pending limit.
             with trio.fail_after(5):
-                await evictions.reached(FLOOD - activities.MAX_PENDING_HANDSHAKES)
+                await evictions.reached(FLOOD - admission.MAX_PENDING_HANDSHAKES)
             # ours (FLOOD) + rank 0's side, which must stay at the pending limit
             fds_during.append(_open_fds() - before - FLOOD)
             nursery.start_soon(lambda: run_rank(joiner_config(1, address), r1,
@@ -399,7 +399,7 @@ async def test_200_silent_connections_do_not_lock_out_the_legitimate_peer() -> N
             for stream in flood:
                 nursery.start_soon(closed_by_peer, stream)
     assert r0.reached_ready and r1.reached_ready, (r0.path, r0.error, r1.path, r1.error)
-    assert fds_during[0] <= activities.MAX_PENDING_HANDSHAKES + 4, fds_during
+    assert fds_during[0] <= admission.MAX_PENDING_HANDSHAKES + 4, fds_during
     assert len(closed) == FLOOD and all(closed), f"{closed.count(False)} left open"
     assert r0.rejections and all(isinstance(r, PeerDisconnected) for r in r0.rejections)
 

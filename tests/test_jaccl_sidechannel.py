@@ -22,11 +22,10 @@ from clusterfsm.states.api import bootstrap_cluster
 from clusterfsm.states.codec import Ping
 from clusterfsm.states.config import Address, ClusterConfig
 from clusterfsm.states.context import PortReservation
-from clusterfsm.states.discovery import MemoryLinks
 from clusterfsm.states.errors import PeerDisconnected, PrecheckFailed
-from clusterfsm.states.groupinit import fake_initializer
 from clusterfsm.states.link import ControlLink
 from clusterfsm.states.sidechannel import JacclSideChannel, SideChannelError
+from clusterfsm.states.testing import MemoryLinks, fake_initializer
 from clusterfsm.states.transport import TcpTransport
 from clusterfsm.states.watchdog import NoWatchdog
 from tests.tcp_harness import KEY, MLX_ENV

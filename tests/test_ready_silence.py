@@ -8,7 +8,8 @@ from typing import Any
 
 import trio
 
-from clusterfsm.states.groupinit import Group, fake_initializer
+from clusterfsm.states.groupinit import Group
+from clusterfsm.states.testing import fake_initializer
 from tests.cluster_harness import config, run_ranks
 
 
