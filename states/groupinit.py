@@ -1,6 +1,6 @@
 """Group init: one path for every backend, with a small backend-specific part.
 
-What this module guarantees (DESIGN.md section 3):
+What this module guarantees (docs/design.md section 3):
 
 - **Checked before MLX can hang or crash**: a backend MLX lacks here (``jaccl`` on
   Linux, or a macOS wheel without ``librdma``) is :class:`BackendUnavailable` naming

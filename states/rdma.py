@@ -1,7 +1,7 @@
 """What macOS says about RDMA over Thunderbolt, parsed; and the jaccl pre-init checks.
 
 jaccl crashes or hangs inside MLX when RDMA is off, a device is missing or the
-matrix is wrong (DESIGN.md section 3). So before ``init`` every rank asks the
+matrix is wrong (docs/design.md section 3). So before ``init`` every rank asks the
 system tools and turns each problem into :class:`~states.errors.PrecheckFailed`
 with the command the operator runs next:
 

@@ -2,7 +2,7 @@
 
 ``mx.distributed.init(backend="jaccl", all_gather_factory=f)`` (mlx >= 0.32.1) lets
 jaccl exchange its RDMA metadata through ``f(rank, size)``'s callable instead of its
-own coordinator socket, which binds a port and accepts anyone (DESIGN.md section 3).
+own coordinator socket, which binds a port and accepts anyone (docs/design.md section 3).
 :class:`JacclSideChannel` provides that callable on top of the session's control
 links, so the exchange is bound to the session and to peers that proved the key.
 

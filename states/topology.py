@@ -3,7 +3,7 @@
 ring wants one tuple of ``"ip:port"`` per rank (its hostfile). jaccl wants
 ``devices[i][j]``: the RDMA device on rank ``i`` that reaches rank ``j``
 (``rdma_<interface>``, as ``ibv_devices`` names it), several names for several
-cables, ``null`` on the diagonal, the same matrix on every rank (DESIGN.md section
+cables, ``null`` on the diagonal, the same matrix on every rank (docs/design.md section
 3). Rank 0 builds it from every rank's :class:`~states.codec.LinkReport` (which of its
 interfaces heard which peer's beacon) and sends it in the bootstrap frame, so no rank
 guesses. A pair that cannot reach each other both ways is a typed error here, not an
@@ -34,7 +34,7 @@ Topology: TypeAlias = tuple[tuple[JacclEntry, ...], ...]
 MAX_TOPOLOGY_STR: Final = 64
 #: Interface names are at most 15 bytes (IFNAMSIZ - 1 on Linux and macOS).
 MAX_INTERFACE_NAME: Final = 15
-#: jaccl's mesh limit (see DESIGN.md section 3).
+#: jaccl's mesh limit (see docs/design.md section 3).
 MAX_JACCL_RANKS: Final = 8
 #: ring endpoints per rank, and jaccl devices (cables) per pair.
 MAX_RING_ENDPOINTS: Final = 8
