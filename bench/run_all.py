@@ -26,6 +26,7 @@ FULL = {
     "readiness.py": ["--sessions", "300"],
     "scale.py": ["--sessions", "1000"],
     "codec_bench.py": ["--seconds", "1.5"],
+    "provider_tp.py": ["--runs", "3", "--tokens", "256", "--requests", "3"],
 }
 QUICK = {
     "time_to_group.py": ["--runs", "1", "--ranks", "2"],
@@ -33,6 +34,7 @@ QUICK = {
     "readiness.py": ["--sessions", "5"],
     "scale.py": ["--sessions", "5"],
     "codec_bench.py": ["--seconds", "0.03"],
+    "provider_tp.py": ["--runs", "1", "--tokens", "16", "--requests", "1"],
 }
 
 HEADER = """# Performance
@@ -42,7 +44,7 @@ measured in one run of one benchmark, and its baseline in that same run.
 
 - **Machine:** {machine}
 - **Date:** {date}
-- **Rerun everything:** `.venv/bin/python bench/run_all.py` (about 2 minutes); each
+- **Rerun everything:** `.venv/bin/python bench/run_all.py` (about 3 minutes); each
   bench also runs alone, e.g. `.venv/bin/python bench/time_to_group.py --runs 15`.
   Raw output of this run: the section at the end.
 
@@ -66,6 +68,15 @@ NOTES = """
   real trio clock, in-memory links, group init faked at the MLX call (the real path up
   to it: env, private topology file); peak RSS of the bench process.
 - **Codec:** one frame at a time, encode then feed the streaming decoder and decode.
+- **Provider example:** examples/provider on its tiny random-weight llama (4 layers,
+  hidden size 128, float32): 2 ranks bootstrapped by clusterfsm on one host, the model
+  sharded over the loopback ring, against one process with the whole model; runs
+  alternate, and the bench fails unless both give the same tokens. The model is far
+  too small for tensor parallelism to pay: a token is ~2-4 ms of compute on one core,
+  and sharding adds two `all_sum`s per layer (8 loopback round trips per token), with
+  both ranks and the client on the same 2 CPUs. It measures the cost of the path, not
+  a speed-up; on a model whose layers take longer than the ring's round trips the
+  ratio turns around.
 
 ## Where the time goes (how the demo was made faster)
 

@@ -22,6 +22,7 @@ def test_every_bench_runs_and_reports_a_row() -> None:
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
     for name in ("Time to a working group, 2 ranks", "Per-state latency", "Engine:",
-                 "Readiness latency", "Scale:", "Codec: bootstrap frame", "Codec: heartbeat"):
+                 "Readiness latency", "Scale:", "Codec: bootstrap frame", "Codec: heartbeat",
+                 "Provider example: decode rate", "Provider example: time to first token"):
         assert f"| {name}" in done.stdout, name
     assert (ROOT / "docs" / "performance.md").read_bytes() == before
