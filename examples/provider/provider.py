@@ -8,7 +8,7 @@ each to every rank (:func:`rank0_channel.share_from_rank0`); every rank generate
 writes the tokens to stdout as JSON lines as they come::
 
     python tiny_llama.py /tmp/tiny                       # a model (no download)
-    clusterfsm keygen --out /tmp/k
+    clusterfsm keygen /tmp/k
     python provider.py --model /tmp/tiny --rank 1 --world-size 2 \\
         --key-file /tmp/k --peer 127.0.0.1:7700 &
     echo '{"id": "a", "prompt": "hello", "max_tokens": 8}' | \\
