@@ -33,7 +33,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from functools import partial
 from typing import Any
 
@@ -51,7 +51,7 @@ from app_messages import (
     parse_request,
 )
 from rank0_channel import share_from_rank0
-from tp_generation import GenerationResult, generate_blocking
+from tp_generation import GenerationResult, TokenSink, generate_blocking
 
 from clusterfsm.states.config import BACKENDS, Address, ClusterConfig
 from clusterfsm.states.keys import load_key
@@ -103,7 +103,7 @@ class Engine:
     stopping: trio.Event = attrs.field(factory=trio.Event)
 
 
-async def in_worker(what: str, seconds: float, fn: Any, *args: Any) -> Any:
+async def in_worker(what: str, seconds: float, fn: Callable[..., Any], *args: Any) -> Any:
     """Run blocking MLX work in a trio worker thread, with a deadline.
 
     A collective cannot be interrupted: on the deadline we stop waiting for it
@@ -117,7 +117,7 @@ async def in_worker(what: str, seconds: float, fn: Any, *args: Any) -> Any:
 
 
 async def generate(engine: Engine, request: Generate, since: float,
-                   on_token: Any = None) -> GenerationResult:
+                   on_token: TokenSink | None = None) -> GenerationResult:
     seconds = GENERATION_DEADLINE + PER_TOKEN_DEADLINE * request.max_tokens
     result: GenerationResult = await in_worker(
         f"generating {request.request_id!r}", seconds, generate_blocking,
