@@ -12,6 +12,7 @@ Every child is killed and reaped and the temp dir removed, pass or fail.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -42,10 +43,10 @@ TIMEOUT = 60
 
 
 def _require_mlx_lm() -> None:
-    try:
-        import mlx_lm  # noqa: F401
-    except ImportError as exc:  # pragma: no cover - an install without the extra
-        pytest.fail(f"mlx-lm is missing ({exc}): install with `pip install -e '.[dev]'` "
+    # Found, not imported: importing MLX here would start its threads in the test
+    # process (and a later test forks only from a single-threaded one).
+    if importlib.util.find_spec("mlx_lm") is None:  # pragma: no cover - no extra
+        pytest.fail("mlx-lm is missing: install with `pip install -e '.[dev]'` "
                     "(dev includes the provider extra)")
 
 
