@@ -128,16 +128,13 @@ async def _announce(scope: trio.CancelScope, sockets: list[tuple[BeaconSocket, B
 
 
 async def handshaking(ctx: ClusterContext) -> str:
+    """Rank 0 admits every rank; a joiner gets in and waits until the session is full
+    (:mod:`clusterfsm.states.admission`). Either way the links are started (their
+    readers answer pings) when this state ends."""
     if ctx.is_coordinator:
         await Admission(ctx).run()
     else:
         await join(ctx)
-    for link in ctx.links.values():
-        # Periodic heartbeats start in ``ready``, where silence means a lost peer;
-        # before it, every state has its own deadline and pings when it needs an
-        # answer (awaiting_session), and thousands of sessions in one process do not
-        # pay ten pings a second each while they bootstrap.
-        link.start(ctx.nursery, heartbeat_interval=None)
     return "authenticated"
 
 

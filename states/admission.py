@@ -13,13 +13,15 @@ Every refused connection is logged on the ``clusterfsm.states.admission`` logger
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 from collections.abc import Callable
 
+import attrs
 import trio
 
 from clusterfsm.fsm import report_progress
-from clusterfsm.states.context import ClusterContext
+from clusterfsm.states.context import ClusterContext, Reservation
 from clusterfsm.states.epochs import EPOCH_LOGGER
 from clusterfsm.states.errors import (
     FrameError,
@@ -29,8 +31,8 @@ from clusterfsm.states.errors import (
 )
 from clusterfsm.states.handshake import CoordinatorHandshake, JoinerHandshake
 from clusterfsm.states.lines import AdmissionLine
-from clusterfsm.states.link import ControlLink
-from clusterfsm.states.transport import Conn, connection_refused
+from clusterfsm.states.link import ControlLink, wait_any
+from clusterfsm.states.transport import AcceptFailed, Conn, worth_redialing
 
 #: A joiner retries a refused connect (rank 0 not listening yet) with this back-off.
 #: A refused connect costs ~0.1 ms; ranks started together (``demo``) are usually a
@@ -43,6 +45,14 @@ PER_CONNECTION_HANDSHAKE = 5.0
 #: oldest pending one is evicted (closed, recorded): a flood of silent connections
 #: costs a bounded number of sockets and never queues the legitimate peer behind it.
 MAX_PENDING_HANDSHAKES = 32
+#: ``accept`` out of file descriptors: wait this long before the next try, doubling.
+ACCEPT_BACKOFF_FIRST = 0.01
+ACCEPT_BACKOFF_MAX = 0.5
+#: A configured joiner's ``handshaking`` deadline is rank 0's plus this (the API adds
+#: it). Rank 0 owns admission: when it fails (a rank never arrived), rank 0's ABORT,
+#: which names the missing ranks, must reach the ranks it already admitted before
+#: their own deadline passes, also when they started a little before it.
+ADMISSION_GRACE = 2.0
 #: Refusals kept for the timeout error's detail and for the app (the count is exact).
 MAX_REJECTIONS_KEPT = 16
 
@@ -86,28 +96,82 @@ async def drive_handshake(
 
 
 async def join(ctx: ClusterContext) -> None:
-    """Dial rank 0 and prove the key; on success ``ctx.links[0]`` and the session id
-    are set and a data-plane port is reserved."""
+    """Get into rank 0's session: dial, prove the key, then wait until the session is
+    full.
+
+    On success ``ctx.links[0]`` (started: its reader answers rank 0's heartbeats), the
+    session id and a data-plane port reservation are set.
+
+    A connection that ends (EOF, reset) before rank 0's ``WELCOME`` is redialled while
+    the state's deadline lasts: rank 0 may have evicted it from a flood of
+    connections, or a middlebox reset it. A refusal (``Reject``, a bad frame) is not:
+    that is rank 0's answer.
+
+    Once admitted, a joiner stays in ``handshaking`` until rank 0 has admitted every
+    rank: rank 0's first ``PING`` (it pings only from ``awaiting_session``, which it
+    enters with the session full) says so. Rank 0 answers our link meanwhile, and if
+    admission fails it sends ``ABORT`` naming the rank that never arrived; our own
+    deadline for this state is ``ADMISSION_GRACE`` longer than rank 0's, so that
+    ``ABORT`` comes first.
+    """
+    delay = CONNECT_RETRY_FIRST
+    while True:
+        link, hs = await _handshake_with_coordinator(ctx)
+        if hs is not None:
+            break
+        await trio.sleep(delay)
+        delay = min(delay * 2, CONNECT_RETRY_MAX)
+    ctx.session_id = hs.session_id
+    # Periodic heartbeats start in ``ready``, where silence means a lost peer; before
+    # it, every state has its own deadline and pings when it needs an answer
+    # (awaiting_session), and thousands of sessions in one process do not pay ten
+    # pings a second each while they bootstrap.
+    link.start(ctx.nursery, heartbeat_interval=None)
+    report_progress("admitted by rank 0; waiting for it to admit every other rank "
+                    "(its first heartbeat says the session is full)")
+    await wait_any(link.first_ping, link.failed)
+    if not link.first_ping.is_set():
+        assert link.failure is not None
+        raise link.failure
+
+
+async def _handshake_with_coordinator(
+    ctx: ClusterContext,
+) -> tuple[ControlLink, JoinerHandshake | None]:
+    """One attempt: dial and handshake. ``None`` for the handshake: the connection
+    ended before ``WELCOME`` (closed and released; worth another attempt)."""
     conn = await _dial_coordinator(ctx)
     link = ControlLink(conn, peer_rank=0)
+    # In the context at once: a failure or cancellation from here on closes it.
     ctx.links[0] = link
-    ctx.reservation = ctx.allocate_port(conn.local_host)
+    reservation: Reservation = ctx.allocate_port(conn.local_host)
+    ctx.reservation = reservation
     hs = JoinerHandshake(
         ctx.config.key, ctx.config.node_id, ctx.rank, ctx.world_size,
-        ctx.reservation.port, epoch=ctx.config.epoch, peer=conn.remote,
+        reservation.port, epoch=ctx.config.epoch, peer=conn.remote,
     )
     report_progress(f"handshake with rank 0 at {conn.remote}")
-    await link.send(hs.start())
     try:
+        await link.send(hs.start())
         await drive_handshake(link, hs)
     except (HandshakeRejected, FrameError):
         await link.aclose()
         raise
-    ctx.session_id = hs.session_id
+    except PeerDisconnected as exc:
+        await link.aclose()
+        ctx.release_port()
+        del ctx.links[0]
+        _admission_log.info("rank 0 at %s closed our connection before WELCOME (%s); "
+                            "redialling", conn.remote, printable(exc.detail))
+        report_progress(f"rank 0 at {conn.remote} closed our connection before WELCOME "
+                        f"({exc.detail}); redialling")
+        return link, None
+    return link, hs
 
 
 async def _dial_coordinator(ctx: ClusterContext) -> Conn:
-    """Dial the peers in order until one accepts; refused means "not up yet": retry."""
+    """Dial the peers in order until one accepts; refused or reset means "not up yet"
+    or "not this time": retry (the state's deadline bounds it)."""
     delay = CONNECT_RETRY_FIRST
     attempt = 0
     while True:
@@ -116,10 +180,11 @@ async def _dial_coordinator(ctx: ClusterContext) -> Conn:
             try:
                 return await ctx.transport.connect(address, interface=interface)
             except OSError as exc:
-                if not connection_refused(exc):
+                if not worth_redialing(exc):
                     raise PeerDisconnected(str(address), "handshaking",
                                            f"connect: {exc}") from exc
-                report_progress(f"rank 0 at {address} refused {attempt} connect attempt(s)")
+                report_progress(f"rank 0 at {address} refused {attempt} connect attempt(s)"
+                                f"; last: {exc}")
         await trio.sleep(delay)
         delay = min(delay * 2, CONNECT_RETRY_MAX)
 
@@ -127,19 +192,47 @@ async def _dial_coordinator(ctx: ClusterContext) -> Conn:
 # -- rank 0 -------------------------------------------------------------------------
 
 
+@attrs.define
+class _Pending:
+    """One connection still in its handshake: its time limit and its link."""
+
+    scope: trio.CancelScope
+    link: ControlLink
+
+    @property
+    def made_progress(self) -> bool:
+        """It sent a valid HELLO (a connection still pending after a bad one is gone)."""
+        return self.link.last_heard != -math.inf
+
+
 class Admission:
     """Rank 0's admission: accept connections until every rank 1..N-1 has proved the key.
 
-    A connection that fails its handshake (wrong key, version, duplicate rank,
-    garbage, silence) is refused, logged and closed; the listener keeps serving, so a
-    rogue host cannot lock the legitimate peers out. At most
-    ``MAX_PENDING_HANDSHAKES`` unauthenticated connections are held: one more evicts
-    the oldest, so a flood costs bounded memory and file descriptors and a peer that
-    completes its handshake promptly always gets in. Each connection has
-    ``PER_CONNECTION_HANDSHAKE`` seconds from its accept. The refusals are counted
-    and the last few kept (``ctx.rejections``), and named in the timeout error if the
-    legitimate peers never come. Every connection not admitted is closed, also when
-    the state is cancelled.
+    Nothing one connection does can end it. A connection that fails its handshake
+    (wrong key, version, duplicate rank, garbage, silence, EOF, reset) is refused,
+    logged and closed; one that cannot even be taken (reset before we read its
+    address, an ``accept`` error) is logged and the listener keeps serving; when
+    ``accept`` runs out of file descriptors it backs off (``ACCEPT_BACKOFF_*``) and
+    keeps accepting. So a rogue host, a port scan or a health check cannot lock the
+    legitimate peers out or stop rank 0.
+
+    At most ``MAX_PENDING_HANDSHAKES`` unauthenticated connections are held: one more
+    evicts one, so a flood costs bounded memory and file descriptors. The evicted one
+    is the oldest that has made no progress (no valid ``HELLO``), so a legitimate peer,
+    whose ``HELLO`` arrives with its connection, survives a flood of silent ones even
+    while its ``AUTH`` is a long round trip away; only when every pending connection
+    has sent a ``HELLO`` is the oldest evicted. A joiner evicted anyway redials
+    (:func:`join`). Each connection has ``PER_CONNECTION_HANDSHAKE`` seconds from its
+    accept. The refusals are counted and the last few kept (``ctx.rejections``), and
+    named in the timeout error if the legitimate peers never come. Every connection
+    not admitted is closed, also when the state is cancelled.
+
+    An admitted rank's link is in ``ctx.links`` and started at once: rank 0 answers its
+    heartbeats while it waits for the others, and if admission fails (the deadline),
+    the ``ABORT`` every failing rank sends its peers reaches the admitted ones with the
+    reason ("waiting for ranks [2]"). An admitted rank whose link fails before the
+    session is full (EOF, reset, its own ``ABORT``) is dropped, logged as a refusal,
+    and may come back (a restarted process).
 
     Stale generations: ``floors`` (rank -> newest admitted epoch) starts from the
     configured ``epoch_floors`` (what earlier coordinators of this rank 0 admitted) and
@@ -153,12 +246,14 @@ class Admission:
         self.taken_ranks: set[int] = set()
         self.taken_nodes: set[bytes] = set()
         self.floors: dict[int, int] = dict(ctx.config.epoch_floors)
-        self.everyone = trio.Event()
+        #: Set when the session is full.
+        self.done = trio.Event()
         #: Pending handshakes, oldest first (dict order), and the ones evicted for room.
-        self.pending: dict[int, trio.CancelScope] = {}
+        self.pending: dict[int, _Pending] = {}
         self.evicted: set[int] = set()
         self.refused = 0
         self.needed = ctx.world_size - 1
+        self._nursery: trio.Nursery | None = None
 
     async def run(self) -> None:
         """Create the session id, admit every rank, then close the listener and
@@ -168,10 +263,14 @@ class Admission:
         ctx.session_id = secrets.token_bytes(16)
         self.progress()
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             nursery.start_soon(self._accept_loop, nursery)
-            await self.everyone.wait()
+            await self.done.wait()
             nursery.cancel_scope.cancel()
-        ctx.links.update(sorted(self.admitted.items()))
+        # Rank order: the later states go through the links in this order.
+        links = dict(sorted(ctx.links.items()))
+        ctx.links.clear()
+        ctx.links.update(links)
         # The session is full: stop listening so no one else can even try.
         listener, ctx.listener = ctx.listener, None
         await listener.aclose()
@@ -188,36 +287,53 @@ class Admission:
             text += f"; refused {self.refused} connection(s), last: {last}"
         report_progress(text)
 
-    def refuse(self, conn: Conn, refusal: BaseException) -> None:
+    def refuse(self, peer: str, refusal: BaseException) -> None:
         """Count, keep and log one refused connection (its closing is the caller's)."""
         self.refused += 1
         self.ctx.rejections.append(refusal)
         del self.ctx.rejections[:-MAX_REJECTIONS_KEPT]
         _admission_log.warning("refused connection from %s: %s: %s",
-                               conn.remote, type(refusal).__name__, printable(refusal))
+                               printable(peer), type(refusal).__name__, printable(refusal))
         self.progress()
 
     async def _accept_loop(self, nursery: trio.Nursery) -> None:
         assert self.ctx.listener is not None
         token = 0
+        backoff = ACCEPT_BACKOFF_FIRST
         while True:
-            conn = await self.ctx.listener.accept()
+            try:
+                conn = await self.ctx.listener.accept()
+            except AcceptFailed as exc:
+                self.refuse(exc.peer, exc)
+                if exc.exhausted:
+                    # Out of descriptors: the connection stays in the backlog and the
+                    # listener stays readable; wait for some to be freed (pending
+                    # handshakes time out or finish) instead of spinning.
+                    await trio.sleep(backoff)
+                    backoff = min(backoff * 2, ACCEPT_BACKOFF_MAX)
+                continue
+            backoff = ACCEPT_BACKOFF_FIRST
             self._make_room()
             token += 1
-            scope = trio.CancelScope(deadline=trio.current_time() + PER_CONNECTION_HANDSHAKE)
-            self.pending[token] = scope
-            nursery.start_soon(self._handshake_one, conn, token, scope)
+            pending = _Pending(
+                trio.CancelScope(deadline=trio.current_time() + PER_CONNECTION_HANDSHAKE),
+                ControlLink(conn))
+            self.pending[token] = pending
+            nursery.start_soon(self._handshake_one, conn, token, pending)
 
     def _make_room(self) -> None:
-        """Evict the oldest pending handshake if the pending limit is reached."""
-        if len(self.pending) >= MAX_PENDING_HANDSHAKES:
-            oldest = next(iter(self.pending))
-            self.evicted.add(oldest)
-            self.pending.pop(oldest).cancel()
+        """At the pending limit, evict the oldest connection that made no progress
+        (else the oldest of all)."""
+        if len(self.pending) < MAX_PENDING_HANDSHAKES:
+            return
+        victim = next((t for t, p in self.pending.items() if not p.made_progress),
+                      next(iter(self.pending)))
+        self.evicted.add(victim)
+        self.pending.pop(victim).scope.cancel()
 
-    async def _handshake_one(self, conn: Conn, token: int, scope: trio.CancelScope) -> None:
+    async def _handshake_one(self, conn: Conn, token: int, pending: _Pending) -> None:
         ctx = self.ctx
-        link = ControlLink(conn)
+        link, scope = pending.link, pending.scope
         assert ctx.session_id is not None
         hs = CoordinatorHandshake(
             ctx.config.key, ctx.config.node_id, ctx.world_size, ctx.session_id,
@@ -250,7 +366,7 @@ class Admission:
                 if hs.done:
                     self.taken_ranks.discard(hs.rank)
                     self.taken_nodes.discard(hs.peer_node_id)
-                self.refuse(conn, refusal)
+                self.refuse(conn.remote, refusal)
                 return
             self._admit(link, hs, conn)
         finally:
@@ -259,19 +375,42 @@ class Admission:
                 await link.aclose()  # shielded; also on cancellation
 
     def _admit(self, link: ControlLink, hs: CoordinatorHandshake, conn: Conn) -> None:
-        """Record a joiner whose handshake completed: its link, host and data port."""
+        """Record a joiner whose handshake completed: its link (started, in
+        ``ctx.links``), host and data port."""
         ctx = self.ctx
         link.peer_rank = hs.rank
         self.admitted[hs.rank] = link
+        ctx.links[hs.rank] = link
         ctx.hosts[hs.rank] = conn.remote_host
         ctx.data_ports[hs.rank] = hs.data_port
         if hs.epoch:
             _epoch_log.info("%s", AdmissionLine(hs.rank, hs.epoch, conn.remote).format())
         if 0 not in ctx.hosts:
             ctx.hosts[0] = conn.local_host
+        # Its reader answers the rank's pings and notices an ABORT or EOF while the
+        # others are still on their way (see join()); no periodic heartbeats yet.
+        link.start(ctx.nursery, heartbeat_interval=None)
         self.progress()
         if len(self.admitted) == self.needed:
-            self.everyone.set()
+            self.done.set()
+        else:
+            assert self._nursery is not None
+            self._nursery.start_soon(self._watch_admitted, hs.rank, hs.peer_node_id, link)
+
+    async def _watch_admitted(self, rank: int, node_id: bytes, link: ControlLink) -> None:
+        """Until the session is full (cancelled then): if the admitted rank's link
+        fails, drop the rank so that it can come back."""
+        await link.failed.wait()
+        del self.admitted[rank]
+        del self.ctx.links[rank]
+        self.ctx.hosts.pop(rank, None)
+        self.ctx.data_ports.pop(rank, None)
+        self.taken_ranks.discard(rank)
+        self.taken_nodes.discard(node_id)
+        await link.aclose()
+        self.refuse(link.peer, PeerDisconnected(
+            link.peer, "handshaking", f"rank {rank} left after its admission: "
+            f"{link.failure}; waiting for it again"))
 
 
 __all__ = ["Admission", "drive_handshake", "join"]

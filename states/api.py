@@ -29,8 +29,9 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from clusterfsm.fsm import Outcome, Runner, TraceRecord, TraceWriter
+from clusterfsm.fsm import Outcome, Runner, TraceRecord, TraceWriter, effective_deadlines
 from clusterfsm.fsm.runner import Observer
+from clusterfsm.states.admission import ADMISSION_GRACE
 from clusterfsm.states.codec import NO_SESSION, Abort
 from clusterfsm.states.config import ClusterConfig
 from clusterfsm.states.context import ClusterContext, PortAllocator, PortReservation
@@ -139,8 +140,11 @@ async def bootstrap_cluster(
                 discovery_net=discovery_net or UdpDiscoveryNet(),
             )
             all_observers = [*([writer.record] if writer else []), *observers]
+            deadlines = effective_deadlines(BOOTSTRAP, config.deadlines)
+            if config.rank is not None and config.rank > 0:
+                deadlines["handshaking"] += ADMISSION_GRACE  # rank 0 decides first
             runner: Runner[ClusterContext] = Runner(
-                BOOTSTRAP, ctx, deadlines=config.deadlines, observers=all_observers)
+                BOOTSTRAP, ctx, deadlines=deadlines, observers=all_observers)
             ended = trio.Event()
 
             async def run() -> None:

@@ -80,6 +80,9 @@ class ControlLink:
         self.failed = trio.Event()
         self.failure: BaseException | None = None
         self.first_pong = trio.Event()
+        #: The peer pinged us (a joiner learns from rank 0's first ping that the
+        #: session is full: rank 0 pings only once it has admitted every rank).
+        self.first_ping = trio.Event()
         self.last_heard = -math.inf
         self._heartbeats_since = -math.inf
         self.pings_sent = 0
@@ -232,6 +235,7 @@ class ControlLink:
         now = trio.current_time()
         self.last_heard = now
         if isinstance(msg, Ping):
+            self.first_ping.set()
             await self.send(Pong(msg.seq))
         elif isinstance(msg, Pong):
             self.first_pong.set()

@@ -32,6 +32,28 @@ class BindFailed(Exception):
         return f"cannot listen on {self.address}: {self.reason}"
 
 
+@attrs.frozen(auto_exc=True)
+class AcceptFailed(Exception):
+    """One incoming connection could not be taken: reset before we looked at it
+    (``getpeername`` ENOTCONN), or ``accept`` itself failed (``exhausted``: out of file
+    descriptors or buffers, so the caller backs off before it accepts again).
+
+    The listener is still open and serving: this is about one connection, never a
+    reason to stop listening. Its connection (if any) is already closed.
+    """
+
+    peer: str
+    reason: str
+    exhausted: bool = False
+
+    def __str__(self) -> str:
+        return f"cannot take a connection from {self.peer}: {self.reason}"
+
+
+#: ``accept`` errors that mean "out of descriptors or kernel memory": back off.
+EXHAUSTION_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
 @attrs.frozen
 class Conn:
     """An established connection: its stream and both ends' hosts."""
@@ -48,7 +70,9 @@ class Conn:
 class Listener(Protocol):
     address: Address
 
-    async def accept(self) -> Conn: ...
+    async def accept(self) -> Conn:
+        """The next connection; :class:`AcceptFailed` for one that could not be taken."""
+        ...
 
     async def aclose(self) -> None: ...
 
@@ -71,11 +95,35 @@ class TcpListener:
         self.address = address
 
     async def accept(self) -> Conn:
-        stream = await self._listener.accept()
-        return _tcp_conn(stream)
+        """The next connection, or :class:`AcceptFailed` (the listener stays usable).
+
+        A client can reset its connection between the kernel's accept and our
+        ``getpeername``/``setsockopt`` (ENOTCONN, EINVAL): that one connection is
+        closed and reported, nothing else. trio already skips the routine accept errors
+        (ECONNABORTED, EPROTO ...); any other, fd exhaustion included, is reported too.
+        """
+        try:
+            stream = await self._listener.accept()
+        except OSError as exc:
+            raise AcceptFailed("(not accepted)", f"accept: {exc}",
+                               exhausted=exc.errno in EXHAUSTION_ERRNOS) from exc
+        try:
+            return _tcp_conn(stream)
+        except OSError as exc:
+            await stream.aclose()
+            raise AcceptFailed(_peer_of(stream), f"reset before it was read: {exc}") from exc
 
     async def aclose(self) -> None:
         await self._listener.aclose()
+
+
+def _peer_of(stream: trio.SocketStream) -> str:
+    """The peer's address for a message, if the socket can still tell it."""
+    try:
+        remote = stream.socket.getpeername()
+    except OSError:
+        return "(unknown peer)"
+    return str(Address(str(remote[0]), int(remote[1])))
 
 
 def _tcp_conn(stream: trio.SocketStream) -> Conn:
@@ -111,15 +159,21 @@ class TcpTransport:
     async def connect(self, address: Address, interface: str | None = None) -> Conn:
         if interface is None:
             stream = await trio.open_tcp_stream(address.host, address.port)
-            return _tcp_conn(stream)
-        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        else:
+            sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                bind_to_interface(sock, interface)  # type: ignore[arg-type]
+                await sock.connect((address.host, address.port))
+            except BaseException:
+                sock.close()
+                raise
+            stream = trio.SocketStream(sock)
         try:
-            bind_to_interface(sock, interface)  # type: ignore[arg-type]
-            await sock.connect((address.host, address.port))
-        except BaseException:
-            sock.close()
-            raise
-        return _tcp_conn(trio.SocketStream(sock))
+            return _tcp_conn(stream)
+        except OSError as exc:  # reset at once (ENOTCONN, or EINVAL on macOS)
+            await stream.aclose()
+            raise ConnectionResetError(errno.ECONNRESET,
+                                       f"connection reset as it opened: {exc}") from exc
 
 
 async def _listener_on_interface(address: Address, interface: str) -> trio.SocketListener:
@@ -136,11 +190,19 @@ async def _listener_on_interface(address: Address, interface: str) -> trio.Socke
     return trio.SocketListener(sock)
 
 
-def connection_refused(exc: BaseException) -> bool:
-    """True for the errors that mean "nobody listens there yet" (worth retrying)."""
+#: ``connect`` errors worth another try while the deadline lasts: nobody listens there
+#: yet, or the connection was reset or dropped on its way (a restarting rank 0, a busy
+#: backlog, a middlebox).
+_REDIAL_ERRNOS = frozenset({
+    errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.EHOSTUNREACH,
+    errno.ENETUNREACH, errno.ENOTCONN, errno.ETIMEDOUT, errno.EPIPE,
+})
+
+
+def worth_redialing(exc: BaseException) -> bool:
+    """True for the connect errors that mean "not now" rather than "never" (retry)."""
     return isinstance(exc, OSError) and (
-        exc.errno in (errno.ECONNREFUSED, errno.ECONNRESET, errno.EHOSTUNREACH)
-        or "all attempts to connect" in str(exc).lower()
+        exc.errno in _REDIAL_ERRNOS or "all attempts to connect" in str(exc).lower()
     )
 
 
@@ -154,7 +216,8 @@ class MultiListener:
             raise ValueError("MultiListener needs at least one listener")
         self.listeners = listeners
         self.address = listeners[0].address
-        self._ready: list[Conn] = []
+        #: Connections (or one listener's :class:`AcceptFailed`) in arrival order.
+        self._ready: list[Conn | AcceptFailed] = []
 
     async def accept(self) -> Conn:
         if len(self.listeners) == 1:
@@ -162,18 +225,25 @@ class MultiListener:
         if not self._ready:
             async with trio.open_nursery() as nursery:
                 async def one(listener: Listener) -> None:
-                    self._ready.append(await listener.accept())
+                    try:
+                        self._ready.append(await listener.accept())
+                    except AcceptFailed as exc:  # one connection, not this nursery's end
+                        self._ready.append(exc)
                     nursery.cancel_scope.cancel()
 
                 for listener in self.listeners:
                     nursery.start_soon(one, listener)
         else:
             await trio.lowlevel.checkpoint()
-        return self._ready.pop(0)
+        item = self._ready.pop(0)
+        if isinstance(item, AcceptFailed):
+            raise item
+        return item
 
     async def aclose(self) -> None:
-        for conn in self._ready:
-            await conn.stream.aclose()
+        for item in self._ready:
+            if isinstance(item, Conn):
+                await item.stream.aclose()
         self._ready.clear()
         for listener in self.listeners:
             await listener.aclose()

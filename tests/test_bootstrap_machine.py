@@ -209,16 +209,19 @@ class ScriptedCoordinator:
             while not hs.done:
                 for reply in hs.receive(await link.receive()):
                     await link.send(reply)
-            if self.after == "silent":
-                await trio.sleep_forever()
+            if self.after == "never_full":
+                await trio.sleep_forever()  # the session never fills: no first ping
             if self.after == "garbage":
                 await conn.stream.send_all(b"\x00" * 64)
                 await trio.sleep_forever()
-            # answer pings until the joiner is in the bootstrap exchange
-            msg = await link.receive()
-            assert isinstance(msg, Ping)
-            await link.send(Pong(msg.seq))
+            # The session is full (rank 0's first ping says so) ...
             await link.send(Ping(1))
+            if self.after == "silent":
+                await trio.sleep_forever()  # ... but rank 0 answers nothing
+            # answer pings until the joiner is in the bootstrap exchange
+            while not isinstance(msg := await link.receive(), Ping):
+                assert isinstance(msg, Pong)
+            await link.send(Pong(msg.seq))
             if self.after == "stale_bootstrap":
                 await link.send(BootstrapPayload(
                     coordinator_port=0, session_id=b"OLD-SESSION-0000", backend=WireBackend.RING,
@@ -228,7 +231,8 @@ class ScriptedCoordinator:
 
 @pytest.mark.parametrize(
     ("behaviour", "state", "error"),
-    [("silent", "session_unavailable", StateTimeout),
+    [("never_full", "handshake_timeout", StateTimeout),
+     ("silent", "session_unavailable", StateTimeout),
      ("garbage", "protocol_error", FrameError),
      ("stale_bootstrap", "bootstrap_rejected", BootstrapRejected),
      ("no_bootstrap", "bootstrap_timeout", StateTimeout)],

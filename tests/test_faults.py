@@ -25,6 +25,7 @@ import pytest
 import trio
 
 from clusterfsm.fsm import TraceRecord
+from clusterfsm.states.admission import ADMISSION_GRACE
 from clusterfsm.states.api import ABORT_GRACE
 from clusterfsm.states.config import Address
 from clusterfsm.states.demo import free_port
@@ -193,7 +194,8 @@ async def test_coordinator_killed_while_joiner_is_in_state(
         assert failed.source == state, failed
         assert failed.t - killer.killed_at < DETECT_EOF
     else:
-        assert r1.seconds_in(state) < TIMEOUT_DEADLINE + 0.5
+        # A joiner's handshaking deadline is rank 0's plus ADMISSION_GRACE.
+        assert r1.seconds_in(state) < TIMEOUT_DEADLINE + ADMISSION_GRACE + 0.5
         assert "refused" in str(r1.error)
 
 
@@ -336,10 +338,9 @@ async def test_cancellation_by_the_app_in_every_state(
                     observers=(observe,), in_ready=hold))
                 await transport.bound.wait()
                 assert transport.address is not None
-                outer.start_soon(lambda: run_rank(
-                    joiner_config(1, transport.address,
-                                  deadlines={"handshaking": TIMEOUT_DEADLINE}),
-                    r1, in_ready=hold))
+                joiner = joiner_config(1, transport.address,
+                                       deadlines={"handshaking": TIMEOUT_DEADLINE})
+                outer.start_soon(lambda: run_rank(joiner, r1, in_ready=hold))
         r0_ended.append(trio.current_time())
     assert app.cancelled_caught
     last = r0.records[-1]
@@ -349,7 +350,8 @@ async def test_cancellation_by_the_app_in_every_state(
     assert r0_ended[0] - cancelled_at[0] < ABORT_GRACE + 1.5
     # rank 1 ends too, in a typed state (told by ABORT, EOF, or its own deadline)
     assert r1.state != "ready"
-    assert trio.current_time() - cancelled_at[0] < TIMEOUT_DEADLINE + 1.5
+    # (a joiner's handshaking deadline is rank 0's plus ADMISSION_GRACE)
+    assert trio.current_time() - cancelled_at[0] < TIMEOUT_DEADLINE + ADMISSION_GRACE + 1.5
 
 
 # --------------------------------------------------------------------------- pulled link
