@@ -7,21 +7,25 @@ until rank 0's first heartbeat says the session is full). When rank 2 never arri
 the first error on every rank names it: rank 0's ``handshake_timeout`` says "waiting
 for ranks [2]", and its ABORT says so to rank 1.
 
-In-memory network, ``MockClock``, the default deadlines.
+In-memory network, ``MockClock``, the default deadlines; and once with real ``serve``
+processes.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
 import trio
 
 from clusterfsm.states.api import bootstrap_cluster
+from clusterfsm.states.demo import free_port
 from clusterfsm.states.errors import HandshakeTimeout, PeerAborted, PeerDisconnected
 from clusterfsm.states.testing import FakePortReservation, MemoryNetwork, fake_initializer
 from clusterfsm.states.watchdog import NoWatchdog
 from tests.cluster_harness import RankResult, config, run_rank
+from tests.test_faults import Peers, peers  # noqa: F401 - fixture
 
 WORLD = 3
 
@@ -131,3 +135,21 @@ async def test_an_admitted_rank_that_leaves_may_come_back(autojump_clock: Any) -
     for rank, result in results.items():
         assert "ready" in result.path, (rank, result.path, result.error)
     assert not isinstance(results[0].error, PeerDisconnected)
+
+
+@pytest.mark.integration
+def test_staggered_serve_processes_all_get_ready(
+        peers: Peers) -> None:  # noqa: F811 - the fixture
+    """The same with real ``serve`` processes (MLX ring over loopback), shortened:
+    awaiting_session 1 s, rank 2 starts 2.5 s after ranks 0 and 1 (before the fix,
+    rank 1 ended in ``session_unavailable`` 1 s after its own handshake)."""
+    port = free_port()
+    short = ("--world-size", "3", "--deadline", "handshaking=8",
+             "--deadline", "awaiting_session=1")
+    first = [peers.serve("--rank", "0", "--listen", f"127.0.0.1:{port}", "--once", *short),
+             peers.serve("--rank", "1", "--peer", f"127.0.0.1:{port}", "--once", *short)]
+    time.sleep(2.5)  # the stagger itself, not a wait for something to happen
+    late = peers.serve("--rank", "2", "--peer", f"127.0.0.1:{port}", "--once", *short)
+    for rank, proc in enumerate([*first, late]):
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, (rank, out, err)
