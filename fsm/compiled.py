@@ -9,16 +9,30 @@ the same edges) is exactly what can happen.
 
 One ``transitions.Machine`` is built per spec and shared by every run: each run has
 its own tiny model object, so starting a run costs one allocation, not a machine build.
+
+``transitions`` logs two INFO lines of its own per state change (its enter and exit
+callbacks) on its ``transitions`` logger; the runner already logs one record per
+transition (``clusterfsm.transitions``). Building a machine therefore sets that
+library's logger to WARNING, if nobody set its level (an app that did keeps its
+choice), and touches no other logging configuration.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from transitions import Machine, MachineError
 
 from clusterfsm.fsm.errors import IllegalTransition
 from clusterfsm.fsm.spec import Edge, MachineSpec
+
+
+def quiet_transitions_library() -> None:
+    """Set the ``transitions`` package's logger to WARNING unless its level was set."""
+    library = logging.getLogger("transitions")
+    if library.level == logging.NOTSET:
+        library.setLevel(logging.WARNING)
 
 
 class RunModel:
@@ -39,6 +53,7 @@ class CompiledMachine:
     """A validated spec plus the ``transitions.Machine`` built from its edges."""
 
     def __init__(self, spec: MachineSpec) -> None:
+        quiet_transitions_library()
         self.spec = spec.validate()
         self.edges: tuple[Edge, ...] = spec.edges()
         guards = {(t.source, t.trigger, t.dest): t.guard for t in spec.transitions}

@@ -28,15 +28,17 @@ class StateTimeout(Exception):
 
     ``detail`` is the last progress note the activity reported (see
     :func:`clusterfsm.fsm.report_progress`): what it was still waiting for when time ran out.
+    ``in_state`` is the state whose deadline passed (not the error state the run goes
+    to: a machine may give its error types a ``state`` of their own).
     """
 
-    state: str
+    in_state: str
     deadline_s: float
     detail: str = ""
 
     def __str__(self) -> str:
         tail = f": {self.detail}" if self.detail else ""
-        return f"{self.state} did not finish within {self.deadline_s:g} s{tail}"
+        return f"{self.in_state} did not finish within {self.deadline_s:g} s{tail}"
 
 
 @attrs.frozen(auto_exc=True)

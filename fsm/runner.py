@@ -32,7 +32,10 @@ Outcomes map to triggers like this:
   ``cancelled`` and then propagates, as trio requires.
 
 Every transition produces a :class:`~fsm.trace.TraceRecord` delivered to observers
-(callbacks, called synchronously, in order) and to subscribers (trio channels).
+(callbacks, called synchronously, in order) and to subscribers (trio channels), and
+one INFO record on the stdlib logger ``clusterfsm.transitions`` (:data:`TRANSITION_LOG`)
+whose ``machine``, ``source``, ``event``, ``dest``, ``elapsed_ms`` and ``error``
+attributes carry the transition's fields for a handler or formatter to use.
 
 Deadlines
 ---------
@@ -80,6 +83,11 @@ C = TypeVar("C")
 Observer = Callable[[TraceRecord], None]
 
 _log = logging.getLogger("clusterfsm.fsm.runner")
+
+#: One INFO record per transition of every run (see the module docstring). INFO, error
+#: transitions included: an app that configured no logging sees nothing (Python's
+#: last-resort handler prints WARNING and above only, and stderr may be a protocol).
+TRANSITION_LOG = logging.getLogger("clusterfsm.transitions")
 
 #: Called with ``(machine_name, record)`` for every transition of every run in this
 #: process. For test kits and tracing tools (transition coverage); apps use observers.
@@ -322,7 +330,7 @@ class Runner(Generic[C]):
             _current.reset(token)
         if scope.cancelled_caught:
             assert state.on_timeout is not None and deadline is not None
-            timeout = state.on_timeout(state=state.name, deadline_s=deadline, detail=cell.text)
+            timeout = state.on_timeout(in_state=state.name, deadline_s=deadline, detail=cell.text)
             self._advance(model, DEADLINE, entered, timeout)
         elif not isinstance(event, str):
             self._advance_unexpected(
@@ -372,7 +380,18 @@ class Runner(Generic[C]):
         if error is not None:
             self._error = error
         self._records.append(record)
+        if TRANSITION_LOG.isEnabledFor(logging.INFO):
+            self._log_transition(record)
         self._publish(record)
+
+    def _log_transition(self, record: TraceRecord) -> None:
+        fields = {"machine": self.spec.name, "source": record.source, "event": record.event,
+                  "dest": record.dest, "elapsed_ms": record.elapsed_ms,
+                  "error": record.error}
+        tail = f" ({record.error})" if record.error else ""
+        TRANSITION_LOG.info("%s: %s --%s--> %s after %.3f ms%s", self.spec.name,
+                            record.source, record.event, record.dest, record.elapsed_ms,
+                            tail, extra=fields)
 
     def _publish(self, record: TraceRecord) -> None:
         for observer in self._observers:

@@ -277,6 +277,9 @@ async def initializing_group(ctx: ClusterContext) -> str:
     plan = ctx.plan
     assert plan is not None and ctx.session_id is not None
     ctx.initializer.precheck(plan.backend)
+    # Before the barrier: a second bootstrap in this process would get MLX's old group;
+    # the peers hear of it (ABORT) at once instead of waiting in init for us.
+    ctx.initializer.groups.check_fresh(plan.backend)
     await ctx.initializer.plan_check(plan)  # before the barrier: peers hear of it
     try:
         ctx.files = TopologyDir()

@@ -25,37 +25,67 @@ Either way the links are closed, the watchdog reaped and the topology files dele
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast, overload
 
 import trio
 
 from clusterfsm.fsm import Outcome, Runner, TraceRecord, TraceWriter, effective_deadlines
+from clusterfsm.fsm.errors import UnexpectedError
 from clusterfsm.fsm.runner import Observer
 from clusterfsm.states.admission import ADMISSION_GRACE
 from clusterfsm.states.codec import NO_SESSION, Abort
 from clusterfsm.states.config import ClusterConfig
 from clusterfsm.states.context import ClusterContext, PortAllocator, PortReservation
 from clusterfsm.states.discovery import DiscoveryNet, UdpDiscoveryNet
+from clusterfsm.states.errors import ClusterError, InternalError
 from clusterfsm.states.groupinit import Group, GroupInitializer
+from clusterfsm.states.health import Health, HealthChanges, HealthPublisher
 from clusterfsm.states.machine import BOOTSTRAP
 from clusterfsm.states.transport import TcpTransport, Transport
 from clusterfsm.states.watchdog import InitWatchdog, NoWatchdog
+
+if TYPE_CHECKING:
+    from mlx.core.distributed import Group as MlxGroup
+
+#: The group type a :class:`Cluster` hands out: ``mlx.core.distributed.Group`` with
+#: the real initializer, the :class:`~states.groupinit.Group` protocol with an injected one.
+G = TypeVar("G", bound=Group)
+
+#: The states the cluster can leave ``ready`` for.
+ENDED_STATES = ("closed", "peer_lost", "peer_left")
 
 #: How long a failing rank spends telling its peers (ABORT) before closing.
 ABORT_GRACE = 0.25
 
 
-class Cluster:
+class Cluster(Generic[G]):
     """A bootstrapped cluster, as seen by one rank."""
 
-    def __init__(self, ctx: ClusterContext, runner: Runner[ClusterContext]) -> None:
+    def __init__(self, ctx: ClusterContext, runner: Runner[ClusterContext],
+                 health: HealthPublisher | None = None) -> None:
         self._ctx = ctx
         self._runner = runner
+        self._health = health or HealthPublisher(lambda: session_health(ctx))
 
     @property
-    def group(self) -> Group:
+    def group(self) -> G:
+        """The group: ``mlx.core.distributed.Group`` from the real initializer (so
+        ``mx.distributed.all_sum(x, group=cluster.group)`` type-checks), whatever an
+        injected initializer returned otherwise (``bootstrap_cluster``'s overloads)."""
         assert self._ctx.group is not None
-        return self._ctx.group
+        return cast(G, self._ctx.group)
+
+    @property
+    def backend(self) -> str:
+        """The backend the group runs on, ``ring`` or ``jaccl`` (``any`` resolved)."""
+        assert self._ctx.plan is not None
+        return self._ctx.plan.backend
+
+    @property
+    def trace_path(self) -> str | None:
+        """Where this rank's JSON-lines trace is written (``trace_path=``), if anywhere."""
+        return self._ctx.trace_path
 
     @property
     def rank(self) -> int:
@@ -82,10 +112,20 @@ class Cluster:
     def trace(self) -> tuple[TraceRecord, ...]:
         return self._runner.records
 
-    def health(self) -> str:
+    def health(self) -> Health:
         """``healthy``, ``degraded`` (an answer older than 3 heartbeat intervals) or
-        ``unavailable`` (a link failed or never answered)."""
-        return session_health(self._ctx)
+        ``unavailable`` (a link failed or never answered, or the cluster ended).
+
+        Callable from any thread: it reads the value the cluster's trio loop
+        publishes every heartbeat interval (:mod:`clusterfsm.states.health`).
+        """
+        return self._health.value
+
+    def health_changes(self) -> HealthChanges:
+        """``async for health in cluster.health_changes()`` (in the cluster's trio
+        loop): the current health, then each change; ends once the cluster has left
+        ``ready`` (after a last ``unavailable``)."""
+        return self._health.changes()
 
     async def wait_lost(self) -> BaseException | None:
         """Wait until the cluster leaves ``ready`` (peer lost or left, or closed); the
@@ -94,11 +134,11 @@ class Cluster:
         return self._runner.error
 
 
-def session_health(ctx: ClusterContext) -> str:
+def session_health(ctx: ClusterContext) -> Health:
     """The worst health over the links, from their heartbeats."""
     now = trio.current_time()
     stale_after = 3 * ctx.config.heartbeat_interval
-    health = "healthy"
+    health: Health = "healthy"
     for link in ctx.links.values():
         if link.failure is not None or not link.first_pong.is_set():
             return "unavailable"
@@ -107,8 +147,35 @@ def session_health(ctx: ClusterContext) -> str:
     return health
 
 
-@asynccontextmanager
-async def bootstrap_cluster(
+@overload
+def bootstrap_cluster(
+    config: ClusterConfig,
+    *,
+    transport: Transport | None = None,
+    initializer: None = None,
+    watchdog: InitWatchdog | NoWatchdog | None = None,
+    allocate_port: PortAllocator = PortReservation,
+    observers: Iterable[Observer] = (),
+    trace_path: str | None = None,
+    discovery_net: DiscoveryNet | None = None,
+) -> AbstractAsyncContextManager[Cluster[MlxGroup]]: ...
+
+
+@overload
+def bootstrap_cluster(
+    config: ClusterConfig,
+    *,
+    transport: Transport | None = None,
+    initializer: GroupInitializer,
+    watchdog: InitWatchdog | NoWatchdog | None = None,
+    allocate_port: PortAllocator = PortReservation,
+    observers: Iterable[Observer] = (),
+    trace_path: str | None = None,
+    discovery_net: DiscoveryNet | None = None,
+) -> AbstractAsyncContextManager[Cluster[Group]]: ...
+
+
+def bootstrap_cluster(
     config: ClusterConfig,
     *,
     transport: Transport | None = None,
@@ -118,13 +185,36 @@ async def bootstrap_cluster(
     observers: Iterable[Observer] = (),
     trace_path: str | None = None,
     discovery_net: DiscoveryNet | None = None,
-) -> AsyncIterator[Cluster]:
+) -> AbstractAsyncContextManager[Cluster[Any]]:
     """Run the bootstrap machine for one rank; yield the cluster once it is ready.
 
     Everything it starts (links, heartbeats, the watchdog process) lives in a nursery
     inside this context manager and is gone when it exits, on success, failure or
-    cancellation.
+    cancellation. A failed bootstrap raises a :class:`~states.errors.ClusterError`
+    (bare, never inside an exception group): its ``state`` is the error state the
+    machine ended in, ``retryable`` whether a new process may succeed.
+
+    With the default (real) initializer the cluster's ``group`` is typed
+    ``mlx.core.distributed.Group``; with an injected one (a test's
+    ``fake_initializer()``), only the :class:`~states.groupinit.Group` protocol.
     """
+    return _bootstrap(config, transport=transport, initializer=initializer,
+                      watchdog=watchdog, allocate_port=allocate_port, observers=observers,
+                      trace_path=trace_path, discovery_net=discovery_net)
+
+
+@asynccontextmanager
+async def _bootstrap(
+    config: ClusterConfig,
+    *,
+    transport: Transport | None = None,
+    initializer: GroupInitializer | None = None,
+    watchdog: InitWatchdog | NoWatchdog | None = None,
+    allocate_port: PortAllocator = PortReservation,
+    observers: Iterable[Observer] = (),
+    trace_path: str | None = None,
+    discovery_net: DiscoveryNet | None = None,
+) -> AsyncIterator[Cluster[Any]]:
     writer = TraceWriter(trace_path) if trace_path else None
     failure: BaseException | None = None
     try:
@@ -158,15 +248,17 @@ async def bootstrap_cluster(
             try:
                 state = await runner.wait_for("ready")
                 if state == "ready":
+                    health = HealthPublisher(lambda: session_health(ctx))
+                    nursery.start_soon(_publish_health, runner, health,
+                                       config.heartbeat_interval)
                     try:
-                        yield Cluster(ctx, runner)
+                        yield Cluster(ctx, runner, health)
                     except Exception:
                         app_failed = True  # not a deliberate close: no GOODBYE
                         raise
                 else:
                     await ended.wait()
-                    failure = runner.error
-                    assert failure is not None
+                    failure = _app_error(runner.error)
                     failure.add_note(
                         f"clusterfsm: rank {config.rank} ended in state {state!r}")
             finally:
@@ -191,6 +283,30 @@ async def bootstrap_cluster(
         raise
     if failure is not None:
         raise failure
+
+
+def _app_error(error: BaseException | None) -> ClusterError:
+    """What the app gets for the run's error: the typed error itself, or, for an
+    undeclared one (state ``unexpected``), an :class:`InternalError` caused by it."""
+    if isinstance(error, ClusterError):
+        return error
+    assert isinstance(error, UnexpectedError), error
+    internal = InternalError(error.state, error.type_name, str(error.exception))
+    internal.__cause__ = error
+    return internal
+
+
+async def _publish_health(runner: Runner[ClusterContext], health: HealthPublisher,
+                          interval: float) -> None:
+    """Recompute the health every heartbeat interval and at once when the cluster
+    leaves ``ready``; then publish the end (``unavailable``) to every reader."""
+    try:
+        while runner.state == "ready":
+            with trio.move_on_after(interval):
+                await runner.wait_for(*ENDED_STATES)
+            health.refresh()
+    finally:
+        health.finish()
 
 
 async def _say_goodbye(ctx: ClusterContext) -> None:
@@ -240,4 +356,4 @@ async def _teardown(ctx: ClusterContext) -> None:
     await ctx.watchdog.aclose()
 
 
-__all__ = ["Cluster", "ClusterConfig", "bootstrap_cluster"]
+__all__ = ["Cluster", "ClusterConfig", "ClusterError", "bootstrap_cluster"]

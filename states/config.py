@@ -7,6 +7,7 @@ message naming the field, not three states later as a timeout.
 
 from __future__ import annotations
 
+import os
 import secrets
 from collections.abc import Mapping
 from typing import Literal
@@ -126,7 +127,8 @@ class ClusterConfig:
         if value not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {value!r}")
         if value == "jaccl" and self.world_size > 8:
-            raise ValueError("jaccl supports at most 8 ranks (full mesh)")
+            raise ValueError(f"backend jaccl supports at most 8 ranks (full mesh), "
+                             f"world_size is {self.world_size}")
 
     def __attrs_post_init__(self) -> None:
         if self.interfaces:
@@ -152,6 +154,24 @@ class ClusterConfig:
             raise ValueError("release_delay_s must be in [0, 1) seconds")
         if self.peer_lost_after <= 2 * self.heartbeat_interval:
             raise ValueError("peer_lost_after must exceed two heartbeat intervals")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ClusterConfig:
+        """The config the ``CLUSTERFSM_*`` variables describe (``os.environ`` by
+        default); a :class:`~states.configsource.ConfigError` (a ValueError) names the
+        variable to fix. See docs/embedding.md, "Configuration"."""
+        from clusterfsm.states.configsource import from_env
+
+        return from_env(environ)
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike[str], *, table: str | None = None,
+                  environ: Mapping[str, str] | None = None) -> ClusterConfig:
+        """The config a TOML file describes (its top level, or ``[table]``); a
+        :class:`~states.configsource.ConfigError` names the key to fix."""
+        from clusterfsm.states.configsource import from_toml
+
+        return from_toml(path, table=table, environ=environ)
 
     @property
     def is_coordinator(self) -> bool:

@@ -7,15 +7,49 @@ same value back (``cluster.error``) with the facts an operator needs.
 
 Naming follows h11: a *local* rejection is one we decided, a *remote* rejection is one
 the peer sent us. Both are :class:`HandshakeRejected`; ``remote`` tells them apart.
+
+For app authors every one of them is a :class:`ClusterError`: ``except ClusterError``
+catches any failed bootstrap, ``error.state`` names its error state (looked up in the
+machine's own table, the one the runner uses) and ``error.retryable`` says whether a
+new attempt, in a new process, can succeed without anyone changing the configuration
+(the table is in docs/embedding.md, "Errors").
 """
 
 from __future__ import annotations
 
 import enum
+from typing import ClassVar
 
 import attrs
 
 from clusterfsm.fsm.errors import StateTimeout
+from clusterfsm.fsm.spec import UNEXPECTED_STATE
+
+
+class ClusterError(Exception):
+    """The base of every error a bootstrap can end in.
+
+    ``retryable`` is declared per type: True when a new attempt with the same
+    configuration can succeed once something outside this process changes by itself
+    (a peer restarts, a link comes back, a deadline was just too short); False when
+    someone has to change something first (a key, a version, a flag, a cable plan).
+    A retry always means a new process: MLX keeps one group per process, so a rank
+    that got as far as group init cannot bootstrap again in the same process
+    (:class:`GroupAlreadyInitialized`). Supervision (``clusterfsm serve --supervise``,
+    :func:`clusterfsm.states.supervised.supervise_ranks`) does exactly that.
+    """
+
+    __slots__ = ()
+
+    retryable: ClassVar[bool] = False
+
+    @property
+    def state(self) -> str:
+        """The bootstrap machine's error state for this error (``unexpected`` if none)."""
+        from clusterfsm.states.machine import BOOTSTRAP
+
+        bound = BOOTSTRAP.error_state_for(type(self))
+        return UNEXPECTED_STATE if bound is None else bound.name
 
 
 class FrameErrorKind(enum.Enum):
@@ -31,8 +65,10 @@ class FrameErrorKind(enum.Enum):
 
 
 @attrs.frozen(auto_exc=True)
-class FrameError(Exception):
+class FrameError(ClusterError):
     """Malformed or out-of-place input from a peer. The connection is closed."""
+
+    retryable: ClassVar[bool] = False
 
     kind: FrameErrorKind
     detail: str = ""
@@ -64,8 +100,10 @@ def printable(text: object) -> str:
 
 
 @attrs.frozen(auto_exc=True)
-class HandshakeRejected(Exception):
+class HandshakeRejected(ClusterError):
     """The handshake with ``peer`` failed; ``remote`` is True when the peer refused us."""
+
+    retryable: ClassVar[bool] = False
 
     reason: RejectReason
     detail: str = ""
@@ -79,20 +117,24 @@ class HandshakeRejected(Exception):
 
 
 @attrs.frozen(auto_exc=True)
-class PeerDisconnected(Exception):
+class PeerDisconnected(ClusterError):
     """A peer's control link closed before the group was ready."""
 
+    retryable: ClassVar[bool] = True
+
     peer: str
-    state: str
+    during: str  # the state the link was in
     detail: str = ""
 
     def __str__(self) -> str:
-        return f"peer {self.peer} disconnected during {self.state}: {self.detail or 'EOF'}"
+        return f"peer {self.peer} disconnected during {self.during}: {self.detail or 'EOF'}"
 
 
 @attrs.frozen(auto_exc=True)
-class PeerAborted(Exception):
+class PeerAborted(ClusterError):
     """A peer failed and told us so (ABORT frame, or a failed group confirmation)."""
+
+    retryable: ClassVar[bool] = True
 
     rank: int
     error: str
@@ -103,8 +145,10 @@ class PeerAborted(Exception):
 
 
 @attrs.frozen(auto_exc=True)
-class BootstrapRejected(Exception):
+class BootstrapRejected(ClusterError):
     """The bootstrap frame (0x07) or its acknowledgement was not acceptable."""
+
+    retryable: ClassVar[bool] = True
 
     reason: str
     peer: str = ""
@@ -114,8 +158,10 @@ class BootstrapRejected(Exception):
 
 
 @attrs.frozen(auto_exc=True)
-class BackendUnavailable(Exception):
+class BackendUnavailable(ClusterError):
     """The requested MLX backend cannot run here; ``missing`` names what is absent."""
+
+    retryable: ClassVar[bool] = False
 
     backend: str
     missing: str
@@ -125,8 +171,10 @@ class BackendUnavailable(Exception):
 
 
 @attrs.frozen(auto_exc=True)
-class GroupInitFailed(Exception):
+class GroupInitFailed(ClusterError):
     """``mx.distributed.init`` raised (connection refused, RDMA error, ...)."""
+
+    retryable: ClassVar[bool] = True
 
     backend: str
     cause: str
@@ -136,8 +184,10 @@ class GroupInitFailed(Exception):
 
 
 @attrs.frozen(auto_exc=True)
-class GroupSizeMismatch(Exception):
+class GroupSizeMismatch(ClusterError):
     """MLX returned a group whose size is not the world size (the silent size-1 case)."""
+
+    retryable: ClassVar[bool] = False
 
     expected: int
     got: int
@@ -147,8 +197,10 @@ class GroupSizeMismatch(Exception):
 
 
 @attrs.frozen(auto_exc=True)
-class PeerLost(Exception):
+class PeerLost(ClusterError):
     """After ``ready``, a peer's heartbeats stopped or its link closed."""
+
+    retryable: ClassVar[bool] = True
 
     rank: int
     silence_s: float
@@ -159,9 +211,11 @@ class PeerLost(Exception):
 
 
 @attrs.frozen(auto_exc=True)
-class InterfaceUnavailable(Exception):
+class InterfaceUnavailable(ClusterError):
     """A ``--interface`` cannot carry the cluster: missing, down, no carrier, no IPv4
     address, or sockets cannot be bound to it on this platform."""
+
+    retryable: ClassVar[bool] = True
 
     interface: str
     reason: str
@@ -171,9 +225,11 @@ class InterfaceUnavailable(Exception):
 
 
 @attrs.frozen(auto_exc=True)
-class DuplicateNodeId(Exception):
+class DuplicateNodeId(ClusterError):
     """Two running nodes share one node id (a copied config or node-id file). A
     silent split would follow; we stop instead."""
+
+    retryable: ClassVar[bool] = False
 
     node_id: str  # hex
     sources: str  # where each claimant was heard
@@ -184,9 +240,11 @@ class DuplicateNodeId(Exception):
 
 
 @attrs.frozen(auto_exc=True)
-class ElectionFailed(Exception):
+class ElectionFailed(ClusterError):
     """Discovery found peers, but no single rank assignment follows from them (two
     nodes claim one rank, explicit and ``auto`` ranks mixed, too many nodes)."""
+
+    retryable: ClassVar[bool] = False
 
     reason: str
 
@@ -195,10 +253,12 @@ class ElectionFailed(Exception):
 
 
 @attrs.frozen(auto_exc=True)
-class PrecheckFailed(Exception):
+class PrecheckFailed(ClusterError):
     """A check that runs before ``mx.distributed.init`` failed, so MLX is never asked
     to crash or hang on it. ``check`` names it (``rdma_disabled``, ``device_missing``,
     ``matrix_shape``, ``interface_down``, ``side_channel``, ...)."""
+
+    retryable: ClassVar[bool] = False
 
     check: str
     detail: str
@@ -211,30 +271,81 @@ class PrecheckFailed(Exception):
 
 
 @attrs.frozen(auto_exc=True)
-class DiscoveryTimeout(StateTimeout):
+class DiscoveryTimeout(StateTimeout, ClusterError):
     """No peers were found before the discovery deadline."""
 
+    retryable: ClassVar[bool] = True
+
 
 @attrs.frozen(auto_exc=True)
-class HandshakeTimeout(StateTimeout):
+class HandshakeTimeout(StateTimeout, ClusterError):
     """Not every rank completed the handshake before the deadline."""
 
+    retryable: ClassVar[bool] = True
+
 
 @attrs.frozen(auto_exc=True)
-class SessionUnavailable(StateTimeout):
+class SessionUnavailable(StateTimeout, ClusterError):
     """The session's health stayed ``unavailable`` (no heartbeat answered) until the deadline."""
 
+    retryable: ClassVar[bool] = True
+
 
 @attrs.frozen(auto_exc=True)
-class BootstrapTimeout(StateTimeout):
+class BootstrapTimeout(StateTimeout, ClusterError):
     """The bootstrap frame or an acknowledgement did not arrive in time."""
 
+    retryable: ClassVar[bool] = True
+
 
 @attrs.frozen(auto_exc=True)
-class GroupInitTimeout(StateTimeout):
+class GroupInitTimeout(StateTimeout, ClusterError):
     """Group init (barrier + ``mx.distributed.init``) did not finish before its hard deadline."""
 
+    retryable: ClassVar[bool] = True
+
 
 @attrs.frozen(auto_exc=True)
-class ConfirmationTimeout(StateTimeout):
+class ConfirmationTimeout(StateTimeout, ClusterError):
     """The group-ready confirmation round did not complete in time."""
+
+    retryable: ClassVar[bool] = True
+
+
+@attrs.frozen(auto_exc=True)
+class GroupAlreadyInitialized(ClusterError):
+    """This process already initialized an MLX group for ``backend``.
+
+    MLX keeps the first group it makes for the life of the process and hands that
+    same group to every later ``mx.distributed.init``: a second bootstrap in this
+    process would get the old (possibly dead) group instead of a new one. Found
+    before the barrier, so no rank enters init; the remedy is a new process.
+    """
+
+    backend: str
+
+    retryable: ClassVar[bool] = True  # in a new process
+
+    def __str__(self) -> str:
+        return (f"this process already initialized an MLX {self.backend} group, and MLX "
+                "keeps that group for the life of the process: bootstrap again in a new "
+                "process (supervise the rank: `clusterfsm serve --supervise`, or "
+                "clusterfsm.states.supervised.supervise_ranks)")
+
+
+@attrs.frozen(auto_exc=True)
+class InternalError(ClusterError):
+    """The machine ended in ``unexpected``: an exception no state declares (a bug).
+
+    What :func:`clusterfsm.states.api.bootstrap_cluster` raises for it, so an app's
+    ``except ClusterError`` sees every failed bootstrap; the runner's own value
+    (:class:`clusterfsm.fsm.UnexpectedError`, with the original exception) is its
+    ``__cause__`` and ``cluster.error``.
+    """
+
+    in_state: str
+    error: str
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"internal error in {self.in_state}: {self.error}: {self.detail}"

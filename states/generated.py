@@ -36,10 +36,13 @@ def errors_doc(spec: MachineSpec = BOOTSTRAP) -> str:
         "Generated from `states/machine.py` by `clusterfsm diagram`; do not edit.",
         "Every failure of a rank ends in exactly one of these states, carrying an error",
         "value of the named type (`cluster.error`, the trace's `error` field, and the",
-        "`serve` exit message).",
+        "`serve` exit message). `bootstrap_cluster` raises it as a `ClusterError`",
+        "whose `state` is the error state and whose `retryable` is the column below:",
+        "whether a new process with the same configuration can succeed once something",
+        "outside it changes by itself (docs/embedding.md, \"Errors\").",
         "",
-        "| error state | error type | reached from | what causes it | what to do |",
-        "|---|---|---|---|---|",
+        "| error state | error type | retryable | reached from | what causes it | what to do |",
+        "|---|---|---|---|---|---|",
     ]
     edges = spec.edges()
     for err in spec.errors:
@@ -47,7 +50,9 @@ def errors_doc(spec: MachineSpec = BOOTSTRAP) -> str:
                          key=[s.name for s in spec.states].index)
         where = ", ".join(f"`{s}`" for s in sources) if err.name not in (
             "cancelled", "unexpected") else "any state"
-        lines.append(f"| `{err.name}` | `{err.error.__name__}` | {where} | "
+        retryable = getattr(err.error, "retryable", None)
+        retry = "-" if retryable is None else "yes" if retryable else "no"
+        lines.append(f"| `{err.name}` | `{err.error.__name__}` | {retry} | {where} | "
                      f"{err.doc} | {err.remedy} |")
     return "\n".join(lines) + "\n"
 

@@ -10,6 +10,11 @@ What this module guarantees (docs/design.md section 3):
   would win over our ``MLX_*`` values, are cleared for the call.
 - **Topology file private**: created exclusively (``O_EXCL``), mode 0600, in a fresh
   0700 directory, removed with the directory when the cluster closes.
+- **One group per process**: MLX keeps the first group it makes for a backend and
+  returns it from every later ``init`` in the process, dead or not. The initializer
+  records each group it got (:class:`InitializedGroups`, one per process), and a
+  second bootstrap in the same process fails before the barrier with
+  :class:`GroupAlreadyInitialized` instead of confirming a dead group.
 - ``mx.distributed.init(strict=False, backend=<explicit>)`` runs in a worker thread;
   a raised error is :class:`GroupInitFailed`, and a group whose size is not the world
   size (MLX's silent size-1 answer to a bad config) is :class:`GroupSizeMismatch`.
@@ -30,7 +35,7 @@ import tempfile
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 import trio
@@ -38,12 +43,16 @@ import trio
 from clusterfsm.states.codec import WireBackend
 from clusterfsm.states.errors import (
     BackendUnavailable,
+    GroupAlreadyInitialized,
     GroupInitFailed,
     GroupSizeMismatch,
     PrecheckFailed,
 )
 from clusterfsm.states.sidechannel import AllGatherFactory, JacclSideChannel
 from clusterfsm.states.topology import Topology
+
+if TYPE_CHECKING:
+    from mlx.core.distributed import Group as MlxGroup
 
 #: Fault injection for tests (``never-init``): see GroupInitializer.initialize.
 FAULT_ENV = "CLUSTERFSM_FAULT"
@@ -54,7 +63,13 @@ JACCL_TWINS = ("JACCL_RANK", "JACCL_IBV_DEVICES", "JACCL_COORDINATOR", "JACCL_RI
 
 
 class Group(Protocol):
-    """What we use of ``mlx.core.distributed.Group``."""
+    """What the machine uses of a group: its rank and size.
+
+    ``mlx.core.distributed.Group`` satisfies it, and so does a test's stand-in
+    (:class:`clusterfsm.states.testing.FakeGroup`). The app gets the precise type:
+    ``bootstrap_cluster`` with the real initializer yields a cluster whose ``group``
+    is typed ``mlx.core.distributed.Group`` (see :mod:`clusterfsm.states.api`).
+    """
 
     def rank(self) -> int: ...
 
@@ -237,14 +252,40 @@ def _import_mlx() -> None:
     _mlx_distributed()
 
 
-def mlx_init(backend: str, all_gather_factory: AllGatherFactory | None = None) -> Group:
+def mlx_init(backend: str, all_gather_factory: AllGatherFactory | None = None) -> MlxGroup:
     dist = _mlx_distributed()
     if all_gather_factory is not None:
-        group: Group = dist.init(strict=False, backend=backend,
-                                 all_gather_factory=all_gather_factory)
+        group: MlxGroup = dist.init(strict=False, backend=backend,
+                                    all_gather_factory=all_gather_factory)
     else:
         group = dist.init(strict=False, backend=backend)
     return group
+
+
+class InitializedGroups:
+    """The backends a process already got a group for from ``init``.
+
+    MLX has no call that says whether it holds a group; this record is kept where
+    every init passes (:meth:`GroupInitializer.initialize`). A group is recorded when
+    ``init`` returns at all, even one of the wrong size: that errs on the side of a
+    new process, never of a dead group.
+    """
+
+    def __init__(self) -> None:
+        self._backends: set[str] = set()
+
+    def check_fresh(self, backend: str) -> None:
+        """Raise :class:`GroupAlreadyInitialized` if ``backend`` already has a group here."""
+        if backend in self._backends:
+            raise GroupAlreadyInitialized(backend)
+
+    def record(self, backend: str) -> None:
+        self._backends.add(backend)
+
+
+#: This process's record, used by the real initializer. A test that runs several
+#: fake ranks in one process gives each its own (:func:`~states.testing.fake_initializer`).
+PROCESS_GROUPS = InitializedGroups()
 
 
 async def _in_worker_thread(fn: Callable[[], Group]) -> Group:
@@ -267,6 +308,7 @@ class GroupInitializer:
         prepare: Callable[[], None] | None = None,
         plan_check: Callable[[InitPlan], Awaitable[None]] = check_plan,
         side_channel_supported: Callable[[], bool] = supports_all_gather_factory,
+        groups: InitializedGroups = PROCESS_GROUPS,
     ) -> None:
         self.init_fn = init_fn
         self.run_blocking = run_blocking
@@ -274,6 +316,8 @@ class GroupInitializer:
         #: Runs on every rank before init (jaccl: rdma_ctl, ibv_devices, the matrix).
         self.plan_check = plan_check
         self.side_channel_supported = side_channel_supported
+        #: The groups this process already has (MLX keeps one per backend per process).
+        self.groups = groups
         #: Called in ``idle``: imports MLX (~80 ms) long before the timed init.
         self.prepare: Callable[[], None] = prepare or _import_mlx
 
@@ -289,6 +333,7 @@ class GroupInitializer:
             raise PrecheckFailed("topology_file", f"cannot write the {plan.backend} "
                                  f"topology file in {files.path}: {exc}") from exc
         factory = side_channel.factory if side_channel is not None else None
+        self.groups.check_fresh(plan.backend)  # checked before the barrier too
         with patched_env(env, clear):
             try:
                 group: Group = await self.run_blocking(
@@ -300,6 +345,7 @@ class GroupInitializer:
                 if side_channel is not None and side_channel.failure is not None:
                     raise side_channel.failure from exc
                 raise GroupInitFailed(plan.backend, str(exc)) from exc
+        self.groups.record(plan.backend)
         if group.size() != plan.world_size:
             raise GroupSizeMismatch(plan.world_size, group.size())
         return group

@@ -40,6 +40,7 @@ from clusterfsm.states.errors import (
     DuplicateNodeId,
     ElectionFailed,
     FrameError,
+    GroupAlreadyInitialized,
     GroupInitFailed,
     GroupInitTimeout,
     GroupSizeMismatch,
@@ -84,8 +85,8 @@ BOOTSTRAP: MachineSpec = machine_spec(
                   "every rank acknowledges."),
         State("initializing_group", act.initializing_group,
               deadline=40.0, on_timeout=GroupInitTimeout,
-              raises=(BackendUnavailable, PrecheckFailed, GroupInitFailed,
-                      GroupSizeMismatch, BootstrapRejected, *LINK_ERRORS),
+              raises=(BackendUnavailable, PrecheckFailed, GroupAlreadyInitialized,
+                      GroupInitFailed, GroupSizeMismatch, BootstrapRejected, *LINK_ERRORS),
               doc="Barrier, staggered release, mx.distributed.init under a hard deadline."),
         State("confirming_group", act.confirming_group, deadline=10.0,
               on_timeout=ConfirmationTimeout, raises=(BootstrapRejected, *LINK_ERRORS),
@@ -168,6 +169,12 @@ BOOTSTRAP: MachineSpec = machine_spec(
                        "no all_gather_factory in this mlx); MLX was never called.",
                    remedy="The detail names the check and the command to run; see "
                           "docs/thunderbolt.md."),
+        ErrorState("group_already_initialized", GroupAlreadyInitialized,
+                   doc="This process already initialized an MLX group (MLX keeps one per "
+                       "process and would hand back the old, possibly dead, one); found "
+                       "before the barrier, so the peers are told at once (ABORT).",
+                   remedy="Bootstrap again in a new process: `clusterfsm serve "
+                          "--supervise` or supervise_ranks restarts the rank for you."),
         ErrorState("group_init_failed", GroupInitFailed,
                    doc="mx.distributed.init raised (connection refused, RDMA error).",
                    remedy="Read the cause; check the data-plane addresses and ports."),

@@ -164,11 +164,11 @@ def _emit(line: RankLine) -> None:
 
 
 def error_state_of(exc: BaseException) -> str:
-    """The bootstrap machine's error state for ``exc`` (``unexpected`` if none is bound)."""
-    from clusterfsm.states.machine import BOOTSTRAP
+    """The bootstrap machine's error state for ``exc`` (``unexpected`` if none is bound):
+    a :class:`~states.errors.ClusterError` knows its own."""
+    from clusterfsm.states.errors import ClusterError
 
-    bound = BOOTSTRAP.error_state_for(type(exc))
-    return UNEXPECTED_STATE if bound is None else bound.name
+    return exc.state if isinstance(exc, ClusterError) else UNEXPECTED_STATE
 
 
 async def _serve_async(config: ClusterConfig, options: ServeOptions) -> int:
@@ -213,7 +213,7 @@ async def _serve_async(config: ClusterConfig, options: ServeOptions) -> int:
                             _emit(VerifyFailedLine(speaker))
                             code = EXIT_FAILED
                     if code == EXIT_OK:
-                        _emit(ReadyLine(cluster.rank, cluster.group.size(), config.backend,
+                        _emit(ReadyLine(cluster.rank, cluster.group.size(), cluster.backend,
                                         cluster.session_id.hex()))
                     is_ready = True
                     if not options.once and code == EXIT_OK:

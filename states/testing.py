@@ -31,7 +31,13 @@ from trio.testing import memory_stream_pair
 
 from clusterfsm.states.config import Address
 from clusterfsm.states.errors import BackendUnavailable, InterfaceUnavailable
-from clusterfsm.states.groupinit import Group, GroupInitializer, InitPlan, _in_worker_thread
+from clusterfsm.states.groupinit import (
+    Group,
+    GroupInitializer,
+    InitializedGroups,
+    InitPlan,
+    _in_worker_thread,
+)
 from clusterfsm.states.netif import InterfaceInfo
 from clusterfsm.states.sidechannel import AllGatherFactory
 from clusterfsm.states.transport import BindFailed, Conn
@@ -197,6 +203,7 @@ def fake_initializer(
     plan_check: Callable[[InitPlan], Awaitable[None]] | None = None,
     side_channel_rounds: int = 0,
     side_channel_supported: bool = True,
+    groups: InitializedGroups | None = None,
 ) -> GroupInitializer:
     """A :class:`GroupInitializer` that takes the real path up to the MLX call.
 
@@ -209,6 +216,10 @@ def fake_initializer(
     in a real worker thread and does that many all-gather rounds through the factory
     it is given, checking every answer, as MLX would. Several such ranks in one
     process share the process env, so it takes its rank from the side channel.
+
+    Each fake rank is its own "process" for MLX's one-group-per-process rule: it gets
+    a fresh :class:`~states.groupinit.InitializedGroups` unless ``groups`` is given
+    (pass one record to two bootstraps to play a second bootstrap in one process).
     """
 
     def init_fn(backend: str, factory: AllGatherFactory | None) -> Group:
@@ -243,7 +254,8 @@ def fake_initializer(
     return GroupInitializer(init_fn, _in_worker_thread if side_channel_rounds else direct,
                             precheck, prepare=lambda: None,
                             plan_check=plan_check or matrix_only,
-                            side_channel_supported=lambda: side_channel_supported)
+                            side_channel_supported=lambda: side_channel_supported,
+                            groups=groups if groups is not None else InitializedGroups())
 
 
 def _fake_jaccl_rounds(factory: AllGatherFactory, rounds: int) -> Group:

@@ -12,18 +12,23 @@ import errno
 import socket
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import attrs
 import trio
 
 from clusterfsm.states.config import Address
+from clusterfsm.states.errors import ClusterError
 from clusterfsm.states.netif import bind_to_interface
 
 
 @attrs.frozen(auto_exc=True)
-class BindFailed(Exception):
-    """The control listener could not be opened (address in use, no such address)."""
+class BindFailed(ClusterError):
+    """The control listener could not be opened (address in use, no such address).
+
+    Retryable: the usual cause is a port still held by the previous generation."""
+
+    retryable: ClassVar[bool] = True
 
     address: str
     reason: str
