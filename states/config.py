@@ -120,7 +120,8 @@ class ClusterConfig:
         if not 1 <= value <= 255:
             raise ValueError(f"world_size must be 1..255, got {value}")
         if self.rank is not None and not 0 <= self.rank < value:
-            raise ValueError(f"rank must be in 0..{value - 1}, got {self.rank}")
+            raise ValueError(f"rank must be in 0..{value - 1} (world_size {value}), "
+                             f"got {self.rank}")
 
     @backend.validator
     def _backend(self, _attr: object, value: str) -> None:
@@ -153,7 +154,9 @@ class ClusterConfig:
         if not 0 <= self.release_delay_s < 1:
             raise ValueError("release_delay_s must be in [0, 1) seconds")
         if self.peer_lost_after <= 2 * self.heartbeat_interval:
-            raise ValueError("peer_lost_after must exceed two heartbeat intervals")
+            raise ValueError(f"peer_lost_after ({self.peer_lost_after:g} s) must exceed two "
+                             f"heartbeat intervals (heartbeat_interval "
+                             f"{self.heartbeat_interval:g} s)")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ClusterConfig:

@@ -283,10 +283,11 @@ def _node_id_default(name: str) -> bytes:
 
 
 def _names_in(message: str, name_of: Callable[[Setting], str]) -> tuple[str, ...]:
-    """The settings a config rule's message talks about (it names the fields)."""
-    by_field = {s.field: s for s in SETTINGS}
+    """The settings a config rule's message talks about: the config's rules name the
+    fields they check (``rank``, ``world_size``, ``listen``, a ``peer``...)."""
     words = set(re.findall(r"[a-z_]+", message))
-    named = tuple(name_of(s) for f, s in by_field.items() if f in words)
+    named = tuple(name_of(s) for s in SETTINGS
+                  if s.field in words or s.field.removesuffix("s") in words)
     return named or tuple(name_of(s) for s in SETTINGS if s.required)
 
 
