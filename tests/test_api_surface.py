@@ -89,6 +89,7 @@ async def test_health_from_a_foreign_thread_and_as_changes(autojump_clock: Any) 
         from_thread.append(await trio.to_thread.run_sync(cluster.health))
 
     r0, r1 = await run_ranks([config(0), config(1)], in_ready=in_ready)
+    assert isinstance(r0.error, Exception) and r0.error.state == "peer_lost"
     assert from_thread == ["healthy", "unavailable"]
     assert changes[0] == "healthy" and changes[-1] == "unavailable"
     assert isinstance(r1.error, RuntimeError)
