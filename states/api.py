@@ -8,7 +8,8 @@
         group = cluster.group            # mlx.core.distributed.Group, size checked
         ...                              # cluster.state == "ready"
     # on failure: raises the typed error (HandshakeRejected, GroupInitTimeout, ...),
-    # with a note naming the error state; observers saw every transition.
+    # bare, a ClusterError whose .state names the error state and .retryable says
+    # whether a new process may succeed; observers saw every transition.
 
 While the block runs, the machine stays in ``ready`` and watches the peers. If a peer
 is lost, ``cluster.state`` becomes ``peer_lost``, ``cluster.error`` is the
