@@ -65,7 +65,7 @@ def test_second_bootstrap_in_one_process_is_refused_and_the_peer_told(tmp_path: 
         first = start(joiner)
         assert first.wait(timeout=60) == 0  # ready, then a clean close
         second = start(joiner)  # a new process: it really calls init
-        out1, err1 = second.communicate(timeout=60)
+        _out1, err1 = second.communicate(timeout=60)
         out0, err0 = rank0.communicate(timeout=60)
     finally:
         kill_and_reap(procs, timeout=None)
