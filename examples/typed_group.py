@@ -13,8 +13,7 @@ from __future__ import annotations
 import mlx.core as mx
 import trio
 
-from clusterfsm.states.api import bootstrap_cluster
-from clusterfsm.states.config import ClusterConfig
+from clusterfsm.states.api import bootstrap_cluster, config_from_env
 from clusterfsm.states.errors import ClusterError
 
 
@@ -27,7 +26,7 @@ def all_sum_of_ranks(group: mx.distributed.Group) -> float:
 
 
 async def main() -> int:
-    config = ClusterConfig.from_env()
+    config = config_from_env()
     try:
         async with bootstrap_cluster(config) as cluster:
             group: mx.distributed.Group = cluster.group

@@ -37,6 +37,7 @@ from clusterfsm.fsm.runner import Observer
 from clusterfsm.states.admission import ADMISSION_GRACE
 from clusterfsm.states.codec import NO_SESSION, Abort
 from clusterfsm.states.config import ClusterConfig
+from clusterfsm.states.configsource import ConfigError, config_from_env, config_from_toml
 from clusterfsm.states.context import ClusterContext, PortAllocator, PortReservation
 from clusterfsm.states.discovery import DiscoveryNet, UdpDiscoveryNet
 from clusterfsm.states.errors import ClusterError, InternalError
@@ -357,4 +358,12 @@ async def _teardown(ctx: ClusterContext) -> None:
     await ctx.watchdog.aclose()
 
 
-__all__ = ["Cluster", "ClusterConfig", "ClusterError", "bootstrap_cluster"]
+__all__ = [
+    "Cluster",
+    "ClusterConfig",
+    "ClusterError",
+    "ConfigError",
+    "bootstrap_cluster",
+    "config_from_env",
+    "config_from_toml",
+]

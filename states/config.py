@@ -2,12 +2,12 @@
 
 :class:`ClusterConfig` is a frozen attrs value; every field is checked when it is
 built, so a bad rank, a missing peer or a short key fails at construction, with a
-message naming the field, not three states later as a timeout.
+message naming the field, not three states later as a timeout. To build one from
+``CLUSTERFSM_*`` variables or a TOML file: :mod:`clusterfsm.states.configsource`.
 """
 
 from __future__ import annotations
 
-import os
 import secrets
 from collections.abc import Mapping
 from typing import Literal
@@ -157,24 +157,6 @@ class ClusterConfig:
             raise ValueError(f"peer_lost_after ({self.peer_lost_after:g} s) must exceed two "
                              f"heartbeat intervals (heartbeat_interval "
                              f"{self.heartbeat_interval:g} s)")
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> ClusterConfig:
-        """The config the ``CLUSTERFSM_*`` variables describe (``os.environ`` by
-        default); a :class:`~states.configsource.ConfigError` (a ValueError) names the
-        variable to fix. See docs/embedding.md, "Configuration"."""
-        from clusterfsm.states.configsource import from_env
-
-        return from_env(environ)
-
-    @classmethod
-    def from_toml(cls, path: str | os.PathLike[str], *, table: str | None = None,
-                  environ: Mapping[str, str] | None = None) -> ClusterConfig:
-        """The config a TOML file describes (its top level, or ``[table]``); a
-        :class:`~states.configsource.ConfigError` names the key to fix."""
-        from clusterfsm.states.configsource import from_toml
-
-        return from_toml(path, table=table, environ=environ)
 
     @property
     def is_coordinator(self) -> bool:

@@ -207,14 +207,14 @@ _BY_KEY = {s.key: s for s in SETTINGS}
 _SUPERVISOR_ENV = (EPOCH_ENV, EPOCH_FLOORS_ENV)
 
 
-def from_env(environ: Mapping[str, str] | None = None) -> ClusterConfig:
+def config_from_env(environ: Mapping[str, str] | None = None) -> ClusterConfig:
     """A config from the ``CLUSTERFSM_*`` variables of ``environ`` (``os.environ``)."""
     env = os.environ if environ is None else environ
     values = {s.key: env[s.env] for s in SETTINGS if s.env in env}
     return _build(values, env, lambda s: s.env)
 
 
-def from_toml(path: str | os.PathLike[str], *, table: str | None = None,
+def config_from_toml(path: str | os.PathLike[str], *, table: str | None = None,
               environ: Mapping[str, str] | None = None) -> ClusterConfig:
     """A config from the TOML file at ``path`` (its top level, or ``[table]``).
 
@@ -291,4 +291,5 @@ def _names_in(message: str, name_of: Callable[[Setting], str]) -> tuple[str, ...
     return named or tuple(name_of(s) for s in SETTINGS if s.required)
 
 
-__all__ = ["ENV_PREFIX", "SETTINGS", "ConfigError", "Setting", "from_env", "from_toml"]
+__all__ = ["ENV_PREFIX", "SETTINGS", "ConfigError", "Setting", "config_from_env",
+           "config_from_toml"]

@@ -23,11 +23,25 @@ from typing import ClassVar
 import attrs
 
 from clusterfsm.fsm.errors import StateTimeout
-from clusterfsm.fsm.spec import UNEXPECTED_STATE
+from clusterfsm.fsm.spec import UNEXPECTED_STATE, MachineSpec
+
+#: The machine whose table binds these types to error states: set by
+#: :mod:`clusterfsm.states.machine` where it declares that table (this module cannot
+#: import the machine, which imports every activity and so this module).
+_BOUND_MACHINE: list[MachineSpec] = []
+
+
+def bind_error_states(spec: MachineSpec) -> None:
+    """Make ``spec``'s table the one :attr:`ClusterError.state` looks errors up in."""
+    _BOUND_MACHINE[:] = [spec]
 
 
 class ClusterError(Exception):
     """The base of every error a bootstrap can end in.
+
+    ``state`` is the error state the bootstrap machine binds this type to, asked of
+    the machine's own table (:meth:`clusterfsm.fsm.MachineSpec.error_state_for`, the
+    lookup the runner moves by), so nobody reads it from a message.
 
     ``retryable`` is declared per type: True when a new attempt with the same
     configuration can succeed once something outside this process changes by itself
@@ -46,9 +60,10 @@ class ClusterError(Exception):
     @property
     def state(self) -> str:
         """The bootstrap machine's error state for this error (``unexpected`` if none)."""
-        from clusterfsm.states.machine import BOOTSTRAP
-
-        bound = BOOTSTRAP.error_state_for(type(self))
+        if not _BOUND_MACHINE:
+            raise RuntimeError("import clusterfsm.states.machine first: it declares the "
+                               "error states")
+        bound = _BOUND_MACHINE[0].error_state_for(type(self))
         return UNEXPECTED_STATE if bound is None else bound.name
 
 

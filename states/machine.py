@@ -52,6 +52,7 @@ from clusterfsm.states.errors import (
     PeerLost,
     PrecheckFailed,
     SessionUnavailable,
+    bind_error_states,
 )
 from clusterfsm.states.transport import BindFailed
 
@@ -196,3 +197,6 @@ BOOTSTRAP: MachineSpec = machine_spec(
                    remedy="The group is unusable; restart the cluster (new session)."),
     ],
 )
+
+# ClusterError.state asks this table (the one the runner moves by).
+bind_error_states(BOOTSTRAP)

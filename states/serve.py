@@ -164,11 +164,11 @@ def _emit(line: RankLine) -> None:
 
 
 def error_state_of(exc: BaseException) -> str:
-    """The bootstrap machine's error state for ``exc`` (``unexpected`` if none is bound):
-    a :class:`~states.errors.ClusterError` knows its own."""
-    from clusterfsm.states.errors import ClusterError
+    """The bootstrap machine's error state for ``exc`` (``unexpected`` if none is bound)."""
+    from clusterfsm.states.machine import BOOTSTRAP
 
-    return exc.state if isinstance(exc, ClusterError) else UNEXPECTED_STATE
+    bound = BOOTSTRAP.error_state_for(type(exc))
+    return UNEXPECTED_STATE if bound is None else bound.name
 
 
 async def _serve_async(config: ClusterConfig, options: ServeOptions) -> int:

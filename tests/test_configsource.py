@@ -8,7 +8,12 @@ from pathlib import Path
 import pytest
 
 from clusterfsm.states.config import Address, ClusterConfig
-from clusterfsm.states.configsource import SETTINGS, ConfigError
+from clusterfsm.states.configsource import (
+    SETTINGS,
+    ConfigError,
+    config_from_env,
+    config_from_toml,
+)
 from clusterfsm.states.keys import write_key
 
 
@@ -18,7 +23,7 @@ def key_file(tmp_path: Path) -> str:
 
 
 def test_from_env_reads_every_kind_of_setting(key_file: str) -> None:
-    config = ClusterConfig.from_env({
+    config = config_from_env({
         "CLUSTERFSM_RANK": "1", "CLUSTERFSM_WORLD_SIZE": "3",
         "CLUSTERFSM_KEY_FILE": key_file, "CLUSTERFSM_PEERS": "10.0.0.1:7700, [fe80::1]:7701",
         "CLUSTERFSM_BACKEND": "any",
@@ -58,7 +63,7 @@ def test_from_env_errors_name_the_variable(key_file: str, env: dict[str, str | N
     base.update(env)
     environ = {k: v for k, v in base.items() if v is not None}
     with pytest.raises(ConfigError) as caught:
-        ClusterConfig.from_env(environ)
+        config_from_env(environ)
     assert caught.value.names == names
     assert says in str(caught.value) and all(n in str(caught.value) for n in names)
     assert isinstance(caught.value, ValueError)
@@ -77,11 +82,11 @@ peer_lost_after = 1
 [clusterfsm.deadlines]
 handshaking = 30
 """)
-    config = ClusterConfig.from_toml(path, table="clusterfsm", environ={})
+    config = config_from_toml(path, table="clusterfsm", environ={})
     assert config.rank == 0 and config.listen == Address("127.0.0.1", 7700)
     assert config.deadlines == {"handshaking": 30.0} and config.peer_lost_after == 1.0
     assert config.epoch == 0
-    supervised = ClusterConfig.from_toml(path, table="clusterfsm",
+    supervised = config_from_toml(path, table="clusterfsm",
                                          environ={"CLUSTERFSM_EPOCH": "4"})
     assert supervised.epoch == 4  # the supervisor's variable, never in the file
 
@@ -102,7 +107,7 @@ def test_from_toml_errors_name_the_key(tmp_path: Path, key_file: str, text: str,
     path = tmp_path / "c.toml"
     path.write_text(text.format(k=key_file))
     with pytest.raises(ConfigError) as caught:
-        ClusterConfig.from_toml(path, environ={})
+        config_from_toml(path, environ={})
     assert caught.value.names == tuple(n.format(p=path) for n in names)
     assert says in str(caught.value)
 

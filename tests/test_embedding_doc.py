@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from clusterfsm.states.config import Address, ClusterConfig
+from clusterfsm.states.config import Address
+from clusterfsm.states.configsource import config_from_toml
 from clusterfsm.states.demo import free_port
 from clusterfsm.states.keys import write_key
 from tests.processes import kill_and_reap
@@ -50,6 +51,6 @@ def test_toml_example_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.chdir(tmp_path)
     write_key(tmp_path / "cluster.key")
     (tmp_path / "rank1.toml").write_text(_block("toml", "# rank1.toml"))
-    config = ClusterConfig.from_toml("rank1.toml", environ={})
+    config = config_from_toml("rank1.toml", environ={})
     assert config.rank == 1 and config.peers == (Address("10.0.0.1", 7700),)
     assert config.peer_lost_after == 5.0 and config.deadlines == {"handshaking": 30.0}
