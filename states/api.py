@@ -65,10 +65,10 @@ class Cluster(Generic[G]):
     """A bootstrapped cluster, as seen by one rank."""
 
     def __init__(self, ctx: ClusterContext, runner: Runner[ClusterContext],
-                 health: HealthPublisher | None = None) -> None:
+                 health: HealthPublisher) -> None:
         self._ctx = ctx
         self._runner = runner
-        self._health = health or HealthPublisher(lambda: session_health(ctx))
+        self._health = health  # refreshed by bootstrap_cluster's _publish_health task
 
     @property
     def group(self) -> G:
@@ -132,7 +132,7 @@ class Cluster(Generic[G]):
     async def wait_lost(self) -> BaseException | None:
         """Wait until the cluster leaves ``ready`` (peer lost or left, or closed); the
         error (``PeerLost``), or ``None`` for a clean end (``cluster.state`` says which)."""
-        await self._runner.wait_for("closed", "peer_lost", "peer_left")
+        await self._runner.wait_for(*ENDED_STATES)
         return self._runner.error
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from clusterfsm.fsm.compiled import CompiledMachine
 from clusterfsm.fsm.errors import UnexpectedError
@@ -22,6 +23,7 @@ from clusterfsm.states.errors import (
     PeerAborted,
 )
 from clusterfsm.states.groupinit import InitializedGroups
+from clusterfsm.states.health import Health, HealthPublisher
 from clusterfsm.states.machine import BOOTSTRAP
 from clusterfsm.states.testing import fake_initializer
 from tests.cluster_harness import config, run_ranks
@@ -150,3 +152,23 @@ async def test_second_bootstrap_on_a_joiner_is_refused_too(autojump_clock: Any) 
                              initializers={1: fake_initializer(groups=process1)})
     assert type(r1.error) is GroupAlreadyInitialized
     assert type(r0.error) is PeerAborted and r0.path[-1] == "peer_aborted"
+
+
+async def test_health_changes_drop_repeats_and_end_after_the_cluster_ends() -> None:
+    values: list[Health] = ["healthy", "healthy", "degraded", "degraded", "healthy"]
+    publisher = HealthPublisher(lambda: values.pop(0))
+    seen: list[str] = []
+
+    async def read() -> None:
+        async for health in publisher.changes():
+            seen.append(health)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read)
+        await trio.testing.wait_all_tasks_blocked()
+        for _ in range(4):
+            publisher.refresh()
+            await trio.testing.wait_all_tasks_blocked()
+        publisher.finish()
+    assert seen == ["healthy", "degraded", "healthy", "unavailable"]
+    assert publisher.value == "unavailable"
