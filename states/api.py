@@ -260,7 +260,7 @@ async def _bootstrap(
                         raise
                 else:
                     await ended.wait()
-                    failure = _app_error(runner.error)
+                    failure = _app_error(runner.error, state)
                     failure.add_note(
                         f"clusterfsm: rank {config.rank} ended in state {state!r}")
             finally:
@@ -287,13 +287,16 @@ async def _bootstrap(
         raise failure
 
 
-def _app_error(error: BaseException | None) -> ClusterError:
-    """What the app gets for the run's error: the typed error itself, or, for an
-    undeclared one (state ``unexpected``), an :class:`InternalError` caused by it."""
+def _app_error(error: BaseException | None, state: str) -> ClusterError:
+    """What the app gets for the run's error (the run ended in ``state``): the typed
+    error itself, or, for an undeclared one (state ``unexpected``), an
+    :class:`InternalError` caused by it."""
     if isinstance(error, ClusterError):
         return error
-    assert isinstance(error, UnexpectedError), error
-    internal = InternalError(error.state, error.type_name, str(error.exception))
+    if isinstance(error, UnexpectedError):
+        internal = InternalError(error.state, error.type_name, str(error.exception))
+    else:
+        internal = InternalError(state, type(error).__name__, str(error))
     internal.__cause__ = error
     return internal
 
