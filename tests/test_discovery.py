@@ -40,8 +40,7 @@ from clusterfsm.states.rdma import check_jaccl_plan
 from clusterfsm.states.testing import MemoryLinks, MemoryNetwork, fake_initializer
 from clusterfsm.states.topology import Topology
 from tests.cluster_harness import KEY, RankResult, run_rank
-
-SAMPLES = Path(__file__).parent / "samples"
+from tests.field_samples import FakeTools, sample
 
 
 def node(i: int) -> bytes:
@@ -309,57 +308,7 @@ async def test_jaccl_absent_from_this_platform_is_backend_unavailable(
     assert any(isinstance(r.error, BackendUnavailable) for r in results)
 
 
-# -- jaccl pre-init checks on recorded tool output ---------------------------------
-
-
-def tools(*, rdma: str = "rdma_ctl_enabled.txt", devinfo: str = "ibv_devinfo_active.txt"
-          ) -> Any:
-    async def run(argv: Any) -> str:
-        await trio.lowlevel.checkpoint()
-        name = {"rdma_ctl": rdma, "ibv_devices": "ibv_devices.txt",
-                "ibv_devinfo": devinfo}[argv[0]]
-        return (SAMPLES / name).read_text()
-
-    return run
-
-
-MATRIX: Topology = ((None, "rdma_en2"), ("rdma_en3", None))
-
-
-async def test_jaccl_prechecks_pass_on_a_good_mac() -> None:
-    await check_jaccl_plan(MATRIX, 0, 2, run=tools())
-
-
-@pytest.mark.parametrize(("topology", "kw", "check"), [
-    (MATRIX, {"rdma": "rdma_ctl_disabled.txt"}, "rdma_disabled"),
-    (((None, "rdma_en9"), ("rdma_en3", None)), {}, "device_missing"),
-    (MATRIX, {"devinfo": "ibv_devinfo_down.txt"}, "interface_down"),
-    (((None, "en2"), ("en3", None)), {}, "matrix_names"),
-    (((None, "rdma_en2"),), {}, "matrix_shape"),
-])
-async def test_jaccl_prechecks_name_what_is_wrong(topology: Topology, kw: dict[str, str],
-                                                  check: str) -> None:
-    with pytest.raises(PrecheckFailed) as info:
-        await check_jaccl_plan(topology, 0, 2, run=tools(**kw))
-    assert info.value.check == check
-
-
-def test_thunderbolt_ports_are_read_from_networksetup() -> None:
-    from clusterfsm.states.rdma import parse_hardware_ports
-
-    text = (SAMPLES / "networksetup_listallhardwareports.txt").read_text()
-    ports = parse_hardware_ports(text)
-    assert [p.device for p in ports] == ["en0", "bridge0", "en1", "en2", "en3"]
-    # the bridge is not an RDMA path: only the Thunderbolt ports themselves count
-    assert [p.device for p in ports if p.is_thunderbolt] == ["en2", "en3"]
-
-
-async def test_missing_tools_are_a_typed_precheck_failure() -> None:
-    from clusterfsm.states.rdma import run_tool
-
-    with pytest.raises(PrecheckFailed) as info:
-        await run_tool(["clusterfsm-no-such-tool-xyz"])
-    assert info.value.check == "tool_missing"
+# -- jaccl pre-init checks (on recorded Mac output: tests/test_field_samples.py) --
 
 
 async def test_a_failed_precheck_on_a_joiner_reaches_rank_0_as_peer_aborted(
@@ -368,7 +317,8 @@ async def test_a_failed_precheck_on_a_joiner_reaches_rank_0_as_peer_aborted(
 
     async def disabled(plan: InitPlan) -> None:
         await check_jaccl_plan(plan.topology, plan.rank, plan.world_size,
-                               run=tools(rdma="rdma_ctl_disabled.txt"))
+                               run=FakeTools({"rdma_ctl status": sample(
+                                   "rdma_ctl--disabled-word-quoted-no-paste.txt")}))
 
     specs = [(iface_config(i, backend="jaccl"), {"en2": "tb"}) for i in (1, 2)]
     inits = {0: fake_initializer(), 1: fake_initializer(plan_check=disabled)}
@@ -382,7 +332,7 @@ def test_jaccl_env_is_private_and_twins_are_cleared(tmp_path: Path) -> None:
 
     files = TopologyDir()
     try:
-        plan = InitPlan("jaccl", 1, 2, MATRIX, b"s" * 16)
+        plan = InitPlan("jaccl", 1, 2, ((None, "rdma_en2"), ("rdma_en3", None)), b"s" * 16)
         env, clear = backend_env(plan, files)
         assert env["MLX_RANK"] == "1" and "MLX_JACCL_COORDINATOR" not in env
         assert {"JACCL_RANK", "JACCL_IBV_DEVICES", "JACCL_COORDINATOR", "MLX_JACCL_RING",
