@@ -171,6 +171,18 @@ class InterfaceUnavailable(Exception):
 
 
 @attrs.frozen(auto_exc=True)
+class LinkLost(Exception):
+    """An ``--interface`` the group runs over went down, lost carrier (cable pulled,
+    peer powered off) or lost its address while the rank was in ``ready``."""
+
+    interface: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"link on {self.interface!r} lost: {self.reason}"
+
+
+@attrs.frozen(auto_exc=True)
 class DuplicateNodeId(Exception):
     """Two running nodes share one node id (a copied config or node-id file). A
     silent split would follow; we stop instead."""
