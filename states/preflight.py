@@ -34,14 +34,16 @@ class Finding:
     verdict: Verdict
     detail: str
     remedy: str = ""
+    #: What was checked when there are several (an interface name); "" otherwise.
+    subject: str = ""
 
     @property
     def failed(self) -> bool:
         return self.verdict is Verdict.FAIL
 
     def as_dict(self) -> dict[str, str]:
-        return {"check": self.check, "verdict": self.verdict.value, "detail": self.detail,
-                "remedy": self.remedy}
+        return {"check": self.check, "subject": self.subject,
+                "verdict": self.verdict.value, "detail": self.detail, "remedy": self.remedy}
 
 
 def passed(check: str, detail: str) -> Finding:
