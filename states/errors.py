@@ -183,6 +183,18 @@ class LinkLost(Exception):
 
 
 @attrs.frozen(auto_exc=True)
+class IncompatiblePeer(Exception):
+    """Before init, a rank does not fit rank 0: another MLX or wire version, another
+    world size, a backend it lacks, or an app-defined field (model id, shard plan)
+    that differs. ``differences`` names each one."""
+
+    differences: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return "incompatible ranks: " + "; ".join(self.differences)
+
+
+@attrs.frozen(auto_exc=True)
 class DuplicateNodeId(Exception):
     """Two running nodes share one node id (a copied config or node-id file). A
     silent split would follow; we stop instead."""
