@@ -87,10 +87,17 @@ class Cluster:
         ``unavailable`` (a link failed or never answered)."""
         return session_health(self._ctx)
 
+    @property
+    def backend(self) -> str:
+        """The backend the group actually runs (``any`` resolved: ``ring`` or ``jaccl``)."""
+        assert self._ctx.plan is not None
+        return self._ctx.plan.backend
+
     async def wait_lost(self) -> BaseException | None:
-        """Wait until the cluster leaves ``ready`` (peer lost or left, or closed); the
-        error (``PeerLost``), or ``None`` for a clean end (``cluster.state`` says which)."""
-        await self._runner.wait_for("closed", "peer_lost", "peer_left")
+        """Wait until the cluster leaves ``ready`` (peer lost or left, a cable pulled,
+        or closed); the error (``PeerLost``, ``LinkLost``), or ``None`` for a clean end
+        (``cluster.state`` says which)."""
+        await self._runner.wait_for("closed", "peer_lost", "peer_left", "link_lost")
         return self._runner.error
 
 

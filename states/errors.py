@@ -240,6 +240,12 @@ class DiscoveryTimeout(StateTimeout):
 
 
 @attrs.frozen(auto_exc=True)
+class LinkWaitTimeout(StateTimeout):
+    """An ``--interface`` was still unusable when ``waiting_for_link``'s deadline (set
+    with ``--deadline waiting_for_link=S``; none by default) passed."""
+
+
+@attrs.frozen(auto_exc=True)
 class HandshakeTimeout(StateTimeout):
     """Not every rank completed the handshake before the deadline."""
 

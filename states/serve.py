@@ -173,7 +173,7 @@ def error_state_of(exc: BaseException) -> str:
 
 async def _serve_async(config: ClusterConfig, options: ServeOptions) -> int:
     from clusterfsm.states.api import bootstrap_cluster
-    from clusterfsm.states.errors import PeerLost
+    from clusterfsm.states.errors import LinkLost, PeerLost
 
     # --rank auto: the rank is elected in discovering; name the node until then.
     speaker = rank_speaker(config.rank, config.node_id)
@@ -213,7 +213,7 @@ async def _serve_async(config: ClusterConfig, options: ServeOptions) -> int:
                             _emit(VerifyFailedLine(speaker))
                             code = EXIT_FAILED
                     if code == EXIT_OK:
-                        _emit(ReadyLine(cluster.rank, cluster.group.size(), config.backend,
+                        _emit(ReadyLine(cluster.rank, cluster.group.size(), cluster.backend,
                                         cluster.session_id.hex()))
                     is_ready = True
                     if not options.once and code == EXIT_OK:
@@ -225,8 +225,8 @@ async def _serve_async(config: ClusterConfig, options: ServeOptions) -> int:
                             waiters.start_soon(lost)
                             await stop.wait()
                             waiters.cancel_scope.cancel()
-                        if isinstance(cluster.error, PeerLost):
-                            _emit(ErrorLine(speaker, "peer_lost", "PeerLost",
+                        if isinstance(cluster.error, PeerLost | LinkLost):
+                            _emit(ErrorLine(speaker, cluster.state, type(cluster.error).__name__,
                                             str(cluster.error)))
                             code = EXIT_FAILED
                         elif cluster.state == "peer_left":

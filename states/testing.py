@@ -32,7 +32,8 @@ from trio.testing import memory_stream_pair
 from clusterfsm.states.config import Address
 from clusterfsm.states.errors import BackendUnavailable, InterfaceUnavailable
 from clusterfsm.states.groupinit import Group, GroupInitializer, InitPlan, _in_worker_thread
-from clusterfsm.states.netif import InterfaceInfo
+from clusterfsm.states.linkwatch import LinkEvents
+from clusterfsm.states.netif import InterfaceInfo, InterfaceStatus
 from clusterfsm.states.sidechannel import AllGatherFactory
 from clusterfsm.states.transport import BindFailed, Conn
 
@@ -141,10 +142,36 @@ class MemoryLinks:
         self.down: set[str] = set()
         self.loss = loss
         self.rng = random.Random(seed)
+        self.changed = trio.Event()
+
+    def pull(self, link: str) -> None:
+        """Pull the cable of ``link`` (both ends lose carrier); link watchers wake."""
+        self.down.add(link)
+        self._changed()
+
+    def plug(self, link: str) -> None:
+        self.down.discard(link)
+        self._changed()
+
+    def _changed(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
 
     def node(self, host: str, attached: dict[str, str]) -> MemoryDiscoveryNet:
         """A node ``host`` whose interface ``name`` is on link ``attached[name]``."""
         return MemoryDiscoveryNet(self, host, attached)
+
+
+class MemoryLinkEvents:
+    """Wakes when a test pulls or plugs a memory link."""
+
+    kind = "memory"
+
+    def __init__(self, bus: MemoryLinks) -> None:
+        self._bus = bus
+
+    async def changed(self) -> None:
+        await self._bus.changed.wait()
 
 
 class MemoryDiscoveryNet:
@@ -159,6 +186,19 @@ class MemoryDiscoveryNet:
             raise InterfaceUnavailable(interface, "no carrier: the cable is out or the "
                                        "peer's end is down")
         return InterfaceInfo(interface, 1, self._host)
+
+    def status(self, interface: str) -> InterfaceStatus:
+        link = self._attached.get(interface)
+        if link is None:
+            return InterfaceStatus(interface, exists=False)
+        carrier = link not in self._bus.down
+        return InterfaceStatus(interface, True, 1, True, carrier,
+                               self._host if carrier else None, 1500)
+
+    @asynccontextmanager
+    async def link_events(self) -> AsyncIterator[LinkEvents]:
+        await trio.lowlevel.checkpoint()
+        yield MemoryLinkEvents(self._bus)
 
     @asynccontextmanager
     async def beacon_socket(self, interface: str, port: int
