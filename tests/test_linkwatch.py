@@ -6,12 +6,9 @@ network stack: rtnetlink is per namespace) while the test plugs and pulls the ve
 
 from __future__ import annotations
 
-import os
-import select
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,6 +17,7 @@ import pytest
 from clusterfsm.states.errors import InterfaceUnavailable, LinkLost
 from clusterfsm.states.linkwatch import PollEvents, wait_for_link, watch_for_loss
 from clusterfsm.states.netif import InterfaceStatus
+from tests.lines import Lines
 from tests.netns import NetnsPair, netns_pair  # noqa: F401 - fixture
 
 GOOD = InterfaceStatus("tb0", True, 7, True, True, "169.254.0.1", 1500)
@@ -87,31 +85,6 @@ WATCHER = textwrap.dedent("""
 
     trio.run(main, sys.argv[1])
 """)
-
-
-class Lines:
-    """A child's stdout read line by line with a bound on each wait (raw reads of the
-    pipe: a buffered reader would hide queued lines from ``select``)."""
-
-    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
-        assert proc.stdout is not None
-        self.proc, self.fd, self.buffer = proc, proc.stdout.fileno(), b""
-
-    def next(self, prefix: str, timeout: float = 20.0) -> str:
-        """The next line starting with ``prefix`` (a hang guard, not a timing check)."""
-        end = time.monotonic() + timeout
-        while True:
-            while b"\n" in self.buffer:
-                line, self.buffer = self.buffer.split(b"\n", 1)
-                if line.decode().startswith(prefix):
-                    return line.decode().strip()
-            ready, _, _ = select.select([self.fd], [], [], max(0.0, end - time.monotonic()))
-            chunk = os.read(self.fd, 4096) if ready else b""
-            if not chunk:
-                self.proc.kill()
-                _, err = self.proc.communicate()
-                raise AssertionError(f"no {prefix!r} line; stderr: {err!r}")
-            self.buffer += chunk
 
 
 @pytest.mark.netns
