@@ -27,6 +27,7 @@ from clusterfsm.states.codec import (
     InitReady,
     LinkReport,
 )
+from clusterfsm.states.compat_exchange import check_compatibility, send_compatibility
 from clusterfsm.states.config import Address
 from clusterfsm.states.context import ClusterContext
 from clusterfsm.states.discovery import AUTO_RANK, Beacon, BeaconSocket, discover, keep_beaconing
@@ -166,8 +167,10 @@ async def exchanging_bootstrap(ctx: ClusterContext) -> str:
     ctx.mark_links("exchanging_bootstrap")
     assert ctx.session_id is not None
     if ctx.is_coordinator:
-        backend = resolve_backend(ctx.config.backend)
-        # Rank 0 decides the backend: check it can run before anyone builds on it.
+        # Rank 0 decides the backend: check it can run here, then that every rank
+        # fits (MLX, wire version, backends, app fields), before anyone builds on it.
+        ctx.initializer.precheck(resolve_backend(ctx.config.backend))
+        backend = await check_compatibility(ctx, ctx.config.backend)
         ctx.initializer.precheck(backend)
         reports: dict[int, dict[bytes, tuple[str, ...]]] = {}
         for rank, link in ctx.links.items():
@@ -191,6 +194,7 @@ async def exchanging_bootstrap(ctx: ClusterContext) -> str:
                           "bootstrap acknowledgement")
     else:
         link = ctx.links[0]
+        await send_compatibility(ctx)
         await link.send(LinkReport(ctx.session_id, tuple(sorted(ctx.peer_interfaces.items()))))
         report_progress("waiting for rank 0's bootstrap frame (0x07)")
         frame = await _expect(link, BootstrapPayload, "exchanging_bootstrap",

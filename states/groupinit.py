@@ -214,6 +214,15 @@ async def check_plan(plan: InitPlan) -> None:
         await check_jaccl_plan(plan.topology, plan.rank, plan.world_size)
 
 
+def installed_mlx_version() -> str:
+    """The installed MLX's version, ``"none"`` if it cannot be imported."""
+    try:
+        import mlx.core as mx
+    except ImportError:
+        return "none"
+    return str(getattr(mx, "__version__", "unknown"))
+
+
 def supports_all_gather_factory() -> bool:
     """Whether this MLX's ``init`` takes ``all_gather_factory`` (mlx >= 0.32.1).
 
@@ -267,6 +276,7 @@ class GroupInitializer:
         prepare: Callable[[], None] | None = None,
         plan_check: Callable[[InitPlan], Awaitable[None]] = check_plan,
         side_channel_supported: Callable[[], bool] = supports_all_gather_factory,
+        mlx_version: Callable[[], str] | None = None,
     ) -> None:
         self.init_fn = init_fn
         self.run_blocking = run_blocking
@@ -274,6 +284,8 @@ class GroupInitializer:
         #: Runs on every rank before init (jaccl: rdma_ctl, ibv_devices, the matrix).
         self.plan_check = plan_check
         self.side_channel_supported = side_channel_supported
+        #: The MLX version every rank must share (compared before init).
+        self.mlx_version: Callable[[], str] = mlx_version or installed_mlx_version
         #: Called in ``idle``: imports MLX (~80 ms) long before the timed init.
         self.prepare: Callable[[], None] = prepare or _import_mlx
 

@@ -51,6 +51,7 @@ from clusterfsm.states.errors import (
     GroupSizeMismatch,
     HandshakeRejected,
     HandshakeTimeout,
+    IncompatiblePeer,
     InterfaceUnavailable,
     LinkLost,
     LinkWaitTimeout,
@@ -92,9 +93,10 @@ BOOTSTRAP: MachineSpec = machine_spec(
               doc="Wait, on events, until every link answered a heartbeat."),
         State("exchanging_bootstrap", act.exchanging_bootstrap,
               deadline=5.0, on_timeout=BootstrapTimeout,
-              raises=(BootstrapRejected, BackendUnavailable, PrecheckFailed, *LINK_ERRORS),
-              doc="Rank 0 checks the backend, sends the 0x07 bootstrap frame; "
-                  "every rank acknowledges."),
+              raises=(BootstrapRejected, BackendUnavailable, IncompatiblePeer,
+                      PrecheckFailed, *LINK_ERRORS),
+              doc="Rank 0 checks every rank's compatibility and the backend, sends "
+                  "the 0x07 bootstrap frame; every rank acknowledges."),
         State("initializing_group", act.initializing_group,
               deadline=40.0, on_timeout=GroupInitTimeout,
               raises=(BackendUnavailable, PrecheckFailed, GroupInitFailed,
@@ -189,6 +191,13 @@ BOOTSTRAP: MachineSpec = machine_spec(
                    doc="MLX cannot run the chosen backend here (e.g. jaccl on Linux or "
                        "without RDMA); checked before init.",
                    remedy="Use --backend ring, or enable RDMA (see docs/thunderbolt.md)."),
+        ErrorState("incompatible_peers", IncompatiblePeer,
+                   doc="Before init, rank 0 found a rank that does not fit: another MLX "
+                       "or wire version, another world size, a backend it lacks, or an "
+                       "app-defined field (model id, shard plan) that differs; the "
+                       "detail names each difference.",
+                   remedy="Install the same mlx and clusterfsm everywhere; give every "
+                          "rank the same app fields."),
         ErrorState("precheck_failed", PrecheckFailed,
                    doc="A check before mx.distributed.init failed (RDMA disabled, RDMA "
                        "device missing or down, device matrix incomplete or malformed, "

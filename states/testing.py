@@ -237,6 +237,7 @@ def fake_initializer(
     plan_check: Callable[[InitPlan], Awaitable[None]] | None = None,
     side_channel_rounds: int = 0,
     side_channel_supported: bool = True,
+    mlx_version: str | None = None,
 ) -> GroupInitializer:
     """A :class:`GroupInitializer` that takes the real path up to the MLX call.
 
@@ -244,6 +245,8 @@ def fake_initializer(
     and returns a :class:`FakeGroup`; ``error`` makes it raise like a failed init,
     ``size`` overrides the group size, ``unavailable`` fails the backend check.
     ``plan_check`` replaces the system checks (default: the matrix rules only).
+    ``mlx_version`` is the version it reports for the cross-rank comparison (default:
+    the installed one, so it fits real ``serve`` processes).
 
     With ``side_channel_rounds`` (jaccl) it behaves like jaccl's init instead: it runs
     in a real worker thread and does that many all-gather rounds through the factory
@@ -283,7 +286,8 @@ def fake_initializer(
     return GroupInitializer(init_fn, _in_worker_thread if side_channel_rounds else direct,
                             precheck, prepare=lambda: None,
                             plan_check=plan_check or matrix_only,
-                            side_channel_supported=lambda: side_channel_supported)
+                            side_channel_supported=lambda: side_channel_supported,
+                            mlx_version=(lambda: mlx_version) if mlx_version else None)
 
 
 def _fake_jaccl_rounds(factory: AllGatherFactory, rounds: int) -> Group:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from clusterfsm.states.compat import Compatibility, differences, resolve_any
+from clusterfsm.states.errors import BackendUnavailable, IncompatiblePeer, PeerAborted
+from clusterfsm.states.groupinit import fake_initializer
+from tests.cluster_harness import config, run_ranks
 
 RANK0 = Compatibility("0.32.4", 3, ("jaccl", "ring"), 2, {"model": "llama-70b"})
 
@@ -47,3 +52,42 @@ def test_any_is_jaccl_only_if_every_rank_has_it() -> None:
 def test_a_malformed_object_is_a_value_error(text: str) -> None:
     with pytest.raises(ValueError):
         Compatibility.from_json(text)
+
+
+# -- in the machine: rank 0 refuses a rank that does not fit, before init ------------
+
+
+async def test_another_mlx_version_is_a_typed_refusal_naming_it(autojump_clock: Any) -> None:
+    inits = {0: fake_initializer(mlx_version="0.32.4"), 1: fake_initializer(mlx_version="0.31.2")}
+    r0, r1 = await run_ranks([config(0), config(1)], initializers=inits)
+    assert r0.state == "incompatible_peers" and isinstance(r0.error, IncompatiblePeer)
+    assert r0.error.differences == ("rank 1 has mlx 0.31.2, rank 0 has 0.32.4",)
+    assert "initializing_group" not in r0.path + r1.path  # nobody reached init
+    assert r1.state == "peer_aborted" and isinstance(r1.error, PeerAborted)
+    assert r1.error.error == "IncompatiblePeer" and "mlx 0.31.2" in r1.error.detail
+
+
+async def test_an_app_defined_field_must_match(autojump_clock: Any) -> None:
+    r0, _r1 = await run_ranks([config(0, compat={"model": "llama-70b"}),
+                               config(1, compat={"model": "qwen-72b"})])
+    assert isinstance(r0.error, IncompatiblePeer)
+    assert r0.error.differences == ("rank 1 has model='qwen-72b', rank 0 has 'llama-70b'",)
+
+
+async def test_any_runs_jaccl_only_if_every_rank_has_it(autojump_clock: Any) -> None:
+    no_jaccl = fake_initializer()
+
+    def ring_only(backend: str) -> None:
+        if backend == "jaccl":
+            raise BackendUnavailable("jaccl", "librdma.dylib")
+
+    no_jaccl.precheck = ring_only
+    used: list[str] = []
+
+    async def note(cluster: Any) -> None:
+        used.append(cluster.backend)
+
+    results = await run_ranks([config(0, backend="any"), config(1, backend="any")],
+                              initializers={1: no_jaccl}, in_ready=note)
+    assert [r.state for r in results] == ["closed", "closed"], [r.error for r in results]
+    assert used == ["ring", "ring"]  # what the ready line prints, not "any"
