@@ -8,7 +8,7 @@ import pytest
 
 from clusterfsm.states.compat import Compatibility, differences, resolve_any
 from clusterfsm.states.errors import BackendUnavailable, IncompatiblePeer, PeerAborted
-from clusterfsm.states.groupinit import fake_initializer
+from clusterfsm.states.testing import fake_initializer
 from tests.cluster_harness import config, run_ranks
 
 RANK0 = Compatibility("0.32.4", 3, ("jaccl", "ring"), 2, {"model": "llama-70b"})
