@@ -51,6 +51,13 @@ def _check_deadlines(deadlines: Sequence[tuple[str, float]]) -> str | None:
     return None
 
 
+def _field(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
 def _address(text: str) -> Address:
     try:
         return Address.parse(text)
@@ -94,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--backend", choices=BACKENDS, default="ring")
     serve.add_argument("--key-file", metavar="F", required=True)
     serve.add_argument("--trace-json", metavar="PATH")
+    serve.add_argument("--compat", type=_field, action="append", default=[],
+                       metavar="KEY=VALUE",
+                       help="an app-defined field every rank must match before init, "
+                            "e.g. model=llama-70b (repeatable)")
     serve.add_argument("--verify", action="store_true",
                        help="all_sum over the group before reporting ready")
     serve.add_argument("--once", action="store_true", help="exit 0 once ready")

@@ -99,6 +99,7 @@ def _config_from(args: argparse.Namespace) -> ClusterConfig:
         deadlines=dict(args.deadline),
         verify=args.verify,
         interfaces=tuple(args.interface),
+        compat=dict(getattr(args, "compat", [])),
         **extra,  # type: ignore[arg-type]
     )
 
