@@ -17,6 +17,7 @@ the command for the other Mac.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sys
 from collections.abc import Callable, Sequence
@@ -253,9 +254,30 @@ def node_id_check(options: DoctorOptions) -> Finding:
 
 
 def _writable(path: Path) -> bool:
-    import os
-
     return os.access(path, os.W_OK | os.X_OK)
+
+
+async def leftover_ranks(host: Host) -> Finding:
+    """Other ``clusterfsm serve`` processes on this machine: a rank left over from an
+    earlier run keeps its RDMA protection domains and queue pairs (jaccl then fails
+    with "RTR errno 96" after an idle night), and holds the beacon and data ports."""
+    try:
+        table = await host.run(["ps", "-A", "-o", "pid=,args="])
+    except PrecheckFailed as exc:
+        return warned("leftover_ranks", f"cannot list processes: {exc.detail}",
+                      "check by hand: `pgrep -fl 'clusterfsm.*serve'`")
+    me = os.getpid()
+    found = []
+    for line in table.splitlines():
+        pid, _, args = line.strip().partition(" ")
+        if pid.isdigit() and int(pid) != me and "clusterfsm" in args and " serve" in args:
+            found.append(pid)
+    if found:
+        return warned("leftover_ranks", f"clusterfsm serve already runs here (pid "
+                      f"{', '.join(found)})", "if it is left over from an earlier run, "
+                      "stop it before serving (`kill PID`); a leaked rank holds RDMA "
+                      "resources until it exits")
+    return passed("leftover_ranks", "no other clusterfsm serve runs here")
 
 
 def listen_port_check(listen: Address) -> Finding:
@@ -289,6 +311,7 @@ async def run_checks(options: DoctorOptions, host: Host | None = None) -> list[F
     found.append(key_finding)
     if options.interfaces:
         found.append(node_id_check(options))
+    found.append(await leftover_ranks(host))
     if options.listen is not None:
         found.append(listen_port_check(options.listen))
     return found
@@ -305,6 +328,8 @@ def render_text(findings: Sequence[Finding], options: DoctorOptions, platform: s
     bad = [f for f in findings if f.failed]
     lines.append("result: a bootstrap could start" if not bad else
                  f"result: a bootstrap cannot start ({len(bad)} check(s) failed)")
+    lines.append("run `clusterfsm doctor` on every peer too: a port is active only when "
+                 "both ends are ready")
     return "\n".join(lines)
 
 
