@@ -300,7 +300,13 @@ async def run_checks(options: DoctorOptions, host: Host | None = None) -> list[F
     found: list[Finding] = []
     key_finding, key = key_check(options)
     for name in options.interfaces:
-        facts = interface_findings(host.probe(name), host.macos)
+        try:
+            status = host.probe(name)
+        except InterfaceUnavailable as exc:  # a name no interface can have
+            found.append(attrs.evolve(failed("interface", str(exc), "check the name"),
+                                      subject=name))
+            continue
+        facts = interface_findings(status, host.macos)
         found.extend(facts)
         if not any(f.failed for f in facts) and options.listen_seconds > 0:
             found.append(await peers_heard(name, options, key))

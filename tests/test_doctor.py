@@ -150,3 +150,13 @@ async def test_doctor_on_a_tb4_mac_with_rdma_enabled_but_no_device(
                                 listen_seconds=0.0)
         checks = {f.check: f for f in await run_checks(options, host)}
         assert checks["no_rdma_devices"].verdict is verdict  # ring does not need RDMA
+
+
+def test_a_name_no_interface_can_have_is_a_failure_not_a_crash() -> None:
+    import trio
+
+    options = DoctorOptions(("x" * 20,), listen_seconds=0.0)
+    findings = trio.run(run_checks, options, Host(mlx_version=lambda: "0",
+                                                  backend_check=lambda _b: None))
+    (bad,) = [f for f in findings if f.check == "interface"]
+    assert bad.failed and "1..15 bytes" in bad.detail
