@@ -158,10 +158,16 @@ def drive_edge(spec: MachineSpec, edge: Edge, *, context: Any = None) -> Outcome
     """Run ``spec`` with scripted activities so that it takes ``edge``; return the outcome.
 
     A ``cancel`` edge is taken by hanging in its source state and cancelling the run
-    from outside; every other kind goes through :func:`script_for_edge`.
+    from outside; every other kind goes through :func:`script_for_edge`. The deadline
+    edge of a steady state whose deadline is optional (none by default) is taken with
+    a deadline set for this run.
     """
     if edge.kind != "cancel":
-        return run_scripted(spec, script_for_edge(spec, edge), context=context)
+        deadlines = None
+        if edge.kind == "deadline" and spec.state(edge.source).deadline is None:
+            deadlines = {edge.source: 1.0}
+        return run_scripted(spec, script_for_edge(spec, edge), context=context,
+                            deadlines=deadlines)
     path = shortest_paths(spec)[edge.source]
     script = script_for_edge(spec, path[-1]) if path else {}
     script.setdefault(edge.source, []).append(HANG)

@@ -27,6 +27,7 @@ from clusterfsm.states.codec import (
     InitReady,
     LinkReport,
 )
+from clusterfsm.states.compat_exchange import check_compatibility, send_compatibility
 from clusterfsm.states.config import Address
 from clusterfsm.states.context import ClusterContext
 from clusterfsm.states.discovery import AUTO_RANK, Beacon, BeaconSocket, discover, keep_beaconing
@@ -47,9 +48,9 @@ from clusterfsm.states.link import (
     unexpected_message,
     wait_any,
 )
+from clusterfsm.states.linkstates import guard_links
 from clusterfsm.states.sidechannel import JacclSideChannel
 from clusterfsm.states.topology import Topology, build_device_matrix
-from clusterfsm.states.transport import MultiListener
 
 #: How long after the soft init deadline the watchdog kills a rank frozen in init.
 HARD_DEADLINE_GRACE = 0.5
@@ -61,19 +62,15 @@ HARD_DEADLINE_GRACE = 0.5
 async def idle(ctx: ClusterContext) -> str:
     """Start the init watchdog (its start-up overlaps the next states) and listen.
 
-    With ``--interface`` every node listens, one listener bound to each interface
-    (any node may be elected rank 0); the interfaces are checked first.
+    With ``--interface`` the listeners wait for the links (``waiting_for_link``,
+    :mod:`clusterfsm.states.linkstates`); a static rank 0 listens here.
     """
     ctx.nursery.start_soon(_start_watchdog, ctx)
     ctx.initializer.prepare()
     if ctx.config.interfaces:
-        port = ctx.config.listen.port if ctx.config.listen is not None else 0
-        for name in ctx.config.interfaces:
-            info = ctx.discovery_net.probe(name)
-            ctx.listeners_by_interface[name] = await ctx.exits.enter_async_context(
-                ctx.transport.listen(Address(info.ipv4, port), interface=name))
-        ctx.listener = MultiListener(list(ctx.listeners_by_interface.values()))
-    elif ctx.config.is_coordinator and ctx.config.listen is not None:
+        await trio.lowlevel.checkpoint()
+        return "await_link"
+    if ctx.config.is_coordinator and ctx.config.listen is not None:
         ctx.listener = await ctx.exits.enter_async_context(
             ctx.transport.listen(ctx.config.listen))
     return "start"
@@ -102,7 +99,8 @@ async def discovering(ctx: ClusterContext) -> str:
             ctx.discovery_net.beacon_socket(name, ctx.config.beacon_port))
         sockets.append((sock, Beacon(PROTOCOL_VERSION, ctx.config.node_id, ctx.instance,
                                      ctx.world_size, claim, listener.address.port)))
-    heard, election = await discover(sockets, ctx.config.key, sockets[0][1])
+    heard, election = await guard_links(
+        ctx, lambda: discover(sockets, ctx.config.key, sockets[0][1]))
     ctx.node_ranks = dict(election.ranks)
     ctx.peer_interfaces = {node: peer.interfaces for node, peer in heard.peers.items()}
     ctx.beacons = trio.CancelScope()
@@ -169,8 +167,10 @@ async def exchanging_bootstrap(ctx: ClusterContext) -> str:
     ctx.mark_links("exchanging_bootstrap")
     assert ctx.session_id is not None
     if ctx.is_coordinator:
-        backend = resolve_backend(ctx.config.backend)
-        # Rank 0 decides the backend: check it can run before anyone builds on it.
+        # Rank 0 decides the backend: check it can run here, then that every rank
+        # fits (MLX, wire version, backends, app fields), before anyone builds on it.
+        ctx.initializer.precheck(resolve_backend(ctx.config.backend))
+        backend = await check_compatibility(ctx, ctx.config.backend)
         ctx.initializer.precheck(backend)
         reports: dict[int, dict[bytes, tuple[str, ...]]] = {}
         for rank, link in ctx.links.items():
@@ -194,6 +194,7 @@ async def exchanging_bootstrap(ctx: ClusterContext) -> str:
                           "bootstrap acknowledgement")
     else:
         link = ctx.links[0]
+        await send_compatibility(ctx)
         await link.send(LinkReport(ctx.session_id, tuple(sorted(ctx.peer_interfaces.items()))))
         report_progress("waiting for rank 0's bootstrap frame (0x07)")
         frame = await _expect(link, BootstrapPayload, "exchanging_bootstrap",
@@ -385,7 +386,8 @@ async def confirming_group(ctx: ClusterContext) -> str:
 
 async def ready(ctx: ClusterContext) -> str:
     """Serve until the app closes the cluster (``close``), a peer closes on purpose
-    (``peer_left``) or a peer is lost (``PeerLost``).
+    (``peer_left``), a peer is lost (``PeerLost``) or an ``--interface`` goes down
+    (``LinkLost``).
 
     A deliberate close is announced: the API sends GOODBYE on every link when the app
     leaves the ``async with`` block cleanly (:func:`clusterfsm.states.api.bootstrap_cluster`),
@@ -408,7 +410,9 @@ async def ready(ctx: ClusterContext) -> str:
         for rank, link in ctx.links.items():
             nursery.start_soon(_watch_peer, rank, link, lost_after, session_id, on_left)
 
-        await ctx.close_requested.wait()
+        # A pulled cable is LinkLost at once (the kernel says so), not PeerLost after
+        # the heartbeat deadline.
+        await guard_links(ctx, ctx.close_requested.wait)
         nursery.cancel_scope.cancel()
     if left and not ctx.close_requested.is_set():
         report_progress(f"rank {left[0]} closed the cluster (GOODBYE)")

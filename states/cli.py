@@ -1,4 +1,4 @@
-"""``clusterfsm``: demo, serve, diagram, keygen, trace, report.
+"""``clusterfsm``: demo, serve, doctor, diagram, keygen, trace, report.
 
 What ``serve`` prints is the ``serve`` line protocol (:mod:`clusterfsm.states.lines`).
 
@@ -51,6 +51,13 @@ def _check_deadlines(deadlines: Sequence[tuple[str, float]]) -> str | None:
     return None
 
 
+def _field(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
 def _address(text: str) -> Address:
     try:
         return Address.parse(text)
@@ -94,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--backend", choices=BACKENDS, default="ring")
     serve.add_argument("--key-file", metavar="F", required=True)
     serve.add_argument("--trace-json", metavar="PATH")
+    serve.add_argument("--compat", type=_field, action="append", default=[],
+                       metavar="KEY=VALUE",
+                       help="an app-defined field every rank must match before init, "
+                            "e.g. model=llama-70b (repeatable)")
     serve.add_argument("--verify", action="store_true",
                        help="all_sum over the group before reporting ready")
     serve.add_argument("--once", action="store_true", help="exit 0 once ready")
@@ -115,6 +126,18 @@ def build_parser() -> argparse.ArgumentParser:
     diagram.add_argument("--check", action="store_true",
                          help="exit 1 if the files on disk differ from the code")
     diagram.add_argument("--root", default=".", help="repository root (default .)")
+
+    doctor = sub.add_parser("doctor", help="every pre-init check on this machine, with "
+                            "the remedy; exit 0 only if a bootstrap could start")
+    doctor.add_argument("--interface", action="append", default=[], metavar="IF")
+    doctor.add_argument("--backend", choices=BACKENDS, default="ring")
+    doctor.add_argument("--key-file", metavar="F")
+    doctor.add_argument("--node-id-file", metavar="F")
+    doctor.add_argument("--beacon-port", type=int, default=DEFAULT_BEACON_PORT, metavar="PORT")
+    doctor.add_argument("--listen", type=_address, metavar="HOST:PORT")
+    doctor.add_argument("--listen-seconds", type=float, default=1.5, metavar="S",
+                        help="how long to listen for the peers' beacons (1.5)")
+    doctor.add_argument("--json", action="store_true", help="one JSON object")
 
     keygen = sub.add_parser("keygen", help="write a new cluster key (mode 0600)")
     keygen.add_argument("path")
@@ -146,6 +169,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         args.argv = list(sys.argv[1:] if argv is None else argv)  # the child re-runs it
         return run_supervised(args)
+    if args.command == "doctor":
+        from clusterfsm.states.doctor import DoctorOptions, run_doctor
+
+        return run_doctor(DoctorOptions(
+            tuple(args.interface), args.backend, args.key_file, args.node_id_file,
+            args.beacon_port, args.listen, args.listen_seconds), as_json=args.json)
     if args.command == "serve":
         from clusterfsm.states.serve import run_serve
 

@@ -68,6 +68,7 @@ __all__ = [
     "BootstrapPayload",
     "Challenge",
     "ClusterMsgType",
+    "Compat",
     "Frame",
     "FrameDecoder",
     "GatherPart",
@@ -128,6 +129,7 @@ class ClusterMsgType(enum.IntEnum):
     GATHER_PART = 0x10
     GATHER_RESULT = 0x11
     GOODBYE = 0x12
+    COMPAT = 0x13
     STEP = 0x20
     TOKEN = 0x21
 
@@ -620,6 +622,21 @@ class Goodbye(Message):
     link's EOF that follows is a departure (``peer_left``), not a loss (``peer_lost``)."""
 
     session_id: bytes = wire(BYTES16)
+
+
+#: Limit of a COMPAT message's JSON text (its content is checked by states.compat).
+MAX_COMPAT_TEXT: Final = 4096
+
+
+@message(ClusterMsgType.COMPAT)
+class Compat(Message):
+    """Joiner -> rank 0, first thing in the bootstrap exchange: what this rank brings
+    (MLX version, wire version, backends, world size, app-defined fields) as a JSON
+    object that rank 0 compares with its own before anyone calls init
+    (:mod:`clusterfsm.states.compat`)."""
+
+    session_id: bytes = wire(BYTES16)
+    info: str = wire(Str(MAX_COMPAT_TEXT), default="{}")
 
 
 @message(ClusterMsgType.STEP)

@@ -73,6 +73,16 @@ def _epoch_floors(_inst: object, _attr: object, value: Mapping[int, int]) -> Non
         _check_epoch(f"epoch_floors[{rank}]", epoch)
 
 
+def _compat(_inst: object, _attr: object, value: Mapping[str, str]) -> None:
+    from clusterfsm.states.compat import MAX_EXTRA_FIELDS, MAX_FIELD_CHARS
+
+    if len(value) > MAX_EXTRA_FIELDS or not all(
+            isinstance(k, str) and isinstance(v, str) and 0 < len(k) <= MAX_FIELD_CHARS
+            and len(v) <= MAX_FIELD_CHARS for k, v in value.items()):
+        raise ValueError(f"compat: at most {MAX_EXTRA_FIELDS} fields, names and values "
+                         f"strings of at most {MAX_FIELD_CHARS} characters")
+
+
 @attrs.frozen
 class ClusterConfig:
     """One rank's configuration.
@@ -114,6 +124,9 @@ class ClusterConfig:
     #: across coordinator restarts by the supervisor (``CLUSTERFSM_EPOCH_FLOORS``). A
     #: joiner claiming that rank with an older epoch is refused as ``STALE_SESSION``.
     epoch_floors: Mapping[int, int] = attrs.field(factory=dict, validator=_epoch_floors)
+    #: App-defined fields every rank must agree on before init (the model id, the
+    #: shard plan): compared by rank 0 with its own, a difference is IncompatiblePeer.
+    compat: Mapping[str, str] = attrs.field(factory=dict, validator=_compat)
 
     @world_size.validator
     def _world(self, _attr: object, value: int) -> None:

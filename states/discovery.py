@@ -38,7 +38,14 @@ import trio
 
 from clusterfsm.fsm import report_progress
 from clusterfsm.states.errors import DuplicateNodeId, ElectionFailed, InterfaceUnavailable
-from clusterfsm.states.netif import InterfaceInfo, bind_to_interface, probe_interface
+from clusterfsm.states.linkwatch import LinkEvents, open_link_events
+from clusterfsm.states.netif import (
+    InterfaceInfo,
+    InterfaceStatus,
+    bind_to_interface,
+    interface_status,
+    probe_interface,
+)
 
 BEACON_MAGIC: Final = b"CFB1"
 AUTO_RANK: Final = 255
@@ -223,9 +230,14 @@ class BeaconSocket(Protocol):
 
 
 class DiscoveryNet(Protocol):
-    """What discovery needs from the host: interface facts and beacon sockets."""
+    """What discovery needs from the host: interface facts, change events (to wait
+    for a cable and notice its loss, see states.linkwatch) and beacon sockets."""
 
     def probe(self, interface: str) -> InterfaceInfo: ...
+
+    def status(self, interface: str) -> InterfaceStatus: ...
+
+    def link_events(self) -> AbstractAsyncContextManager[LinkEvents]: ...
 
     def beacon_socket(self, interface: str, port: int
                       ) -> AbstractAsyncContextManager[BeaconSocket]: ...
@@ -259,6 +271,12 @@ class UdpDiscoveryNet:
 
     def probe(self, interface: str) -> InterfaceInfo:
         return probe_interface(interface)
+
+    def status(self, interface: str) -> InterfaceStatus:
+        return interface_status(interface)
+
+    def link_events(self) -> AbstractAsyncContextManager[LinkEvents]:
+        return open_link_events()
 
     @asynccontextmanager
     async def beacon_socket(self, interface: str, port: int) -> AsyncIterator[UdpBeaconSocket]:

@@ -240,6 +240,34 @@ class InterfaceUnavailable(ClusterError):
 
 
 @attrs.frozen(auto_exc=True)
+class LinkLost(ClusterError):
+    """An ``--interface`` the group runs over went down, lost carrier (cable pulled,
+    peer powered off) or lost its address while the rank was in ``ready``."""
+
+    retryable: ClassVar[bool] = True  # when the cable is back (supervision waits for it)
+
+    interface: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"link on {self.interface!r} lost: {self.reason}"
+
+
+@attrs.frozen(auto_exc=True)
+class IncompatiblePeer(ClusterError):
+    """Before init, a rank does not fit rank 0: another MLX or wire version, another
+    world size, a backend it lacks, or an app-defined field (model id, shard plan)
+    that differs. ``differences`` names each one."""
+
+    retryable: ClassVar[bool] = False  # someone must install the same versions first
+
+    differences: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return "incompatible ranks: " + "; ".join(self.differences)
+
+
+@attrs.frozen(auto_exc=True)
 class DuplicateNodeId(ClusterError):
     """Two running nodes share one node id (a copied config or node-id file). A
     silent split would follow; we stop instead."""
@@ -288,6 +316,14 @@ class PrecheckFailed(ClusterError):
 @attrs.frozen(auto_exc=True)
 class DiscoveryTimeout(StateTimeout, ClusterError):
     """No peers were found before the discovery deadline."""
+
+    retryable: ClassVar[bool] = True
+
+
+@attrs.frozen(auto_exc=True)
+class LinkWaitTimeout(StateTimeout, ClusterError):
+    """An ``--interface`` was still unusable when ``waiting_for_link``'s deadline (set
+    with ``--deadline waiting_for_link=S``; none by default) passed."""
 
     retryable: ClassVar[bool] = True
 

@@ -229,6 +229,15 @@ async def check_plan(plan: InitPlan) -> None:
         await check_jaccl_plan(plan.topology, plan.rank, plan.world_size)
 
 
+def installed_mlx_version() -> str:
+    """The installed MLX's version, ``"none"`` if it cannot be imported."""
+    try:
+        import mlx.core as mx
+    except ImportError:
+        return "none"
+    return str(getattr(mx, "__version__", "unknown"))
+
+
 def supports_all_gather_factory() -> bool:
     """Whether this MLX's ``init`` takes ``all_gather_factory`` (mlx >= 0.32.1).
 
@@ -309,6 +318,7 @@ class GroupInitializer:
         plan_check: Callable[[InitPlan], Awaitable[None]] = check_plan,
         side_channel_supported: Callable[[], bool] = supports_all_gather_factory,
         groups: InitializedGroups = PROCESS_GROUPS,
+        mlx_version: Callable[[], str] | None = None,
     ) -> None:
         self.init_fn = init_fn
         self.run_blocking = run_blocking
@@ -318,6 +328,8 @@ class GroupInitializer:
         self.side_channel_supported = side_channel_supported
         #: The groups this process already has (MLX keeps one per backend per process).
         self.groups = groups
+        #: The MLX version every rank must share (compared before init).
+        self.mlx_version: Callable[[], str] = mlx_version or installed_mlx_version
         #: Called in ``idle``: imports MLX (~80 ms) long before the timed init.
         self.prepare: Callable[[], None] = prepare or _import_mlx
 

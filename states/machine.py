@@ -11,8 +11,13 @@ this table) is exactly what can happen.
 
 Every rank runs this same machine::
 
-    idle -> discovering -> handshaking -> awaiting_session -> exchanging_bootstrap
-         -> initializing_group -> confirming_group -> ready -> closed
+    idle [-> waiting_for_link] -> discovering -> handshaking -> awaiting_session
+         -> exchanging_bootstrap -> initializing_group -> confirming_group -> ready
+         -> closed
+
+(``waiting_for_link`` only with ``--interface``: it waits for the cables, unbounded
+unless given a deadline, see :mod:`clusterfsm.states.linkstates`; a cable pulled while
+discovering or in ``ready`` ends the run in ``link_lost`` naming the interface.)
 
 Rank 0 is the coordinator (it listens, creates the session, decides the topology and
 releases the barrier); the others join it. Every state but ``ready`` has a deadline,
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 from clusterfsm.fsm import ErrorState, MachineSpec, State, Transition, machine_spec
 from clusterfsm.states import activities as act
+from clusterfsm.states import linkstates
 from clusterfsm.states.errors import (
     BackendUnavailable,
     BootstrapRejected,
@@ -46,7 +52,10 @@ from clusterfsm.states.errors import (
     GroupSizeMismatch,
     HandshakeRejected,
     HandshakeTimeout,
+    IncompatiblePeer,
     InterfaceUnavailable,
+    LinkLost,
+    LinkWaitTimeout,
     PeerAborted,
     PeerDisconnected,
     PeerLost,
@@ -64,12 +73,17 @@ BOOTSTRAP: MachineSpec = machine_spec(
     doc="Brings N ranks from nothing to one ready MLX distributed group.",
     states=[
         State("idle", act.idle, deadline=5.0, on_timeout=DiscoveryTimeout,
-              raises=(BindFailed, InterfaceUnavailable),
-              doc="Start the init watchdog; check the interfaces; open the control "
-                  "listener(s)."),
+              raises=(BindFailed,),
+              doc="Start the init watchdog; rank 0 of a static cluster opens its "
+                  "control listener."),
+        State("waiting_for_link", linkstates.waiting_for_link, steady=True,
+              on_timeout=LinkWaitTimeout, raises=(BindFailed, InterfaceUnavailable),
+              doc="Wait, woken by the kernel, until every --interface is up, has "
+                  "carrier and an address (a cable not in yet is not a failure; no "
+                  "deadline unless --deadline waiting_for_link=S); then listen on each."),
         State("discovering", act.discovering, deadline=10.0,
               on_timeout=DiscoveryTimeout,
-              raises=(InterfaceUnavailable, DuplicateNodeId, ElectionFailed),
+              raises=(InterfaceUnavailable, LinkLost, DuplicateNodeId, ElectionFailed),
               doc="Find the peers: a static list, or beacons on each --interface, "
                   "then the rank election."),
         State("handshaking", act.handshaking, deadline=15.0,
@@ -81,9 +95,10 @@ BOOTSTRAP: MachineSpec = machine_spec(
               doc="Wait, on events, until every link answered a heartbeat."),
         State("exchanging_bootstrap", act.exchanging_bootstrap,
               deadline=5.0, on_timeout=BootstrapTimeout,
-              raises=(BootstrapRejected, BackendUnavailable, PrecheckFailed, *LINK_ERRORS),
-              doc="Rank 0 checks the backend, sends the 0x07 bootstrap frame; "
-                  "every rank acknowledges."),
+              raises=(BootstrapRejected, BackendUnavailable, IncompatiblePeer,
+                      PrecheckFailed, *LINK_ERRORS),
+              doc="Rank 0 checks every rank's compatibility and the backend, sends "
+                  "the 0x07 bootstrap frame; every rank acknowledges."),
         State("initializing_group", act.initializing_group,
               deadline=40.0, on_timeout=GroupInitTimeout,
               raises=(BackendUnavailable, PrecheckFailed, GroupAlreadyInitialized,
@@ -92,8 +107,9 @@ BOOTSTRAP: MachineSpec = machine_spec(
         State("confirming_group", act.confirming_group, deadline=10.0,
               on_timeout=ConfirmationTimeout, raises=(BootstrapRejected, *LINK_ERRORS),
               doc="Every rank reports its group to rank 0, which confirms to all."),
-        State("ready", act.ready, steady=True, raises=(PeerLost,),
-              doc="The group is the app's; heartbeats watch the peers."),
+        State("ready", act.ready, steady=True, raises=(PeerLost, LinkLost),
+              doc="The group is the app's; heartbeats watch the peers, the kernel "
+                  "watches the cables."),
         State("closed", doc="The app closed the cluster (GOODBYE to every peer)."),
         State("peer_left", doc="A peer's app closed the cluster on purpose (GOODBYE, "
                                "then its link closed) while this rank was in ready: a "
@@ -101,6 +117,8 @@ BOOTSTRAP: MachineSpec = machine_spec(
     ],
     transitions=[
         Transition("idle", "start", "discovering"),
+        Transition("idle", "await_link", "waiting_for_link"),
+        Transition("waiting_for_link", "link_up", "discovering"),
         Transition("discovering", "peers_found", "handshaking"),
         Transition("handshaking", "authenticated", "awaiting_session"),
         Transition("awaiting_session", "session_ready", "exchanging_bootstrap"),
@@ -115,9 +133,20 @@ BOOTSTRAP: MachineSpec = machine_spec(
                    doc="Rank 0 could not open its control port (in use, bad address).",
                    remedy="Pick a free --listen port or stop the process holding it."),
         ErrorState("interface_unavailable", InterfaceUnavailable,
-                   doc="An --interface is missing, down, has no carrier or no IPv4 "
-                       "address, or sockets cannot be bound to it.",
-                   remedy="Check the cable and `ifconfig IF`; see docs/thunderbolt.md."),
+                   doc="An --interface does not exist, or sockets cannot be bound to "
+                       "it (a cable that is out is waited for, not this).",
+                   remedy="Check the name (`clusterfsm doctor --interface IF`); see "
+                          "docs/thunderbolt.md."),
+        ErrorState("link_wait_timeout", LinkWaitTimeout,
+                   doc="An --interface was still down, without carrier or address when "
+                       "the deadline set with --deadline waiting_for_link=S passed.",
+                   remedy="Plug the cable in; `clusterfsm doctor --interface IF` says "
+                          "what is missing."),
+        ErrorState("link_lost", LinkLost,
+                   doc="An --interface went down, lost carrier (cable pulled) or its "
+                       "address while discovering or in ready; the detail names it.",
+                   remedy="Replug the cable; a supervised rank (--supervise) waits for "
+                          "it and rebuilds the group."),
         ErrorState("discovery_timeout", DiscoveryTimeout,
                    doc="Not every peer was found in time; the detail lists who was heard "
                        "and which beacons were ignored (other key, version, world size).",
@@ -164,6 +193,13 @@ BOOTSTRAP: MachineSpec = machine_spec(
                    doc="MLX cannot run the chosen backend here (e.g. jaccl on Linux or "
                        "without RDMA); checked before init.",
                    remedy="Use --backend ring, or enable RDMA (see docs/thunderbolt.md)."),
+        ErrorState("incompatible_peers", IncompatiblePeer,
+                   doc="Before init, rank 0 found a rank that does not fit: another MLX "
+                       "or wire version, another world size, a backend it lacks, or an "
+                       "app-defined field (model id, shard plan) that differs; the "
+                       "detail names each difference.",
+                   remedy="Install the same mlx and clusterfsm everywhere; give every "
+                          "rank the same app fields."),
         ErrorState("precheck_failed", PrecheckFailed,
                    doc="A check before mx.distributed.init failed (RDMA disabled, RDMA "
                        "device missing or down, device matrix incomplete or malformed, "

@@ -8,8 +8,10 @@ macOS, ``SO_BINDTODEVICE`` on Linux). Every socket clusterfsm opens for ``--inte
 discovery (beacons, control listener, control connection) goes through
 :func:`bind_to_interface`.
 
-The probes use the ``SIOCGIFFLAGS``/``SIOCGIFADDR`` ioctls (no subprocess, no extra
-package) and report a problem as :class:`~states.errors.InterfaceUnavailable` naming
+The probes use the ``SIOCGIFFLAGS``/``SIOCGIFADDR``/``SIOCGIFMTU`` ioctls (no
+subprocess, no extra package). :func:`interface_status` reports every fact without
+judging (``clusterfsm doctor`` prints them, :mod:`clusterfsm.states.linkwatch` waits on
+them); :func:`probe_interface` raises :class:`~states.errors.InterfaceUnavailable` naming
 what is wrong: missing, administratively down, no carrier (cable out, peer down), no
 IPv4 address.
 """
@@ -29,10 +31,10 @@ IFF_UP = 0x1
 IFF_RUNNING = 0x40
 _IFREQ_SIZE = 40  # struct ifreq is 40 bytes on 64-bit Linux, 32 on macOS
 if sys.platform == "darwin":
-    _SIOCGIFFLAGS, _SIOCGIFADDR = 0xC0206911, 0xC0206921
+    _SIOCGIFFLAGS, _SIOCGIFADDR, _SIOCGIFMTU = 0xC0206911, 0xC0206921, 0xC0206933
     _IP_BOUND_IF = 25
 else:
-    _SIOCGIFFLAGS, _SIOCGIFADDR = 0x8913, 0x8915
+    _SIOCGIFFLAGS, _SIOCGIFADDR, _SIOCGIFMTU = 0x8913, 0x8915, 0x8921
 _SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
 
 
@@ -53,35 +55,72 @@ def _ifreq(name: str) -> bytes:
     return raw.ljust(_IFREQ_SIZE, b"\0")
 
 
-def _ioctl(name: str, request: int) -> bytes:
+def _ioctl(ifreq: bytes, request: int) -> bytes:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        return fcntl.ioctl(s.fileno(), request, _ifreq(name))
+        return fcntl.ioctl(s.fileno(), request, ifreq)
 
 
-def probe_interface(name: str) -> InterfaceInfo:
-    """The interface's index, flags and IPv4 address; raise if it cannot carry us."""
+@attrs.frozen
+class InterfaceStatus:
+    """Everything the ioctls say about one interface, judged by nobody yet."""
+
+    name: str
+    exists: bool
+    index: int = 0
+    up: bool = False
+    carrier: bool = False
+    ipv4: str | None = None
+    mtu: int | None = None
+
+    @property
+    def problem(self) -> str | None:
+        """Why it cannot carry the cluster (None: it can)."""
+        if not self.exists:
+            return f"no such interface (have: {', '.join(list_interfaces()) or 'none'})"
+        if not self.up:
+            return "the interface is down (bring it up)"
+        if not self.carrier:
+            return "no carrier: the cable is out or the peer's end is down"
+        if self.ipv4 is None:
+            return ("no IPv4 address (macOS gives a Thunderbolt interface a 169.254 "
+                    "address once a peer is plugged in)")
+        return None
+
+    @property
+    def usable(self) -> bool:
+        return self.problem is None
+
+
+def interface_status(name: str) -> InterfaceStatus:
+    """The interface's facts; a missing one has ``exists=False``. Only a name no
+    interface can have (empty, over 15 bytes) raises InterfaceUnavailable."""
+    request = _ifreq(name)
     try:
         index = socket.if_nametoindex(name)
     except OSError:
-        raise InterfaceUnavailable(
-            name, f"no such interface (have: {', '.join(list_interfaces()) or 'none'})"
-        ) from None
+        return InterfaceStatus(name, exists=False)
     try:
-        flags = struct.unpack_from("H", _ioctl(name, _SIOCGIFFLAGS), 16)[0]
-    except OSError as exc:  # it vanished between the two calls (adapter unplugged)
-        raise InterfaceUnavailable(name, f"cannot read its flags: {exc}") from None
-    if not flags & IFF_UP:
-        raise InterfaceUnavailable(name, "the interface is down (bring it up)")
-    if not flags & IFF_RUNNING:
-        raise InterfaceUnavailable(name, "no carrier: the cable is out or the peer's end "
-                                   "is down")
+        flags = struct.unpack_from("H", _ioctl(request, _SIOCGIFFLAGS), 16)[0]
+    except OSError:  # it vanished between the two calls (adapter unplugged)
+        return InterfaceStatus(name, exists=False)
     try:
-        ipv4 = socket.inet_ntoa(_ioctl(name, _SIOCGIFADDR)[20:24])
+        mtu: int | None = struct.unpack_from("i", _ioctl(request, _SIOCGIFMTU), 16)[0]
     except OSError:
-        raise InterfaceUnavailable(name, "no IPv4 address (macOS gives a Thunderbolt "
-                                   "bridge a 169.254 address once a peer is plugged "
-                                   "in)") from None
-    return InterfaceInfo(name, index, ipv4)
+        mtu = None
+    try:
+        ipv4: str | None = socket.inet_ntoa(_ioctl(request, _SIOCGIFADDR)[20:24])
+    except OSError:
+        ipv4 = None
+    return InterfaceStatus(name, True, index, bool(flags & IFF_UP),
+                           bool(flags & IFF_RUNNING), ipv4, mtu)
+
+
+def probe_interface(name: str) -> InterfaceInfo:
+    """The interface's index and IPv4 address; raise if it cannot carry us."""
+    status = interface_status(name)
+    if status.problem is not None or status.ipv4 is None:
+        raise InterfaceUnavailable(name, status.problem or "no IPv4 address")
+    return InterfaceInfo(name, status.index, status.ipv4)
 
 
 def list_interfaces() -> list[str]:

@@ -1,103 +1,68 @@
-"""What macOS says about RDMA over Thunderbolt, parsed; and the jaccl pre-init checks.
+"""The jaccl pre-init checks: what macOS says about RDMA over Thunderbolt, judged.
 
-jaccl crashes or hangs inside MLX when RDMA is off, a device is missing or the
-matrix is wrong (docs/design.md section 3). So before ``init`` every rank asks the
-system tools and turns each problem into :class:`~states.errors.PrecheckFailed`
-with the command the operator runs next:
+jaccl crashes or hangs inside MLX when RDMA is off, a device is missing, a port is
+down or has no IPv4 address (docs/thunderbolt.md lists what users saw). So before
+``init`` every rank asks the system tools and turns each problem into a
+:class:`~states.preflight.Finding` with the command the operator runs next; the first
+failure stops the rank as :class:`~states.errors.PrecheckFailed` (``clusterfsm doctor``
+prints them all). Each check is a field failure seen on real Macs:
 
-- ``rdma_ctl status``: prints ``enabled`` or ``disabled`` (RDMA is off until
-  ``rdma_ctl enable`` is run once from macOS Recovery);
-- ``ibv_devices``: a two-line header, then one ``rdma_<interface>  <GUID>`` per line;
-- ``ibv_devinfo -d DEV``: per port, ``state: PORT_ACTIVE (4)`` when a cable is in;
-- ``networksetup -listallhardwareports``: blocks of ``Hardware Port:``, ``Device:``,
-  ``Ethernet Address:`` lines (to find the Thunderbolt interfaces).
+- ``rdma_ctl status`` (``tool_missing``: macOS older than 26.2; ``rdma_disabled``).
+  MLX's "jaccl is available" is no signal: ``librdma`` loads with RDMA off.
+- ``ibv_devices`` lists no ``rdma_`` device although ``rdma_ctl`` says enabled
+  (``no_rdma_devices``: a Thunderbolt 4 Mac, or no reboot since enabling; jaccl then
+  segfaults in ``ibv_reg_mr``), or not the one this rank's matrix row names
+  (``device_missing``).
+- ``ibv_devinfo -v -d DEV``: the port is not ``PORT_ACTIVE`` (``port_down``). A port is
+  active only when the Macs at *both* ends have RDMA enabled, so the detail says what
+  ``system_profiler SPThunderboltDataType -json`` shows of the other end: no cable in
+  that receptacle, or a peer without the RDMA service (then: what to run on the peer).
+  No IPv4-mapped GID (``no_ipv4_gid``): RTR fails with errno 22.
+- ``ifconfig enX``: the interface of ``rdma_enX`` has no IPv4 address (``no_ipv4``,
+  also RTR errno 22), or is a member of the Thunderbolt Bridge (``bridge_member``).
+- The matrix row would open more than 10 queue pairs on one device (``qp_limit``:
+  EBUSY on the 11th).
+- The link trained at 40 Gb/s (a TB3/TB4 cable): a warning only.
 
-The parsers are pure (text in, values out) and tested on recorded samples in
-``tests/samples/``; running the tools is one injectable function.
+Parsing lives in :mod:`clusterfsm.states.macos_output`; running the tools is one
+injectable function, so every check is tested on recorded real output.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 
-import attrs
 import trio
 
 from clusterfsm.states.errors import PrecheckFailed
+from clusterfsm.states.macos_output import (
+    ThunderboltReceptacle,
+    UnreadableOutput,
+    parse_hardware_ports,
+    parse_ibv_devices,
+    parse_ibv_devinfo,
+    parse_ifconfig,
+    parse_rdma_ctl_status,
+    parse_thunderbolt,
+)
+from clusterfsm.states.preflight import (
+    Finding,
+    failed,
+    passed,
+    raise_first_failure,
+    warned,
+)
 from clusterfsm.states.topology import RDMA_PREFIX, Topology, check_matrix, devices_in_row
 
-#: Seconds one system tool may take before the check reports it as hung.
+#: Seconds one system tool may take before the check reports it as hung
+#: (``system_profiler`` takes about a second).
 TOOL_TIMEOUT = 5.0
+#: Queue pairs one Thunderbolt RDMA device accepts (the 11th fails with EBUSY).
+MAX_QPS_PER_DEVICE = 10
 
-
-@attrs.frozen
-class HardwarePort:
-    """One block of ``networksetup -listallhardwareports``."""
-
-    name: str  # "Thunderbolt 1", "Thunderbolt Bridge", "Wi-Fi"
-    device: str  # "en2", "bridge0"
-    address: str  # MAC, "N/A" for a bridge
-
-    @property
-    def is_thunderbolt(self) -> bool:
-        return self.name.startswith("Thunderbolt") and not self.device.startswith("bridge")
-
-
-def parse_rdma_ctl_status(text: str) -> bool:
-    """True for ``enabled``, False for ``disabled``; anything else is a failed check."""
-    word = text.strip().lower()
-    if word == "enabled":
-        return True
-    if word == "disabled":
-        return False
-    raise PrecheckFailed("rdma_status", f"`rdma_ctl status` said {text.strip()[:80]!r}, "
-                         "expected 'enabled' or 'disabled'")
-
-
-def parse_ibv_devices(text: str) -> tuple[str, ...]:
-    """Device names from ``ibv_devices`` (header lines and blanks skipped)."""
-    names: list[str] = []
-    for line in text.splitlines():
-        fields = line.split()
-        if not fields or fields[0] in ("device", "------") or set(fields[0]) == {"-"}:
-            continue
-        names.append(fields[0])
-    return tuple(names)
-
-
-def parse_ibv_devinfo_states(text: str) -> tuple[str, ...]:
-    """Port states (``PORT_ACTIVE``, ``PORT_DOWN``, ...) from ``ibv_devinfo -d DEV``."""
-    states: list[str] = []
-    for line in text.splitlines():
-        key, sep, value = line.strip().partition(":")
-        if sep and key.strip() == "state" and value.split():
-            states.append(value.split()[0])
-    return tuple(states)
-
-
-def parse_hardware_ports(text: str) -> tuple[HardwarePort, ...]:
-    """The blocks of ``networksetup -listallhardwareports``."""
-    ports: list[HardwarePort] = []
-    current: dict[str, str] = {}
-
-    def flush() -> None:
-        if "Hardware Port" in current and "Device" in current:
-            ports.append(HardwarePort(current["Hardware Port"], current["Device"],
-                                      current.get("Ethernet Address", "")))
-        current.clear()
-
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        if not sep:
-            if not line.strip():
-                flush()
-            continue
-        if key.strip() == "Hardware Port" and current:
-            flush()
-        current[key.strip()] = value.strip()
-    flush()
-    return tuple(ports)
-
+ENABLE_RDMA = ("boot into macOS Recovery, run `rdma_ctl enable` in Terminal, reboot "
+               "(on every Mac)")
 
 # -- running the tools --------------------------------------------------------------
 
@@ -126,23 +91,184 @@ async def run_tool(argv: Sequence[str]) -> str:
     return out
 
 
+def _tool_finding(exc: PrecheckFailed) -> Finding:
+    remedy = {"tool_missing": "update to macOS 26.2 or later (or use --backend ring)",
+              "tool_hung": "retry; if it keeps hanging, reboot the Mac"}.get(
+                  exc.check, "run the command by hand and read its error")
+    return failed(exc.check, exc.detail, remedy)
+
+
+# -- the checks ---------------------------------------------------------------------
+
+
+def interface_of(device: str) -> str:
+    """``rdma_en2`` -> ``en2`` (MLX names the device ``"rdma_" + interface``)."""
+    return device.removeprefix(RDMA_PREFIX)
+
+
+def qp_budget(topology: Topology, rank: int) -> Finding:
+    """Queue pairs this rank's row opens per device, against the device's limit."""
+    counts = Counter(devices_in_row(topology, rank))
+    over = {d: n for d, n in counts.items() if n > MAX_QPS_PER_DEVICE}
+    if over:
+        return failed("qp_limit", f"rank {rank} would open {over} queue pairs, more than "
+                      f"the {MAX_QPS_PER_DEVICE} a Thunderbolt RDMA device accepts",
+                      "use fewer peers per cable")
+    return passed("qp_limit", f"at most {max(counts.values(), default=0)} queue pair(s) "
+                  f"per device (limit {MAX_QPS_PER_DEVICE})")
+
+
+async def rdma_enabled(run: ToolRunner) -> Finding:
+    try:
+        enabled = parse_rdma_ctl_status(await run(["rdma_ctl", "status"]))
+    except PrecheckFailed as exc:
+        return _tool_finding(exc)
+    except UnreadableOutput as exc:
+        return failed("rdma_status", str(exc), "run `rdma_ctl status` by hand")
+    if not enabled:
+        return failed("rdma_disabled", "`rdma_ctl status` says disabled", ENABLE_RDMA)
+    return passed("rdma_disabled", "`rdma_ctl status` says enabled")
+
+
+async def devices_present(wanted: Sequence[str], run: ToolRunner) -> tuple[Finding, set[str]]:
+    """Every ``wanted`` device listed by ``ibv_devices`` (RDMA is known enabled)."""
+    try:
+        present = parse_ibv_devices(await run(["ibv_devices"]))
+    except PrecheckFailed as exc:
+        return _tool_finding(exc), set()
+    if not present:
+        return failed(
+            "no_rdma_devices", "`rdma_ctl` says enabled but `ibv_devices` lists no rdma_ "
+            "device (jaccl would crash in ibv_reg_mr)",
+            "this Mac has no Thunderbolt 5 RDMA hardware (TB4 Macs have none) or was not "
+            "rebooted since `rdma_ctl enable`: reboot, or use --backend ring"), set()
+    missing = [d for d in wanted if d not in present]
+    if missing:
+        return failed(
+            "device_missing", f"needs {', '.join(missing)}, but `ibv_devices` lists "
+            f"{', '.join(present)}",
+            "use the interface whose device is listed (networksetup "
+            "-listallhardwareports maps ports to enN), or check the cable"), set(present)
+    return passed("device_missing", f"`ibv_devices` lists {', '.join(present)}"), set(present)
+
+
+async def _receptacle_of(interface: str, run: ToolRunner) -> ThunderboltReceptacle | None:
+    """What system_profiler knows of the receptacle of ``interface`` (None: unknown)."""
+    try:
+        ports = parse_hardware_ports(await run(["networksetup", "-listallhardwareports"]))
+        number = next((p.thunderbolt_number for p in ports if p.device == interface), None)
+        if number is None:
+            return None
+        buses = parse_thunderbolt(await run(["system_profiler", "SPThunderboltDataType",
+                                             "-json"]))
+    except (PrecheckFailed, UnreadableOutput):
+        return None
+    return next((b for b in buses if b.receptacle == number), None)
+
+
+async def port_active(device: str, run: ToolRunner) -> list[Finding]:
+    """``PORT_ACTIVE`` and an IPv4-mapped GID; for a down port, why (the peer's end)."""
+    try:
+        infos = parse_ibv_devinfo(await run(["ibv_devinfo", "-v", "-d", device]))
+    except PrecheckFailed as exc:
+        return [_tool_finding(exc)]
+    info = next((i for i in infos if i.name == device), None)
+    if info is None or not info.ports:
+        return [failed("port_down", f"`ibv_devinfo -d {device}` shows no port",
+                       f"run `ibv_devinfo -v -d {device}` by hand")]
+    interface = interface_of(device)
+    if not info.active:
+        receptacle = await _receptacle_of(interface, run)
+        remedy = ("plug the cable in, and enable RDMA on the Mac at the other end "
+                  "(a port is active only when both ends have RDMA on)")
+        if receptacle is not None and not receptacle.connected:
+            remedy = f"no cable in Thunderbolt {receptacle.receptacle} ({interface}): plug it in"
+        elif receptacle is not None and receptacle.peers and not any(
+                p.offers_rdma for p in receptacle.peers):
+            peer = receptacle.peers[0].name
+            remedy = (f"the Mac at the other end ({peer}) does not offer RDMA: on that "
+                      f"Mac run `rdma_ctl status`; if it says disabled, {ENABLE_RDMA}")
+        return [failed("port_down", f"{device} (interface {interface}) is "
+                       f"{'/'.join(info.states)}", remedy)]
+    found = [passed("port_down", f"{device} is PORT_ACTIVE")]
+    gids = [g for port in info.ports for g in port.gids]
+    if gids and all(port.ipv4_gid_index is None for port in info.ports):
+        found.append(failed(
+            "no_ipv4_gid", f"{device} has no IPv4-mapped GID (only {gids[0][1]}...): jaccl "
+            "fails with 'Changing queue pair to RTR failed with errno 22'",
+            f"give {interface} an IPv4 address: `sudo ifconfig {interface} inet "
+            "169.254.0.1 netmask 255.255.0.0 alias` (another last byte per Mac)"))
+    return found
+
+
+async def interface_addressed(interface: str, run: ToolRunner) -> list[Finding]:
+    """The interface of an RDMA device has IPv4 and is not in the Thunderbolt Bridge."""
+    found: list[Finding] = []
+    try:
+        blocks = parse_ifconfig(await run(["ifconfig", interface]))
+    except PrecheckFailed as exc:
+        return [_tool_finding(exc)]
+    block = next((b for b in blocks if b.name == interface), None)
+    if block is None or not block.inet:
+        found.append(failed(
+            "no_ipv4", f"{interface} has no IPv4 address: jaccl fails with 'Changing queue "
+            "pair to RTR failed with errno 22'",
+            f"give {interface} its own network service with IPv4 (remove it from the "
+            f"Thunderbolt Bridge), or `sudo ifconfig {interface} inet 169.254.0.1 netmask "
+            "255.255.0.0 alias` (another last byte per Mac)"))
+    else:
+        found.append(passed("no_ipv4", f"{interface} has IPv4 {', '.join(block.inet)}"))
+    try:
+        bridges = parse_ifconfig(await run(["ifconfig", "bridge0"]))
+    except PrecheckFailed:
+        bridges = ()  # exit status != 0: there is no bridge0, so nothing is in it
+    if any(interface in b.members for b in bridges):
+        found.append(failed(
+            "bridge_member", f"{interface} is a member of the Thunderbolt Bridge (bridge0): "
+            "it has no address of its own, and 3+ Macs in a loop make a broadcast storm",
+            f"`sudo ifconfig bridge0 deletem {interface}`, or delete the Thunderbolt "
+            "Bridge service in System Settings -> Network"))
+    else:
+        found.append(passed("bridge_member", f"{interface} is not in a Thunderbolt Bridge"))
+    return found
+
+
+async def link_speed(interface: str, run: ToolRunner) -> Finding | None:
+    """40 Gb/s on an RDMA link means a TB3/TB4 cable or dock (warning only)."""
+    receptacle = await _receptacle_of(interface, run)
+    if receptacle is None or not receptacle.connected:
+        return None
+    if receptacle.speed.startswith("40"):
+        return warned("link_speed", f"{interface} (Thunderbolt {receptacle.receptacle}) "
+                      f"runs at {receptacle.speed}", "use a Thunderbolt 5 cable (80 Gb/s)")
+    return passed("link_speed", f"{interface} runs at {receptacle.speed}")
+
+
+async def rdma_findings(devices: Sequence[str], run: ToolRunner,
+                        *, speed: bool = False) -> list[Finding]:
+    """Every RDMA check for ``devices``, in the order a failure stops the rank."""
+    first = await rdma_enabled(run)
+    if first.failed:
+        return [first]
+    present_finding, _present = await devices_present(devices, run)
+    found = [first, present_finding]
+    if present_finding.failed:
+        return found
+    for device in devices:
+        interface = interface_of(device)
+        found.extend(await interface_addressed(interface, run))
+        found.extend(await port_active(device, run))
+        if speed:
+            finding = await link_speed(interface, run)
+            if finding is not None:
+                found.append(finding)
+    return found
+
+
 async def check_jaccl_plan(topology: Topology, rank: int, world_size: int,
                            run: ToolRunner = run_tool) -> None:
     """Everything about this rank's jaccl setup that can be known before ``init``."""
     check_matrix(topology, world_size)
-    if not parse_rdma_ctl_status(await run(["rdma_ctl", "status"])):
-        raise PrecheckFailed("rdma_disabled", "RDMA over Thunderbolt is disabled: boot "
-                             "into macOS Recovery, run `rdma_ctl enable`, reboot")
-    present = set(parse_ibv_devices(await run(["ibv_devices"])))
-    for device in devices_in_row(topology, rank):
-        if device not in present:
-            raise PrecheckFailed(
-                "device_missing", f"rank {rank} needs {device}, but ibv_devices lists "
-                f"{sorted(present) or 'none'}: is the cable in, and is the interface "
-                "out of the Thunderbolt Bridge?")
-        states = parse_ibv_devinfo_states(await run(["ibv_devinfo", "-d", device]))
-        if states and "PORT_ACTIVE" not in states:
-            interface = device.removeprefix(RDMA_PREFIX)
-            raise PrecheckFailed("interface_down", f"{device} (interface {interface}) is "
-                                 f"{'/'.join(states)}: check the cable and that the peer "
-                                 "is up")
+    raise_first_failure([qp_budget(topology, rank)])
+    devices = list(dict.fromkeys(devices_in_row(topology, rank)))
+    raise_first_failure(await rdma_findings(devices, run))

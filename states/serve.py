@@ -99,6 +99,7 @@ def _config_from(args: argparse.Namespace) -> ClusterConfig:
         deadlines=dict(args.deadline),
         verify=args.verify,
         interfaces=tuple(args.interface),
+        compat=dict(getattr(args, "compat", [])),
         **extra,  # type: ignore[arg-type]
     )
 
@@ -173,7 +174,7 @@ def error_state_of(exc: BaseException) -> str:
 
 async def _serve_async(config: ClusterConfig, options: ServeOptions) -> int:
     from clusterfsm.states.api import bootstrap_cluster
-    from clusterfsm.states.errors import PeerLost
+    from clusterfsm.states.errors import LinkLost, PeerLost
 
     # --rank auto: the rank is elected in discovering; name the node until then.
     speaker = rank_speaker(config.rank, config.node_id)
@@ -225,8 +226,8 @@ async def _serve_async(config: ClusterConfig, options: ServeOptions) -> int:
                             waiters.start_soon(lost)
                             await stop.wait()
                             waiters.cancel_scope.cancel()
-                        if isinstance(cluster.error, PeerLost):
-                            _emit(ErrorLine(speaker, "peer_lost", "PeerLost",
+                        if isinstance(cluster.error, PeerLost | LinkLost):
+                            _emit(ErrorLine(speaker, cluster.state, type(cluster.error).__name__,
                                             str(cluster.error)))
                             code = EXIT_FAILED
                         elif cluster.state == "peer_left":

@@ -10,9 +10,15 @@ session*. The supervisor is that outside party: a small process (or task, see
 what the child reports, and replaces it::
 
     launching -> bootstrapping -> running
-        ^             | failed/stuck   | lost
-        |             v                v
-        +-- backing_off <---------- stopping
+        ^          |  ^    | failed/stuck   | lost
+        |          v  |    v                v
+        |  waiting_for_link (child)         |
+        +-- backing_off <---------------- stopping
+
+A child waiting for its cable (its own ``waiting_for_link``) is not failing: the
+supervisor waits with it, without the bootstrap bound. A generation that ends because
+a cable was pulled (``link_lost``) is restarted at once and does not count against
+the restart budget: the next child simply waits for the cable.
 
 Rule 1 (as in :mod:`clusterfsm.states.machine`): which state comes next is decided only by the
 table :data:`SUPERVISOR` below. Activities start, watch and stop the child and return
@@ -304,6 +310,8 @@ async def bootstrapping(ctx: SupervisorContext) -> str:
                 return "shutdown"
             if isinstance(item, ChildTransition):
                 state = item.dest
+                if state == "waiting_for_link":
+                    return "child_waiting"
             elif isinstance(item, ChildReady):
                 ctx.ready_at = trio.current_time()
                 ctx.session = item.session
@@ -322,6 +330,35 @@ async def bootstrapping(ctx: SupervisorContext) -> str:
     return "child_stuck"
 
 
+#: Child states that end a generation because a cable was pulled: the restart is not
+#: counted (the next generation waits for the cable in its ``waiting_for_link``).
+LINK_LOSS_STATES = frozenset({"link_lost"})
+
+
+async def waiting_for_link(ctx: SupervisorContext) -> str:
+    """The child waits for its cable: no bound (plugging it in may take days); its
+    discovery starting is ``link_up``, its failure or exit ends the generation."""
+    state = "waiting_for_link"
+    while True:
+        report_progress(f"generation {ctx.generation} waits for its link ({state})")
+        item = await _next_event(ctx)
+        if isinstance(item, StopRequested):
+            return "shutdown"
+        if isinstance(item, ChildTransition):
+            state = item.dest
+            if item.source == "waiting_for_link" and item.dest == "discovering":
+                return "link_up"
+        elif isinstance(item, ChildFailed):
+            ctx.failure = ChildFailure(ctx.generation, item.state, item.error, item.detail)
+        elif isinstance(item, ChildExited):
+            if item.returncode == EXIT_USAGE:
+                raise _misconfigured(ctx, item.returncode)
+            ctx.failure = attrs.evolve(
+                ctx.failure or ChildFailure(ctx.generation, state, "ChildExited"),
+                returncode=item.returncode)
+            return "child_failed"
+
+
 async def running(ctx: SupervisorContext) -> str:
     """The child's group is up. Its ``peer_lost`` (or any exit) ends the generation."""
     while True:
@@ -330,6 +367,10 @@ async def running(ctx: SupervisorContext) -> str:
             return "shutdown"
         if isinstance(item, ChildTransition) and item.dest == "peer_lost":
             ctx.failure = ChildFailure(ctx.generation, "peer_lost", "PeerLost")
+            return "child_lost"
+        if isinstance(item, ChildTransition) and item.dest in LINK_LOSS_STATES:
+            ctx.failure = ChildFailure(ctx.generation, item.dest, "LinkLost",
+                                       "a cable was pulled")
             return "child_lost"
         if isinstance(item, ChildTransition) and item.dest == "peer_left":
             # A peer closed its cluster on purpose (its operator stopped it): the group
@@ -383,14 +424,21 @@ async def stopping(ctx: SupervisorContext) -> str:
 
 
 async def backing_off(ctx: SupervisorContext) -> str:
-    """Wait the jittered back-off, or give up once the restart budget is spent."""
-    if ctx.restarts >= ctx.policy.max_restarts:
-        raise RestartBudgetExhausted(ctx.restarts, ctx.generation,
-                                     str(ctx.failure or "no failure recorded"))
-    delay = ctx.policy.backoff(ctx.restarts, ctx.rng)
-    ctx.restarts += 1
-    ctx.log(f"restart {ctx.restarts}/{ctx.policy.max_restarts} in {delay:.3f} s")
-    report_progress(f"back-off {delay:.3f} s before restart {ctx.restarts}")
+    """Wait the jittered back-off, or give up once the restart budget is spent. After
+    a pulled cable the restart is immediate-ish (the shortest back-off) and free."""
+    if ctx.failure is not None and ctx.failure.state in LINK_LOSS_STATES:
+        delay = ctx.policy.backoff(0, ctx.rng)
+        ctx.log(f"a cable was pulled: restart in {delay:.3f} s (not counted; "
+                f"{ctx.restarts}/{ctx.policy.max_restarts} used)")
+        report_progress(f"back-off {delay:.3f} s before a restart after a pulled cable")
+    else:
+        if ctx.restarts >= ctx.policy.max_restarts:
+            raise RestartBudgetExhausted(ctx.restarts, ctx.generation,
+                                         str(ctx.failure or "no failure recorded"))
+        delay = ctx.policy.backoff(ctx.restarts, ctx.rng)
+        ctx.restarts += 1
+        ctx.log(f"restart {ctx.restarts}/{ctx.policy.max_restarts} in {delay:.3f} s")
+        report_progress(f"back-off {delay:.3f} s before restart {ctx.restarts}")
     with trio.move_on_after(delay):
         while True:
             item = await _next_event(ctx)
@@ -420,13 +468,17 @@ SUPERVISOR: MachineSpec = machine_spec(
         State("bootstrapping", bootstrapping, deadline=_DEADLINES["bootstrapping"],
               on_timeout=SupervisorStalled, raises=(ChildMisconfigured,),
               doc="Wait for the child's ready line; a failure, exit or bound ends it."),
+        State("waiting_for_link", waiting_for_link, steady=True,
+              raises=(ChildMisconfigured,),
+              doc="The child waits for its cable: no bound, no restart counted."),
         State("running", running, steady=True, raises=(ChildMisconfigured,),
-              doc="The child's group is up; watch for peer_lost or an exit."),
+              doc="The child's group is up; watch for peer_lost, link_lost or an exit."),
         State("stopping", stopping, deadline=_DEADLINES["stopping"],
               on_timeout=ChildStopTimeout, doc="SIGTERM, grace, SIGKILL; reap the child."),
         State("backing_off", backing_off, deadline=_DEADLINES["backing_off"],
               on_timeout=SupervisorStalled, raises=(RestartBudgetExhausted,),
-              doc="Jittered exponential back-off; give up when the budget is spent."),
+              doc="Jittered exponential back-off; give up when the budget is spent "
+                  "(a pulled cable's restart is not counted)."),
         State("shutting_down", shutting_down, deadline=_DEADLINES["shutting_down"],
               on_timeout=ChildStopTimeout,
               doc="Asked to stop: end the child the same way, then stop."),
@@ -437,6 +489,10 @@ SUPERVISOR: MachineSpec = machine_spec(
         Transition("bootstrapping", "child_ready", "running"),
         Transition("bootstrapping", "child_failed", "stopping"),
         Transition("bootstrapping", "child_stuck", "stopping"),
+        Transition("bootstrapping", "child_waiting", "waiting_for_link"),
+        Transition("waiting_for_link", "link_up", "bootstrapping"),
+        Transition("waiting_for_link", "child_failed", "stopping"),
+        Transition("waiting_for_link", "shutdown", "shutting_down"),
         Transition("running", "child_lost", "stopping"),
         Transition("stopping", "stopped", "backing_off"),
         Transition("backing_off", "relaunch", "launching"),

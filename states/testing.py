@@ -38,7 +38,8 @@ from clusterfsm.states.groupinit import (
     InitPlan,
     _in_worker_thread,
 )
-from clusterfsm.states.netif import InterfaceInfo
+from clusterfsm.states.linkwatch import LinkEvents
+from clusterfsm.states.netif import InterfaceInfo, InterfaceStatus
 from clusterfsm.states.sidechannel import AllGatherFactory
 from clusterfsm.states.transport import BindFailed, Conn
 
@@ -147,10 +148,36 @@ class MemoryLinks:
         self.down: set[str] = set()
         self.loss = loss
         self.rng = random.Random(seed)
+        self.changed = trio.Event()
+
+    def pull(self, link: str) -> None:
+        """Pull the cable of ``link`` (both ends lose carrier); link watchers wake."""
+        self.down.add(link)
+        self._changed()
+
+    def plug(self, link: str) -> None:
+        self.down.discard(link)
+        self._changed()
+
+    def _changed(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
 
     def node(self, host: str, attached: dict[str, str]) -> MemoryDiscoveryNet:
         """A node ``host`` whose interface ``name`` is on link ``attached[name]``."""
         return MemoryDiscoveryNet(self, host, attached)
+
+
+class MemoryLinkEvents:
+    """Wakes when a test pulls or plugs a memory link."""
+
+    kind = "memory"
+
+    def __init__(self, bus: MemoryLinks) -> None:
+        self._bus = bus
+
+    async def changed(self) -> None:
+        await self._bus.changed.wait()
 
 
 class MemoryDiscoveryNet:
@@ -165,6 +192,19 @@ class MemoryDiscoveryNet:
             raise InterfaceUnavailable(interface, "no carrier: the cable is out or the "
                                        "peer's end is down")
         return InterfaceInfo(interface, 1, self._host)
+
+    def status(self, interface: str) -> InterfaceStatus:
+        link = self._attached.get(interface)
+        if link is None:
+            return InterfaceStatus(interface, exists=False)
+        carrier = link not in self._bus.down
+        return InterfaceStatus(interface, True, 1, True, carrier,
+                               self._host if carrier else None, 1500)
+
+    @asynccontextmanager
+    async def link_events(self) -> AsyncIterator[LinkEvents]:
+        await trio.lowlevel.checkpoint()
+        yield MemoryLinkEvents(self._bus)
 
     @asynccontextmanager
     async def beacon_socket(self, interface: str, port: int
@@ -204,6 +244,7 @@ def fake_initializer(
     side_channel_rounds: int = 0,
     side_channel_supported: bool = True,
     groups: InitializedGroups | None = None,
+    mlx_version: str | None = None,
 ) -> GroupInitializer:
     """A :class:`GroupInitializer` that takes the real path up to the MLX call.
 
@@ -211,6 +252,8 @@ def fake_initializer(
     and returns a :class:`FakeGroup`; ``error`` makes it raise like a failed init,
     ``size`` overrides the group size, ``unavailable`` fails the backend check.
     ``plan_check`` replaces the system checks (default: the matrix rules only).
+    ``mlx_version`` is the version it reports for the cross-rank comparison (default:
+    the installed one, so it fits real ``serve`` processes).
 
     With ``side_channel_rounds`` (jaccl) it behaves like jaccl's init instead: it runs
     in a real worker thread and does that many all-gather rounds through the factory
@@ -255,7 +298,8 @@ def fake_initializer(
                             precheck, prepare=lambda: None,
                             plan_check=plan_check or matrix_only,
                             side_channel_supported=lambda: side_channel_supported,
-                            groups=groups if groups is not None else InitializedGroups())
+                            groups=groups if groups is not None else InitializedGroups(),
+                            mlx_version=(lambda: mlx_version) if mlx_version else None)
 
 
 def _fake_jaccl_rounds(factory: AllGatherFactory, rounds: int) -> Group:

@@ -41,6 +41,8 @@ class RankResult:
     error: BaseException | None = None
     path: list[str] = attrs.field(factory=list)
     group_size: int = 0
+    #: When (trio clock) each state was last entered.
+    entered: dict[str, float] = attrs.field(factory=dict)
 
 
 async def run_rank(
@@ -57,6 +59,7 @@ async def run_rank(
     def observe(rec: Any) -> None:
         result.path.append(rec.dest)
         result.state = rec.dest
+        result.entered[rec.dest] = trio.current_time()
 
     try:
         async with bootstrap_cluster(

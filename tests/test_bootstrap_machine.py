@@ -258,7 +258,8 @@ class ScriptedJoiner:
         self.network = network
 
     async def run(self) -> None:
-        from clusterfsm.states.codec import BootstrapAck, InitReady, LinkReport
+        from clusterfsm.states.codec import BootstrapAck, Compat, InitReady, LinkReport
+        from clusterfsm.states.compat import Compatibility
         from clusterfsm.states.handshake import JoinerHandshake
         from clusterfsm.states.link import ControlLink
 
@@ -278,6 +279,10 @@ class ScriptedJoiner:
         assert hs.session_id is not None
         async with trio.open_nursery() as nursery:
             link.start(nursery, heartbeat_interval=0.1)
+            from clusterfsm.states.groupinit import installed_mlx_version
+
+            fits = Compatibility(installed_mlx_version(), 1, ("ring",), 2)  # as rank 0
+            await link.send(Compat(hs.session_id, fits.to_json()))
             await link.send(LinkReport(hs.session_id, ()))
             frame = await link.next_message()
             assert isinstance(frame, BootstrapPayload)

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import trio
 
+from clusterfsm.fsm import StateTimeout
 from clusterfsm.states.config import ClusterConfig
 from clusterfsm.states.discovery import (
     AUTO_RANK,
@@ -32,6 +33,7 @@ from clusterfsm.states.errors import (
     DuplicateNodeId,
     ElectionFailed,
     InterfaceUnavailable,
+    LinkLost,
     PrecheckFailed,
 )
 from clusterfsm.states.groupinit import GroupInitializer, InitPlan
@@ -40,8 +42,7 @@ from clusterfsm.states.rdma import check_jaccl_plan
 from clusterfsm.states.testing import MemoryLinks, MemoryNetwork, fake_initializer
 from clusterfsm.states.topology import Topology
 from tests.cluster_harness import KEY, RankResult, run_rank
-
-SAMPLES = Path(__file__).parent / "samples"
+from tests.field_samples import FakeTools, sample
 
 
 def node(i: int) -> bytes:
@@ -184,7 +185,8 @@ async def test_two_nodes_given_only_their_interface_elect_and_reach_ready(
     results = await run_nodes(links, [(iface_config(2), {"en2": "tb"}),
                                       (iface_config(1), {"en2": "tb"})])
     assert [r.state for r in results] == ["closed", "closed"], [r.error for r in results]
-    assert all(r.path[:2] == ["discovering", "handshaking"] for r in results)
+    assert all(r.path[:3] == ["waiting_for_link", "discovering", "handshaking"]
+               for r in results)
 
 
 async def test_discovery_survives_a_lossy_link(autojump_clock: Any) -> None:
@@ -274,18 +276,88 @@ async def test_a_lone_node_times_out_naming_what_it_heard(autojump_clock: Any) -
     assert trio.current_time() - start == pytest.approx(2.0, abs=0.2)
 
 
-async def test_an_interface_with_no_carrier_is_a_typed_error_at_once(
-        autojump_clock: Any) -> None:
+async def test_a_rank_waits_for_its_cable_then_discovers_at_once(autojump_clock: Any) -> None:
     links = MemoryLinks()
-    links.down.add("tb")
+    links.pull("tb")
+    plugged: list[float] = []
+
+    async def plug_later() -> None:
+        await trio.sleep(600)  # ten minutes without a cable is not a failure
+        plugged.append(trio.current_time())
+        links.plug("tb")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(plug_later)
+        results = await run_nodes(links, [(iface_config(2), {"en2": "tb"}),
+                                          (iface_config(1), {"en2": "tb"})])
+    assert [r.state for r in results] == ["closed", "closed"], [r.error for r in results]
+    for r in results:
+        assert r.path[:2] == ["waiting_for_link", "discovering"]
+        assert r.entered["discovering"] == plugged[0]  # woken by the plug-in, not a poll
+
+
+async def test_the_wait_for_a_cable_can_be_bounded(autojump_clock: Any) -> None:
+    links = MemoryLinks()
+    links.pull("tb")
+    result = RankResult(-1)
+    await run_rank(MemoryNetwork(), iface_config(1, deadlines={"waiting_for_link": 2.0}),
+                   result, host="h0", discovery_net=links.node("h0", {"en2": "tb"}))
+    assert result.state == "link_wait_timeout" and isinstance(result.error, StateTimeout)
+    assert "waiting for en2: no carrier" in str(result.error)
+
+
+async def test_a_missing_interface_is_a_typed_error_at_once(autojump_clock: Any) -> None:
     result = RankResult(-1)
     start = trio.current_time()
-    await run_rank(MemoryNetwork(), iface_config(1), result, host="h0",
-                   discovery_net=links.node("h0", {"en2": "tb"}))
+    await run_rank(MemoryNetwork(), iface_config(1, interfaces=("en9",)), result, host="h0",
+                   discovery_net=MemoryLinks().node("h0", {"en2": "tb"}))
     assert result.state == "interface_unavailable"
     assert isinstance(result.error, InterfaceUnavailable)
-    assert "no carrier" in str(result.error)
-    assert trio.current_time() - start < 0.1
+    assert "no such interface" in str(result.error) and result.error.interface == "en9"
+    assert trio.current_time() == start
+
+
+async def test_a_cable_pulled_in_ready_is_link_lost_naming_the_interface(
+        autojump_clock: Any) -> None:
+    links = MemoryLinks()
+    network = MemoryNetwork()
+    results = [RankResult(-1), RankResult(-1)]
+    pulled: list[float] = []
+
+    async def pull_when_ready(cluster: Any) -> None:
+        if cluster.rank == 0:
+            await trio.sleep(1.0)
+            pulled.append(trio.current_time())
+            links.pull("tb")
+        await cluster.wait_lost()
+
+    async with trio.open_nursery() as nursery:
+        for i, res in enumerate(results):
+            nursery.start_soon(lambda i=i, r=res: run_rank(
+                network, iface_config(i + 1), r, host=f"h{i}",
+                discovery_net=links.node(f"h{i}", {"en2": "tb"}), in_ready=pull_when_ready))
+    for r in results:
+        assert r.state == "link_lost", (r.path, r.error)
+        assert isinstance(r.error, LinkLost) and r.error.interface == "en2"
+        assert "no carrier" in r.error.reason
+        assert r.path[-2:] == ["ready", "link_lost"]
+        assert r.entered["link_lost"] == pulled[0]  # at once, not after the heartbeats
+
+
+async def test_a_cable_pulled_while_discovering_is_link_lost(autojump_clock: Any) -> None:
+    links = MemoryLinks()
+    result = RankResult(-1)
+
+    async def pull_soon() -> None:
+        await trio.sleep(1.0)
+        links.pull("tb")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pull_soon)
+        await run_rank(MemoryNetwork(), iface_config(1), result, host="h0",
+                       discovery_net=links.node("h0", {"en2": "tb"}))
+    assert result.state == "link_lost" and result.path[-2:] == ["discovering", "link_lost"]
+    assert isinstance(result.error, LinkLost) and result.error.interface == "en2"
 
 
 async def test_jaccl_on_static_peers_has_no_matrix_and_says_so(autojump_clock: Any) -> None:
@@ -309,57 +381,7 @@ async def test_jaccl_absent_from_this_platform_is_backend_unavailable(
     assert any(isinstance(r.error, BackendUnavailable) for r in results)
 
 
-# -- jaccl pre-init checks on recorded tool output ---------------------------------
-
-
-def tools(*, rdma: str = "rdma_ctl_enabled.txt", devinfo: str = "ibv_devinfo_active.txt"
-          ) -> Any:
-    async def run(argv: Any) -> str:
-        await trio.lowlevel.checkpoint()
-        name = {"rdma_ctl": rdma, "ibv_devices": "ibv_devices.txt",
-                "ibv_devinfo": devinfo}[argv[0]]
-        return (SAMPLES / name).read_text()
-
-    return run
-
-
-MATRIX: Topology = ((None, "rdma_en2"), ("rdma_en3", None))
-
-
-async def test_jaccl_prechecks_pass_on_a_good_mac() -> None:
-    await check_jaccl_plan(MATRIX, 0, 2, run=tools())
-
-
-@pytest.mark.parametrize(("topology", "kw", "check"), [
-    (MATRIX, {"rdma": "rdma_ctl_disabled.txt"}, "rdma_disabled"),
-    (((None, "rdma_en9"), ("rdma_en3", None)), {}, "device_missing"),
-    (MATRIX, {"devinfo": "ibv_devinfo_down.txt"}, "interface_down"),
-    (((None, "en2"), ("en3", None)), {}, "matrix_names"),
-    (((None, "rdma_en2"),), {}, "matrix_shape"),
-])
-async def test_jaccl_prechecks_name_what_is_wrong(topology: Topology, kw: dict[str, str],
-                                                  check: str) -> None:
-    with pytest.raises(PrecheckFailed) as info:
-        await check_jaccl_plan(topology, 0, 2, run=tools(**kw))
-    assert info.value.check == check
-
-
-def test_thunderbolt_ports_are_read_from_networksetup() -> None:
-    from clusterfsm.states.rdma import parse_hardware_ports
-
-    text = (SAMPLES / "networksetup_listallhardwareports.txt").read_text()
-    ports = parse_hardware_ports(text)
-    assert [p.device for p in ports] == ["en0", "bridge0", "en1", "en2", "en3"]
-    # the bridge is not an RDMA path: only the Thunderbolt ports themselves count
-    assert [p.device for p in ports if p.is_thunderbolt] == ["en2", "en3"]
-
-
-async def test_missing_tools_are_a_typed_precheck_failure() -> None:
-    from clusterfsm.states.rdma import run_tool
-
-    with pytest.raises(PrecheckFailed) as info:
-        await run_tool(["clusterfsm-no-such-tool-xyz"])
-    assert info.value.check == "tool_missing"
+# -- jaccl pre-init checks (on recorded Mac output: tests/test_field_samples.py) --
 
 
 async def test_a_failed_precheck_on_a_joiner_reaches_rank_0_as_peer_aborted(
@@ -368,7 +390,8 @@ async def test_a_failed_precheck_on_a_joiner_reaches_rank_0_as_peer_aborted(
 
     async def disabled(plan: InitPlan) -> None:
         await check_jaccl_plan(plan.topology, plan.rank, plan.world_size,
-                               run=tools(rdma="rdma_ctl_disabled.txt"))
+                               run=FakeTools({"rdma_ctl status": sample(
+                                   "rdma_ctl--disabled-word-quoted-no-paste.txt")}))
 
     specs = [(iface_config(i, backend="jaccl"), {"en2": "tb"}) for i in (1, 2)]
     inits = {0: fake_initializer(), 1: fake_initializer(plan_check=disabled)}
@@ -382,7 +405,7 @@ def test_jaccl_env_is_private_and_twins_are_cleared(tmp_path: Path) -> None:
 
     files = TopologyDir()
     try:
-        plan = InitPlan("jaccl", 1, 2, MATRIX, b"s" * 16)
+        plan = InitPlan("jaccl", 1, 2, ((None, "rdma_en2"), ("rdma_en3", None)), b"s" * 16)
         env, clear = backend_env(plan, files)
         assert env["MLX_RANK"] == "1" and "MLX_JACCL_COORDINATOR" not in env
         assert {"JACCL_RANK", "JACCL_IBV_DEVICES", "JACCL_COORDINATOR", "MLX_JACCL_RING",
