@@ -245,6 +245,7 @@ def fake_initializer(
     side_channel_supported: bool = True,
     groups: InitializedGroups | None = None,
     mlx_version: str | None = None,
+    backends: tuple[str, ...] | None = None,
 ) -> GroupInitializer:
     """A :class:`GroupInitializer` that takes the real path up to the MLX call.
 
@@ -253,7 +254,9 @@ def fake_initializer(
     ``size`` overrides the group size, ``unavailable`` fails the backend check.
     ``plan_check`` replaces the system checks (default: the matrix rules only).
     ``mlx_version`` is the version it reports for the cross-rank comparison (default:
-    the installed one, so it fits real ``serve`` processes).
+    the installed one, so it fits real ``serve`` processes). ``backends`` are the ones
+    its backend check accepts (default: every one), e.g. ``("ring",)`` to play an MLX
+    build without jaccl, as on Linux.
 
     With ``side_channel_rounds`` (jaccl) it behaves like jaccl's init instead: it runs
     in a real worker thread and does that many all-gather rounds through the factory
@@ -286,6 +289,8 @@ def fake_initializer(
     def precheck(backend: str) -> None:
         if unavailable is not None:
             raise BackendUnavailable(backend, unavailable)
+        if backends is not None and backend not in backends:
+            raise BackendUnavailable(backend, f"this fake MLX has only {', '.join(backends)}")
 
     async def matrix_only(plan: InitPlan) -> None:
         if plan.backend == "jaccl":

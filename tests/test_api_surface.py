@@ -70,9 +70,11 @@ async def test_backend_any_reports_the_backend_chosen(autojump_clock: Any) -> No
         seen[cluster.rank] = cluster.backend
         await trio.sleep(0.5)
 
-    # On Linux MLX has no jaccl, so ``any`` resolves to ring on rank 0 and the
+    # An MLX without jaccl (as on Linux): ``any`` resolves to ring on rank 0 and the
     # bootstrap frame carries that to rank 1.
-    await run_ranks([config(0, backend="any"), config(1, backend="any")], in_ready=in_ready)
+    ring_only = {rank: fake_initializer(backends=("ring",)) for rank in (0, 1)}
+    await run_ranks([config(0, backend="any"), config(1, backend="any")],
+                    initializers=ring_only, in_ready=in_ready)
     assert seen == {0: "ring", 1: "ring"}
 
 
