@@ -30,6 +30,7 @@ from clusterfsm.states.codec import (
 from clusterfsm.states.compat_exchange import check_compatibility, send_compatibility
 from clusterfsm.states.config import Address
 from clusterfsm.states.context import ClusterContext
+from clusterfsm.states.dataplane import ring_host, ring_refusal
 from clusterfsm.states.discovery import AUTO_RANK, Beacon, BeaconSocket, discover, keep_beaconing
 from clusterfsm.states.errors import (
     BootstrapRejected,
@@ -235,7 +236,7 @@ def _decide_topology(ctx: ClusterContext, backend: str,
     links and every joiner's link ``reports``) and, only for an mlx without
     ``all_gather_factory``, jaccl's own coordinator address."""
     if backend == "ring":
-        return tuple((f"{ctx.hosts[r]}:{ctx.data_ports[r]}",)
+        return tuple((f"{_ring_host(ctx.hosts[r])}:{ctx.data_ports[r]}",)
                      for r in range(ctx.world_size)), None
     if not ctx.node_ranks:
         raise PrecheckFailed("matrix_incomplete", "the jaccl device matrix is built from "
@@ -248,6 +249,15 @@ def _decide_topology(ctx: ClusterContext, backend: str,
     if ctx.initializer.side_channel_supported():
         return matrix, None
     return matrix, f"{ctx.hosts[0]}:{ctx.data_ports[0]}"
+
+
+def _ring_host(control_host: str) -> str:
+    """The IPv4 address of a rank's ring entry (states.dataplane); a control host
+    that gives none (a name that resolved to a remote IPv6 address) is refused."""
+    host = ring_host(control_host)
+    if host is None:
+        raise PrecheckFailed("data_plane_address", ring_refusal([control_host]) or "")
+    return host
 
 
 M = TypeVar("M", bound=SessionMessage)

@@ -14,6 +14,7 @@ from typing import Literal
 
 import attrs
 
+from clusterfsm.states.dataplane import ring_refusal
 from clusterfsm.states.discovery import DEFAULT_BEACON_PORT
 from clusterfsm.states.keys import check_key_length
 
@@ -41,7 +42,15 @@ class Address:
         host, sep, port = text.rpartition(":")
         if not sep or not host or not port.isdigit():
             raise ValueError(f"expected HOST:PORT, got {text!r}")
-        host = host.strip("[]")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]  # [v6] or [v6%scope], e.g. [fe80::1%en2]
+            if ":" not in host:
+                raise ValueError(f"brackets are for IPv6 addresses, got {text!r}")
+        elif ":" in host or "[" in host or "]" in host:
+            raise ValueError(f"write an IPv6 address in brackets, [ADDRESS]:PORT "
+                             f"(with a scope id: [fe80::1%en2]:PORT), got {text!r}")
+        if not host:
+            raise ValueError(f"expected HOST:PORT, got {text!r}")
         return cls(host, int(port))
 
     def __str__(self) -> str:
@@ -160,6 +169,11 @@ class ClusterConfig:
             raise ValueError("rank 0 is the coordinator and needs a listen address")
         elif self.rank > 0 and not self.peers:
             raise ValueError(f"rank {self.rank} needs at least one peer (rank 0's address)")
+        if self.world_size > 1 and self.backend != "jaccl" and not self.interfaces:
+            hosts = [a.host for a in (*self.peers, *([self.listen] if self.listen else []))]
+            refusal = ring_refusal(hosts)
+            if refusal is not None:
+                raise ValueError(refusal)
         for name, value in (("heartbeat_interval", self.heartbeat_interval),
                             ("peer_lost_after", self.peer_lost_after)):
             if not value > 0:

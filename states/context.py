@@ -19,6 +19,7 @@ import attrs
 import trio
 
 from clusterfsm.states.config import Address, ClusterConfig
+from clusterfsm.states.dataplane import reservation_host
 from clusterfsm.states.discovery import DiscoveryNet, UdpDiscoveryNet
 from clusterfsm.states.groupinit import Group, GroupInitializer, InitPlan, TopologyDir
 from clusterfsm.states.link import ControlLink
@@ -31,6 +32,9 @@ class PortReservation:
 
     The socket is bound (not listening) with ``SO_REUSEPORT``, as MLX's ring listener
     is, so MLX can bind the same port while no other program can take it meanwhile.
+    ``host`` is the control link's local host; the port is held on the IPv4 address
+    the ring uses for it (:func:`clusterfsm.states.dataplane.reservation_host`: MLX's
+    ring is ``AF_INET`` only, whatever family the control link uses).
     """
 
     def __init__(self, host: str) -> None:
@@ -38,7 +42,7 @@ class PortReservation:
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if hasattr(socket, "SO_REUSEPORT"):
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        self._sock.bind((host, 0))
+        self._sock.bind((reservation_host(host), 0))
         self.port: int = self._sock.getsockname()[1]
 
     def release(self) -> None:
