@@ -10,6 +10,7 @@ job too: no activity here sleeps in a loop or waits without a bound of its own.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -68,6 +69,9 @@ async def idle(ctx: ClusterContext) -> str:
     """
     ctx.nursery.start_soon(_start_watchdog, ctx)
     ctx.initializer.prepare()
+    if ctx.world_size == 1:
+        await trio.lowlevel.checkpoint()
+        return "start"  # a group of one needs no link and listens for no one
     if ctx.config.interfaces:
         await trio.lowlevel.checkpoint()
         return "await_link"
@@ -90,7 +94,9 @@ async def discovering(ctx: ClusterContext) -> str:
     ``peers``. Interface discovery: beacons on every interface until every peer is
     heard, then the election (:mod:`clusterfsm.states.discovery`); rank 0 keeps its listeners,
     the others close theirs and dial rank 0 where they heard it."""
-    if not ctx.config.interfaces:
+    if ctx.world_size == 1:
+        ctx.node_ranks = {ctx.config.node_id: 0}  # no one else to find or elect
+    if ctx.world_size == 1 or not ctx.config.interfaces:
         await trio.lowlevel.checkpoint()
         return "peers_found"
     claim = AUTO_RANK if ctx.config.rank is None else ctx.config.rank
@@ -129,8 +135,13 @@ async def _announce(scope: trio.CancelScope, sockets: list[tuple[BeaconSocket, B
 async def handshaking(ctx: ClusterContext) -> str:
     """Rank 0 admits every rank; a joiner gets in and waits until the session is full
     (:mod:`clusterfsm.states.admission`). Either way the links are started (their
-    readers answer pings) when this state ends."""
-    if ctx.is_coordinator:
+    readers answer pings) when this state ends. World size 1 is a session of one: its
+    id is made here and there is no one to admit; every later state then has no link
+    to wait on, and group init takes MLX's single-process group."""
+    if ctx.world_size == 1:
+        await trio.lowlevel.checkpoint()
+        ctx.session_id = secrets.token_bytes(16)
+    elif ctx.is_coordinator:
         await Admission(ctx).run()
     else:
         await join(ctx)
@@ -182,13 +193,12 @@ async def exchanging_bootstrap(ctx: ClusterContext) -> str:
         topology, coordinator = _decide_topology(ctx, backend, reports)
         ctx.plan = InitPlan(backend, 0, ctx.world_size, topology, ctx.session_id,
                             coordinator)
-        payload = BootstrapPayload(
-            coordinator_port=Address.parse(coordinator).port if coordinator else 0,
-            session_id=ctx.session_id, backend=ctx.plan.wire_backend,
-            world_size=ctx.world_size, topology=topology,
-        )
-        for link in ctx.links.values():
-            await link.send(payload)
+        for link in ctx.links.values():  # none in a group of one
+            await link.send(BootstrapPayload(
+                coordinator_port=Address.parse(coordinator).port if coordinator else 0,
+                session_id=ctx.session_id, backend=ctx.plan.wire_backend,
+                world_size=ctx.world_size, topology=topology,
+            ))
         for rank, link in ctx.links.items():
             report_progress(f"waiting for rank {rank} to acknowledge the bootstrap frame")
             await _expect(link, BootstrapAck, "exchanging_bootstrap", ctx.session_id,
@@ -234,7 +244,10 @@ def _decide_topology(ctx: ClusterContext, backend: str,
                      ) -> tuple[Topology, str | None]:
     """Rank 0's choice: the ring hostfile, or the jaccl device matrix (from its own
     links and every joiner's link ``reports``) and, only for an mlx without
-    ``all_gather_factory``, jaccl's own coordinator address."""
+    ``all_gather_factory``, jaccl's own coordinator address. A group of one has no
+    data plane: no topology."""
+    if ctx.world_size == 1:
+        return (), None
     if backend == "ring":
         return tuple((f"{_ring_host(ctx.hosts[r])}:{ctx.data_ports[r]}",)
                      for r in range(ctx.world_size)), None

@@ -58,6 +58,32 @@ def _field(text: str) -> tuple[str, str]:
     return key, value
 
 
+def _demo_ranks(text: str) -> int:
+    from clusterfsm.states.demo import demo_problem
+
+    try:
+        ranks = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of ranks, got {text!r}") from None
+    problem = demo_problem(ranks, 1.0)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return ranks
+
+
+def _demo_timeout(text: str) -> float:
+    from clusterfsm.states.demo import demo_problem
+
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    problem = demo_problem(1, seconds)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return seconds
+
+
 def _address(text: str) -> Address:
     try:
         return Address.parse(text)
@@ -72,13 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="run N local ranks on loopback and all_sum")
-    demo.add_argument("--ranks", type=int, default=2)
+    demo.add_argument("--ranks", type=_demo_ranks, default=2,
+                      help="how many ranks, 1..255 (1: MLX's single-process group)")
     demo.add_argument("--backend", choices=BACKENDS, default="ring")
     demo.add_argument("--trace-json", metavar="PATH",
                       help="write each rank's trace to PATH with .rankN before the suffix")
     demo.add_argument("--deadline", type=_deadline, action="append", default=[],
                       metavar="STATE=SECONDS")
-    demo.add_argument("--timeout", type=float, default=120.0,
+    demo.add_argument("--timeout", type=_demo_timeout, default=120.0,
                       help="kill every rank after this many seconds (default 120)")
     demo.add_argument("--report", metavar="OUT.html",
                       help="also write the HTML report of the ranks' traces")

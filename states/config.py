@@ -66,6 +66,9 @@ def _node_id(_inst: object, _attr: object, value: bytes) -> None:
         raise ValueError(f"node_id must be 16 bytes, got {len(value)}")
 
 
+#: The most ranks a cluster can have: ranks are one byte on the wire (0..254).
+MAX_WORLD_SIZE = 255
+
 #: Epochs are u64 on the wire (HELLO).
 MAX_EPOCH = 2**64 - 1
 
@@ -139,8 +142,8 @@ class ClusterConfig:
 
     @world_size.validator
     def _world(self, _attr: object, value: int) -> None:
-        if not 1 <= value <= 255:
-            raise ValueError(f"world_size must be 1..255, got {value}")
+        if not 1 <= value <= MAX_WORLD_SIZE:
+            raise ValueError(f"world_size must be 1..{MAX_WORLD_SIZE}, got {value}")
         if self.rank is not None and not 0 <= self.rank < value:
             raise ValueError(f"rank must be in 0..{value - 1} (world_size {value}), "
                              f"got {self.rank}")

@@ -13,6 +13,7 @@ is removed.
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import selectors
 import signal
@@ -29,7 +30,7 @@ from typing import Any
 import attrs
 
 from clusterfsm.fsm import read_trace, state_totals
-from clusterfsm.states.config import Address, BackendChoice, ClusterConfig
+from clusterfsm.states.config import MAX_WORLD_SIZE, Address, BackendChoice, ClusterConfig
 from clusterfsm.states.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from clusterfsm.states.keys import load_key, write_key
 from clusterfsm.states.lines import AllSumLine, ReadyLine
@@ -61,6 +62,17 @@ def rank_config(rank: int, ranks: int, port: int, key: bytes, backend: BackendCh
                          deadlines=dict(deadlines), verify=True)
 
 
+def demo_problem(ranks: int, timeout: float) -> str | None:
+    """Why ``--ranks``/``--timeout`` are refused, or None: 1 to ``MAX_WORLD_SIZE``
+    ranks (world size 1 is one rank with MLX's single-process group), and a finite,
+    positive timeout (a NaN or negative one would end the run as "timed out")."""
+    if not 1 <= ranks <= MAX_WORLD_SIZE:
+        return f"--ranks must be 1..{MAX_WORLD_SIZE} (the world size limit), got {ranks}"
+    if not (math.isfinite(timeout) and timeout > 0):
+        return f"--timeout must be a positive number of seconds, got {timeout}"
+    return None
+
+
 @attrs.frozen
 class DemoRun:
     """How a demo ended: its exit code and the trace file each rank was given (in a
@@ -72,8 +84,9 @@ class DemoRun:
 
 def run_demo(*, ranks: int, backend: BackendChoice, trace_json: str | None,
              deadlines: dict[str, float], timeout: float) -> DemoRun:
-    if ranks < 2:
-        print("clusterfsm demo: --ranks must be at least 2", file=sys.stderr)
+    problem = demo_problem(ranks, timeout)
+    if problem is not None:
+        print(f"clusterfsm demo: {problem}", file=sys.stderr)
         return DemoRun(EXIT_USAGE, ())
     with tempfile.TemporaryDirectory(prefix="clusterfsm-demo-") as tmp:
         key = load_key(write_key(Path(tmp) / "cluster.key"))

@@ -193,8 +193,23 @@ def resolve_backend(requested: str) -> str:
     return "jaccl"
 
 
+#: Every variable by which MLX's backends learn a multi-rank group.
+BACKEND_VARS = ("MLX_RANK", "MLX_HOSTFILE", "MLX_IBV_DEVICES", "MLX_JACCL_COORDINATOR",
+                "MLX_JACCL_RING", *JACCL_TWINS)
+
+
 def backend_env(plan: InitPlan, files: TopologyDir) -> tuple[dict[str, str], tuple[str, ...]]:
-    """The env vars to set and to clear for ``plan``; writes the topology file."""
+    """The env vars to set and to clear for ``plan``; writes the topology file.
+
+    World size 1 sets none and clears them all: the backend's non-strict init then
+    finds no group to join and MLX hands back its own single-process group (rank 0,
+    size 1). That is the same object as MLX's silent answer to a broken multi-rank
+    configuration, which is why this is the only plan for which size 1 is right:
+    for any other world size, :meth:`GroupInitializer.initialize` refuses a size-1
+    group as :class:`GroupSizeMismatch`.
+    """
+    if plan.world_size == 1:
+        return {}, BACKEND_VARS
     if plan.backend == "ring":
         hostfile = files.write(f"hostfile-{plan.session_id.hex()[:8]}.json",
                                [list(entry) for entry in plan.topology])
@@ -223,7 +238,7 @@ def release_delay(backend: str, rank: int, world_size: int, base_delay: float) -
 
 async def check_plan(plan: InitPlan) -> None:
     """Checks of the plan that need the system (jaccl: RDMA on, devices present)."""
-    if plan.backend == "jaccl":
+    if plan.backend == "jaccl" and plan.world_size > 1:
         from clusterfsm.states.rdma import check_jaccl_plan
 
         await check_jaccl_plan(plan.topology, plan.rank, plan.world_size)
