@@ -19,6 +19,7 @@ time spent in ``source``.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -27,6 +28,9 @@ from typing import IO, Any
 import attrs
 
 from clusterfsm.fsm.spec import DEADLINE, MachineSpec
+
+#: A trace that cannot be written is reported here, once (see TraceWriter).
+_log = logging.getLogger("clusterfsm.fsm.trace")
 
 
 @attrs.frozen
@@ -121,13 +125,25 @@ class TraceWriter:
 
     Use it as an observer (``writer.record``) and call :meth:`finish` at the end.
     Opening the file is the caller's choice of mode; the default truncates.
+
+    The trace describes the run; it never changes how the run ends. A file that cannot
+    be opened or written (a directory, an immutable file, a full disk, ``/dev/full``)
+    stops the writing: the first such error is kept in :attr:`failure` and logged
+    once, as one line, on the ``clusterfsm.fsm.trace`` logger; no method raises it,
+    so the machine's own outcome (and a CLI's exit code) stands.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, append: bool = False) -> None:
         self.path = Path(path)
-        self._file: IO[str] | None = open(  # noqa: SIM115 - closed in finish()/close()
-            self.path, "a" if append else "w", encoding="utf-8"
-        )
+        #: Why the trace is incomplete (the first open or write error), or None.
+        self.failure: OSError | None = None
+        self._file: IO[str] | None = None
+        try:
+            self._file = open(  # noqa: SIM115 - closed in finish()/close()
+                self.path, "a" if append else "w", encoding="utf-8"
+            )
+        except OSError as exc:
+            self._fail(exc)
 
     def record(self, rec: TraceRecord) -> None:
         self._write(rec.to_json())
@@ -138,14 +154,36 @@ class TraceWriter:
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            file, self._file = self._file, None
+            try:
+                file.close()
+            except OSError as exc:
+                self._fail(exc)
 
     def _write(self, obj: dict[str, Any]) -> None:
         if self._file is None:
+            if self.failure is not None:
+                return  # already reported once; the rest of the trace is lost with it
             raise ValueError(f"trace {self.path} is already closed")
-        self._file.write(json.dumps(obj, separators=(",", ":")) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(obj, separators=(",", ":")) + "\n")
+            self._file.flush()
+        except OSError as exc:
+            self._fail(exc)
+            self.close()
+
+    def _fail(self, exc: OSError) -> None:
+        if self.failure is None:
+            self.failure = exc
+            _log.warning("%s", self.failure_text())
+
+    def failure_text(self) -> str:
+        """One line: which trace is incomplete and why ("" if none is)."""
+        if self.failure is None:
+            return ""
+        why = self.failure.strerror or str(self.failure)
+        return (f"trace {self.path}: not written ({why}); the run's outcome is not "
+                "affected")
 
 
 def parse_trace(lines: Iterable[str]) -> Trace:

@@ -13,11 +13,15 @@ from pathlib import Path
 
 import attrs
 
+from clusterfsm.states.localfiles import LocalFileError, read_small_text
+
 #: What ``clusterfsm keygen`` writes: the full HMAC-SHA256 output size.
 KEY_BYTES = 32
 #: The shortest key accepted anywhere: a shorter one is a configuration mistake (a
 #: truncated key file), not a key.
 MIN_KEY_BYTES = 16
+#: A key file is 64 hex digits and a newline; anything this large is not one.
+MAX_KEY_FILE_BYTES = 4096
 
 
 @attrs.frozen(auto_exc=True)
@@ -62,13 +66,14 @@ def write_key(path: str | os.PathLike[str], key: bytes | None = None) -> Path:
 
 
 def load_key(path: str | os.PathLike[str]) -> bytes:
-    """Read a key written by :func:`write_key`; refuse one others can read."""
+    """Read a key written by :func:`write_key`; refuse one others can read, and
+    anything that is not a small regular UTF-8 file (:mod:`clusterfsm.states.localfiles`)."""
     target = Path(path)
     try:
-        mode = target.stat().st_mode
-        text = target.read_text().strip()
-    except OSError as exc:
-        raise KeyFileError(str(target), exc.strerror or str(exc)) from exc
+        text, mode = read_small_text(target, limit=MAX_KEY_FILE_BYTES)
+    except LocalFileError as exc:
+        raise KeyFileError(exc.path, exc.problem) from None
+    text = text.strip()
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise KeyFileError(str(target), f"mode {stat.S_IMODE(mode):o} lets others read it; "
                                         "chmod 600 it")

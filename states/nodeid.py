@@ -13,6 +13,11 @@ import os
 import secrets
 from pathlib import Path
 
+from clusterfsm.states.localfiles import LocalFileError, read_small_text
+
+#: A node-id file is 32 hex digits and a newline; anything this large is not one.
+MAX_NODE_ID_FILE_BYTES = 4096
+
 
 def default_node_id_path() -> Path:
     base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
@@ -22,13 +27,16 @@ def default_node_id_path() -> Path:
 def load_or_create_node_id(path: str | Path | None = None) -> bytes:
     """The 16-byte node id stored at ``path``; a new one is written if absent.
 
-    A file that is not 32 hex digits is a ValueError naming it (never silently
-    replaced: that would change this node's rank behind the operator's back).
+    A file that is not 32 hex digits (or not a small regular UTF-8 file) is a
+    ValueError naming it (never silently replaced: that would change this node's rank
+    behind the operator's back).
     """
     target = Path(path) if path is not None else default_node_id_path()
     try:
-        text = target.read_text().strip()
-    except FileNotFoundError:
+        text = read_small_text(target, limit=MAX_NODE_ID_FILE_BYTES)[0].strip()
+    except LocalFileError as exc:
+        if not exc.missing:
+            raise ValueError(f"node-id file {exc}") from None
         target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         node_id = secrets.token_bytes(16)
         try:

@@ -74,14 +74,21 @@ def _kill(pid: int) -> None:
 def _expire(payload: dict[str, Any], elapsed: float) -> None:
     """The deadline passed: write the trace lines and the error line."""
     trace = payload.get("trace")
+    trace_failure = ""
     if trace:
         record = dict(payload["record"])
         record["t"] = round(payload["t_armed"] + elapsed, 6)
         record["elapsed_ms"] = round(payload["elapsed_before_ms"] + elapsed * 1000, 3)
-        with open(trace, "a") as f:
-            f.write(json.dumps(record, separators=(",", ":")) + "\n")
-            f.write(json.dumps(payload["end"], separators=(",", ":")) + "\n")
+        try:
+            with open(trace, "a") as f:
+                f.write(json.dumps(record, separators=(",", ":")) + "\n")
+                f.write(json.dumps(payload["end"], separators=(",", ":")) + "\n")
+        except OSError as exc:  # the trace never stops the kill nor hides the message
+            trace_failure = (f"trace {trace}: not written ({exc.strerror or exc}); the "
+                             "run's outcome is not affected")
     sys.stderr.write(payload["message"] + "\n")
+    if trace_failure:
+        sys.stderr.write(trace_failure + "\n")
     sys.stderr.flush()
 
 
