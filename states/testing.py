@@ -273,6 +273,10 @@ def fake_initializer(
             raise RuntimeError(error)
         if side_channel_rounds and factory is not None:
             return _fake_jaccl_rounds(factory, side_channel_rounds)
+        if "MLX_RANK" not in os.environ:
+            # As MLX: a non-strict init with no group to join (world size 1, where
+            # every backend variable is cleared) gives the single-process group.
+            return FakeGroup(0, 1 if size is None else size)
         rank = int(os.environ["MLX_RANK"])
         path = os.environ["MLX_HOSTFILE" if backend == "ring" else "MLX_IBV_DEVICES"]
         with open(path) as f:
