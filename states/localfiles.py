@@ -59,7 +59,7 @@ def read_small_text(path: str | os.PathLike[str], *, limit: int) -> tuple[str, i
     finally:
         os.close(fd)
     if len(data) > limit:
-        raise LocalFileError(str(target), f"is larger than {limit} bytes: not this file")
+        raise LocalFileError(str(target), f"is larger than {limit} bytes")
     try:
         return data.decode("utf-8"), mode
     except UnicodeDecodeError as exc:
