@@ -203,7 +203,8 @@ BOOTSTRAP: MachineSpec = machine_spec(
         ErrorState("precheck_failed", PrecheckFailed,
                    doc="A check before mx.distributed.init failed (RDMA disabled, RDMA "
                        "device missing or down, device matrix incomplete or malformed, "
-                       "no all_gather_factory in this mlx); MLX was never called.",
+                       "no all_gather_factory in this mlx, no IPv4 ring address for a "
+                       "rank); MLX was never called.",
                    remedy="The detail names the check and the command to run; see "
                           "docs/thunderbolt.md."),
         ErrorState("group_already_initialized", GroupAlreadyInitialized,
