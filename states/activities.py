@@ -223,7 +223,8 @@ async def exchanging_bootstrap(ctx: ClusterContext) -> str:
                     f"topology gives rank {ctx.rank} {list(mine)}, not our port "
                     f"{ctx.reservation.port}", link.peer)
         elif frame.coordinator_port:
-            coordinator = f"{Address.parse(link.peer).host}:{frame.coordinator_port}"
+            # jaccl's own coordinator is IPv4 TCP too (states.dataplane).
+            coordinator = f"{_ring_host(Address.parse(link.peer).host)}:{frame.coordinator_port}"
         elif not ctx.initializer.side_channel_supported():
             raise PrecheckFailed(
                 "side_channel", "rank 0 runs jaccl's metadata exchange over the control "
@@ -261,12 +262,13 @@ def _decide_topology(ctx: ClusterContext, backend: str,
     matrix = build_device_matrix(ctx.world_size, reach)
     if ctx.initializer.side_channel_supported():
         return matrix, None
-    return matrix, f"{ctx.hosts[0]}:{ctx.data_ports[0]}"
+    return matrix, f"{_ring_host(ctx.hosts[0])}:{ctx.data_ports[0]}"
 
 
 def _ring_host(control_host: str) -> str:
-    """The IPv4 address of a rank's ring entry (states.dataplane); a control host
-    that gives none (a name that resolved to a remote IPv6 address) is refused."""
+    """The IPv4 address of a rank's ring entry, or of jaccl's own coordinator
+    (states.dataplane); a control host that gives none (a name that resolved to a
+    remote IPv6 address) is refused before init."""
     host = ring_host(control_host)
     if host is None:
         raise PrecheckFailed("data_plane_address", ring_refusal([control_host]) or "")
