@@ -52,8 +52,9 @@ async def waiting_for_link(ctx: ClusterContext) -> str:
 async def guard_links(ctx: ClusterContext, work: Callable[[], Awaitable[T]]) -> T:
     """``work()``, unless an ``--interface`` goes down first: then
     :class:`~states.errors.LinkLost` naming it (``work`` is cancelled). Without
-    ``--interface`` there is no link to guard: just ``work()``."""
-    if not ctx.config.interfaces:
+    ``--interface``, or in a group of one (world size 1: no peer, so no link is used),
+    there is no link to guard: just ``work()``."""
+    if not ctx.config.interfaces or ctx.world_size == 1:
         return await work()
     net = ctx.discovery_net
     result: list[T] = []
