@@ -25,7 +25,7 @@ def key_file(tmp_path: Path) -> str:
 def test_from_env_reads_every_kind_of_setting(key_file: str) -> None:
     config = config_from_env({
         "CLUSTERFSM_RANK": "1", "CLUSTERFSM_WORLD_SIZE": "3",
-        "CLUSTERFSM_KEY_FILE": key_file, "CLUSTERFSM_PEERS": "10.0.0.1:7700, [fe80::1]:7701",
+        "CLUSTERFSM_KEY_FILE": key_file, "CLUSTERFSM_PEERS": "10.0.0.1:7700, [::1]:7701",
         "CLUSTERFSM_BACKEND": "any",
         "CLUSTERFSM_DEADLINES": "handshaking=20, initializing_group=60",
         "CLUSTERFSM_HEARTBEAT_INTERVAL": "0.2", "CLUSTERFSM_PEER_LOST_AFTER": "5",
@@ -33,7 +33,7 @@ def test_from_env_reads_every_kind_of_setting(key_file: str) -> None:
         "CLUSTERFSM_EPOCH_FLOORS": "1=3", "CLUSTERFSM_UNRELATED": "ignored",
     })
     assert config.rank == 1 and config.world_size == 3 and config.backend == "any"
-    assert config.peers == (Address("10.0.0.1", 7700), Address("fe80::1", 7701))
+    assert config.peers == (Address("10.0.0.1", 7700), Address("::1", 7701))
     assert config.deadlines == {"handshaking": 20.0, "initializing_group": 60.0}
     assert (config.heartbeat_interval, config.peer_lost_after) == (0.2, 5.0)
     assert config.verify and config.epoch == 7 and dict(config.epoch_floors) == {1: 3}
@@ -52,6 +52,9 @@ def test_from_env_reads_every_kind_of_setting(key_file: str) -> None:
     ({"CLUSTERFSM_EPOCH": "-1"}, ("CLUSTERFSM_EPOCH",), "0..2**64-1"),
     ({"CLUSTERFSM_RANK": "3"}, ("CLUSTERFSM_RANK", "CLUSTERFSM_WORLD_SIZE"), "rank must be"),
     ({"CLUSTERFSM_LISTEN": None}, ("CLUSTERFSM_RANK", "CLUSTERFSM_LISTEN"), "listen address"),
+    ({"CLUSTERFSM_LISTEN": "[fe80::1%lo]:7700"},
+     ("CLUSTERFSM_RANK", "CLUSTERFSM_LISTEN", "CLUSTERFSM_PEERS", "CLUSTERFSM_INTERFACES"),
+     "IPv4 only"),
     ({"CLUSTERFSM_PEER_LOST_AFTER": "0.1"},
      ("CLUSTERFSM_HEARTBEAT_INTERVAL", "CLUSTERFSM_PEER_LOST_AFTER"), "two heartbeat"),
 ])
