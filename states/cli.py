@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--deadline", type=_deadline, action="append", default=[],
                        metavar="STATE=SECONDS")
     serve.add_argument("--quiet", action="store_true", help="do not log transitions")
+    serve.add_argument("--worker", metavar="MODULE:FUNCTION",
+                       help="run this async function with the ready cluster (the app's "
+                            "code; with --supervise, in every generation)")
     serve.add_argument("--supervise", action="store_true",
                        help="run the rank in a child process and restart it (new session) "
                             "after peer_lost, a group-init deadline or a crash "

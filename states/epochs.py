@@ -7,13 +7,24 @@ and the newest epoch admitted per joiner rank by earlier children
 (:data:`EPOCH_FLOORS_ENV`); a coordinator child reports each admission on stdout
 (:func:`report_admissions`) as an admission line, which the supervisor reads back
 (:class:`clusterfsm.states.lines.AdmissionLine` owns its text).
+
+A child that builds its own :class:`~clusterfsm.states.config.ClusterConfig` (rather
+than ``serve`` flags) applies what its supervisor handed it with
+:func:`supervised_config`, which is what ``serve`` does.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from collections.abc import Mapping
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
+
+import attrs
+
+if TYPE_CHECKING:
+    from clusterfsm.states.config import ClusterConfig
 
 #: The child's generation epoch is handed to it in this environment variable.
 EPOCH_ENV = "CLUSTERFSM_EPOCH"
@@ -60,6 +71,25 @@ def report_admissions(stream: TextIO) -> None:
     logger.setLevel(logging.INFO)
 
 
+def supervised_config(config: ClusterConfig, environ: Mapping[str, str] | None = None,
+                      *, admissions: TextIO | None = None) -> ClusterConfig:
+    """``config`` with the epoch and epoch floors its supervisor set in ``environ``.
+
+    Outside a supervisor (no :data:`EPOCH_ENV`) ``config`` comes back unchanged. A
+    child with an epoch also reports its admissions on stdout (``admissions``, default
+    ``sys.stdout``; :func:`report_admissions`), from which the supervisor learns the
+    floors for the next generation. ValueError names a malformed variable.
+    """
+    env = os.environ if environ is None else environ
+    if EPOCH_ENV in env:
+        config = attrs.evolve(config, epoch=parse_epoch(env[EPOCH_ENV]))
+    if EPOCH_FLOORS_ENV in env:
+        config = attrs.evolve(config, epoch_floors=parse_floors(env[EPOCH_FLOORS_ENV]))
+    if config.epoch:
+        report_admissions(admissions or sys.stdout)
+    return config
+
+
 __all__ = [
     "EPOCH_ENV",
     "EPOCH_FLOORS_ENV",
@@ -68,4 +98,5 @@ __all__ = [
     "parse_epoch",
     "parse_floors",
     "report_admissions",
+    "supervised_config",
 ]

@@ -19,6 +19,7 @@ import argparse
 import os
 import signal
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -28,15 +29,10 @@ import trio
 from clusterfsm.fsm import TraceRecord
 from clusterfsm.fsm.spec import UNEXPECTED_STATE
 from clusterfsm.states.config import ClusterConfig
-from clusterfsm.states.epochs import (
-    EPOCH_ENV,
-    EPOCH_FLOORS_ENV,
-    parse_epoch,
-    parse_floors,
-    report_admissions,
-)
+from clusterfsm.states.epochs import report_admissions, supervised_config
 from clusterfsm.states.exitcodes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from clusterfsm.states.keys import KeyFileError, load_key
+from clusterfsm.states.lifeline import die_with_parent, watch_lifeline
 from clusterfsm.states.lines import (
     AllSumLine,
     ErrorLine,
@@ -50,6 +46,7 @@ from clusterfsm.states.lines import (
     rank_speaker,
 )
 from clusterfsm.states.nodeid import load_or_create_node_id
+from clusterfsm.states.worker import WORKER_FAILED, Worker, load_worker
 
 
 @attrs.frozen
@@ -57,12 +54,14 @@ class ServeOptions:
     """How :func:`serve` runs a rank, besides its :class:`ClusterConfig`.
 
     ``trace_json``: write the trace there; ``once``: exit 0 once ready instead of
-    staying in ready until a signal or a lost peer; ``quiet``: no transition lines.
+    staying in ready until a signal or a lost peer; ``quiet``: no transition lines;
+    ``worker``: the app's code, run with the ready cluster (:mod:`clusterfsm.states.worker`).
     """
 
     trace_json: str | None = None
     once: bool = False
     quiet: bool = False
+    worker: Worker | None = None
 
 
 def _config_from(args: argparse.Namespace) -> ClusterConfig:
@@ -83,13 +82,9 @@ def _config_from(args: argparse.Namespace) -> ClusterConfig:
     elif args.rank == "auto":
         raise ValueError("--rank auto elects ranks among the nodes heard on --interface; "
                          "give --interface IF, or an explicit --rank N")
-    # Set by a supervisor (serve --supervise): this process's generation, and the
-    # newest generation per rank its earlier coordinators admitted (stale refusal).
-    if EPOCH_ENV in os.environ:
-        extra["epoch"] = parse_epoch(os.environ[EPOCH_ENV])
-    if EPOCH_FLOORS_ENV in os.environ:
-        extra["epoch_floors"] = parse_floors(os.environ[EPOCH_FLOORS_ENV])
-    return ClusterConfig(
+    # A supervisor (serve --supervise) sets this process's generation and the newest
+    # generation per rank its earlier coordinators admitted (stale refusal).
+    return supervised_config(ClusterConfig(
         rank=rank,
         world_size=args.world_size,
         key=load_key(args.key_file),
@@ -101,7 +96,7 @@ def _config_from(args: argparse.Namespace) -> ClusterConfig:
         interfaces=tuple(args.interface),
         compat=dict(getattr(args, "compat", [])),
         **extra,  # type: ignore[arg-type]
-    )
+    ))
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -111,10 +106,11 @@ def run_serve(args: argparse.Namespace) -> int:
         check_config(config)
         if args.trace_json:
             _check_trace_path(args.trace_json)
+        worker = load_worker(args.worker) if args.worker else None
     except (ValueError, KeyFileError) as exc:
         _emit(UsageLine("serve", str(exc)))
         return EXIT_USAGE
-    return serve(config, ServeOptions(args.trace_json, args.once, args.quiet))
+    return serve(config, ServeOptions(args.trace_json, args.once, args.quiet, worker))
 
 
 def check_config(config: ClusterConfig) -> None:
@@ -134,8 +130,10 @@ def serve(config: ClusterConfig, options: ServeOptions) -> int:
     """Run one rank in this process until ready (``once``) or stopped; its exit code.
 
     Blocks (it runs its own ``trio.run``); prints the ``serve`` line protocol on this
-    process's stdout and stderr.
+    process's stdout and stderr. A supervised child dies with its supervisor
+    (:mod:`clusterfsm.states.lifeline`).
     """
+    die_with_parent()
     if config.epoch:
         # Supervised: the supervisor learns admitted epochs from these stdout lines.
         report_admissions(sys.stdout)
@@ -194,6 +192,7 @@ async def _serve_async(config: ClusterConfig, options: ServeOptions) -> int:
                     return
 
         nursery.start_soon(on_signals)
+        nursery.start_soon(watch_lifeline)
         with trio.CancelScope() as scope:
             is_ready = False
 
@@ -217,16 +216,33 @@ async def _serve_async(config: ClusterConfig, options: ServeOptions) -> int:
                         _emit(ReadyLine(cluster.rank, cluster.group.size(), cluster.backend,
                                         cluster.session_id.hex()))
                     is_ready = True
-                    if not options.once and code == EXIT_OK:
+                    worker_error: Exception | None = None
+                    if (options.worker or not options.once) and code == EXIT_OK:
                         async with trio.open_nursery() as waiters:
                             async def lost() -> None:
                                 await cluster.wait_lost()
                                 waiters.cancel_scope.cancel()
 
+                            async def work(worker: Worker) -> None:
+                                nonlocal worker_error
+                                try:
+                                    await worker(cluster)
+                                except Exception as exc:  # noqa: BLE001 - reported below
+                                    worker_error = exc
+                                waiters.cancel_scope.cancel()
+
                             waiters.start_soon(lost)
+                            if options.worker is not None:
+                                waiters.start_soon(work, options.worker)
                             await stop.wait()
                             waiters.cancel_scope.cancel()
-                        if isinstance(cluster.error, PeerLost | LinkLost):
+                        if worker_error is not None and not isinstance(
+                                cluster.error, PeerLost | LinkLost):
+                            traceback.print_exception(worker_error, file=sys.stderr)
+                            _emit(ErrorLine(speaker, WORKER_FAILED, type(worker_error).__name__,
+                                            str(worker_error)))
+                            code = EXIT_FAILED
+                        elif isinstance(cluster.error, PeerLost | LinkLost):
                             _emit(ErrorLine(speaker, cluster.state, type(cluster.error).__name__,
                                             str(cluster.error)))
                             code = EXIT_FAILED

@@ -9,6 +9,8 @@ reads its stdout and stderr line by line, turning each line of the ``serve`` lin
 protocol (:mod:`clusterfsm.states.lines`) into an event (:func:`child_event`). A
 child's exit is seen by ``wait()``, not by the pipes' EOF (the watchdog grandchild
 may hold them open), and is sent as :class:`ChildExited` once it has been reaped.
+Each child also gets a lifeline pipe (:mod:`clusterfsm.states.lifeline`): if this
+process dies, even by SIGKILL, the child follows it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
@@ -24,8 +27,10 @@ import attrs
 import trio
 
 from clusterfsm.states.epochs import EPOCH_ENV, EPOCH_FLOORS_ENV, format_floors
+from clusterfsm.states.lifeline import lifeline_env, open_lifeline
 from clusterfsm.states.lines import (
     AdmissionLine,
+    EchoLine,
     ErrorLine,
     ReadyLine,
     TransitionLine,
@@ -91,6 +96,14 @@ def child_event(generation: int, line: str) -> ChildEvent | None:
     if isinstance(parsed, ErrorLine):
         return ChildFailed(generation, parsed.state, parsed.error, parsed.detail)
     return None
+
+
+def echo_line(generation: int, stream: str, line: str) -> None:
+    """Repeat a child's line on this process's own stream of the same name, prefixed
+    with its generation (:class:`clusterfsm.states.lines.EchoLine`)."""
+    out = sys.stdout if stream == "stdout" else sys.stderr
+    out.write(EchoLine(generation, line).format() + "\n")
+    out.flush()
 
 
 # -- the child process --------------------------------------------------------------
@@ -185,18 +198,25 @@ class ProcessLauncher:
         env = dict(self.env, **{EPOCH_ENV: str(epoch), "TMPDIR": tmpdir})
         if self.epoch_floors:
             env[EPOCH_FLOORS_ENV] = format_floors(self.epoch_floors)
+        # Ours stays open, unwritten, until the child is reaped; its EOF tells the
+        # child that we are gone (clusterfsm.states.lifeline).
+        lifeline, keep = open_lifeline()
+        env.update(lifeline_env(lifeline))
         try:
             process = await trio.lowlevel.open_process(
                 list(self.command(generation, epoch)), stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, env=env)
+                stderr=subprocess.PIPE, env=env, pass_fds=(lifeline,))
         except OSError:
             shutil.rmtree(tmpdir, ignore_errors=True)
+            os.close(keep)
             raise
+        finally:
+            os.close(lifeline)
         child = ProcessChild(process, generation, epoch)
         assert process.stdout is not None and process.stderr is not None
         for name, stream in (("stdout", process.stdout), ("stderr", process.stderr)):
             nursery.start_soon(self._relay, generation, name, stream, inbox.clone())
-        nursery.start_soon(self._reap, child, inbox.clone(), tmpdir)
+        nursery.start_soon(self._reap, child, inbox.clone(), tmpdir, keep)
         return child
 
     async def _relay(self, generation: int, name: str, stream: trio.abc.ReceiveStream,
@@ -230,11 +250,12 @@ class ProcessLauncher:
             inbox.send_nowait(event)
 
     async def _reap(self, child: ProcessChild, inbox: trio.MemorySendChannel[InboxItem],
-                    tmpdir: str) -> None:
+                    tmpdir: str, lifeline: int) -> None:
         async with inbox:
             try:
                 code = await child.wait()
             finally:
+                os.close(lifeline)
                 # Our own directory; a file the watchdog is still removing is no error.
                 shutil.rmtree(tmpdir, ignore_errors=True)
             inbox.send_nowait(ChildExited(child.generation, code))
@@ -254,4 +275,5 @@ __all__ = [
     "ProcessLauncher",
     "StopRequested",
     "child_event",
+    "echo_line",
 ]

@@ -26,7 +26,6 @@ import trio
 from clusterfsm.fsm import TraceRecord, TraceWriter, effective_deadlines
 from clusterfsm.states.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from clusterfsm.states.lines import (
-    EchoLine,
     ErrorLine,
     LineKind,
     SupervisorNote,
@@ -40,7 +39,7 @@ from clusterfsm.states.supervisor import (
     SupervisorContext,
     run_supervisor,
 )
-from clusterfsm.states.supervisor_child import ProcessLauncher
+from clusterfsm.states.supervisor_child import ProcessLauncher, echo_line
 
 # -- the child's command line ------------------------------------------------------
 
@@ -160,14 +159,11 @@ async def _supervise(args: argparse.Namespace, argv: list[str], policy: RestartP
     def log(text: str) -> None:
         _emit(SupervisorNote(speaker, text), SupervisorNote.stream)
 
-    def echo(generation: int, stream: str, line: str) -> None:
-        _emit(EchoLine(generation, line), stream)
-
     def on_transition(record: TraceRecord) -> None:
         _emit(TransitionLine(speaker, record.source, record.event, record.dest,
                              record.elapsed_ms), TransitionLine.stream)
 
-    launcher = ProcessLauncher(child_command(argv, trace), echo=echo)
+    launcher = ProcessLauncher(child_command(argv, trace), echo=echo_line)
     contexts: list[SupervisorContext] = []
     async with trio.open_nursery() as nursery:
         async def on_signals() -> None:

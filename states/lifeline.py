@@ -1,0 +1,122 @@
+"""No orphans: a supervised child dies with its supervisor.
+
+A supervisor (:mod:`clusterfsm.states.supervisor_child`) that is SIGKILLed cannot stop
+its child; a child that went on serving would keep a dead generation in the group,
+unknown to anyone, until a write to its closed stdout failed. Two mechanisms make the
+child follow its supervisor within a fraction of a second:
+
+- **The lifeline pipe** (every platform, macOS included). The supervisor makes a pipe
+  per child, keeps the write end and never writes to it; the child inherits the read
+  end (its number is in :data:`LIFELINE_ENV`). When the supervisor process ends, for
+  whatever reason, the kernel closes the write end and the child reads EOF:
+  :func:`watch_lifeline` then SIGKILLs the child (its stdout is gone too, so there is
+  no one left to report to). The child's init watchdog sees its rank's pipe close in
+  turn and removes the topology directory (:mod:`clusterfsm.states.watchdog`).
+- **PR_SET_PDEATHSIG** (Linux only, :func:`die_with_parent`): the kernel itself sends
+  SIGKILL when the parent dies, even while the child is frozen in
+  ``mx.distributed.init`` holding the GIL, when no task of it can run to read the
+  lifeline. Set at the child's start; if the parent is already gone by then (the
+  race the prctl manual warns about) the child ends at once.
+
+A frozen child on macOS is bounded by its init watchdog's deadline instead.
+Both sides are used by ``serve`` (a supervised child reads the variables); a custom
+child command (``supervise_ranks(command=...)``) calls :func:`die_with_parent` and
+runs :func:`watch_lifeline` the same way.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+from collections.abc import Mapping
+
+import trio
+
+#: The read end of the lifeline pipe, as a decimal file descriptor number.
+LIFELINE_ENV = "CLUSTERFSM_LIFELINE_FD"
+#: The supervisor's pid, so the child can tell that its parent is already gone.
+SUPERVISOR_PID_ENV = "CLUSTERFSM_SUPERVISOR_PID"
+#: From ``<linux/prctl.h>``.
+PR_SET_PDEATHSIG = 1
+
+
+def _exit_now() -> None:
+    """SIGKILL ourselves: the same end as PR_SET_PDEATHSIG, on every platform."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fd(environ: Mapping[str, str]) -> int | None:
+    text = environ.get(LIFELINE_ENV, "")
+    return int(text) if text.isdigit() else None
+
+
+def die_with_parent(environ: Mapping[str, str] | None = None) -> bool:
+    """Linux: have the kernel SIGKILL this process when its parent dies.
+
+    Does nothing (False) unless this process is a supervised child
+    (:data:`SUPERVISOR_PID_ENV` set), or off Linux, or if prctl is unavailable.
+    If the supervisor has already died before the call, this process ends at once.
+    """
+    env = os.environ if environ is None else environ
+    parent = env.get(SUPERVISOR_PID_ENV, "")
+    if not parent.isdigit():
+        return False
+    armed = False
+    if sys.platform == "linux":
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)  # the process's own libc
+            armed = libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            armed = False  # no libc prctl: the lifeline pipe still works
+    if os.getppid() != int(parent):
+        _exit_now()  # the supervisor died before prctl took effect
+    return armed
+
+
+async def watch_lifeline(environ: Mapping[str, str] | None = None) -> None:
+    """Wait for EOF on the lifeline pipe, then end this process (SIGKILL).
+
+    Returns at once if there is no lifeline (not a supervised child). Run it in the
+    child's nursery for as long as the child lives.
+    """
+    fd = _fd(os.environ if environ is None else environ)
+    if fd is None:
+        return
+    try:
+        os.set_blocking(fd, False)
+    except OSError:
+        return  # not an open descriptor: nothing to watch
+    while True:
+        await trio.lowlevel.wait_readable(fd)
+        try:
+            data = os.read(fd, 4096)
+        except BlockingIOError:
+            continue
+        if not data:
+            _exit_now()
+
+
+def open_lifeline() -> tuple[int, int]:
+    """The supervisor's side: a pipe ``(read_end, write_end)``; both non-inheritable.
+
+    Pass ``read_end`` to exactly one child (``pass_fds``) and close it after the
+    spawn; keep ``write_end`` open (and unwritten) until the child has been reaped.
+    """
+    return os.pipe()
+
+
+def lifeline_env(read_end: int) -> dict[str, str]:
+    """The child's environment entries for a lifeline ``read_end`` and this parent."""
+    return {LIFELINE_ENV: str(read_end), SUPERVISOR_PID_ENV: str(os.getpid())}
+
+
+__all__ = [
+    "LIFELINE_ENV",
+    "SUPERVISOR_PID_ENV",
+    "die_with_parent",
+    "lifeline_env",
+    "open_lifeline",
+    "watch_lifeline",
+]
