@@ -36,6 +36,7 @@ from clusterfsm.states.lines import (
     TransitionLine,
     parse_line,
 )
+from clusterfsm.states.watchdog_main import GENERATION_DIR_ENV
 
 # -- what a child reports -----------------------------------------------------------
 
@@ -192,10 +193,12 @@ class ProcessLauncher:
     async def launch(self, generation: int, epoch: int, nursery: trio.Nursery,
                      inbox: trio.MemorySendChannel[InboxItem]) -> Child:
         # A private TMPDIR per generation: a child killed by SIGKILL cannot remove its
-        # topology directory; removing this one after the reap leaves nothing behind.
+        # topology directory; removing this one after the reap leaves nothing behind
+        # (and if we are killed too, the child's watchdog removes it: watchdog_main).
         tmpdir = tempfile.mkdtemp(prefix=f"clusterfsm-gen{generation}-",
                                   dir=self.env.get("TMPDIR"))
-        env = dict(self.env, **{EPOCH_ENV: str(epoch), "TMPDIR": tmpdir})
+        env = dict(self.env, **{EPOCH_ENV: str(epoch), "TMPDIR": tmpdir,
+                                GENERATION_DIR_ENV: tmpdir})
         if self.epoch_floors:
             env[EPOCH_FLOORS_ENV] = format_floors(self.epoch_floors)
         # Ours stays open, unwritten, until the child is reaped; its EOF tells the

@@ -25,6 +25,11 @@ The protocol on its stdin, one command per line:
 If the deadline passes while armed: append the two trace lines, print the message on
 stderr, SIGKILL the parent (the rank), remove the cleanup directories and exit 0. On
 EOF (the rank exited or was killed): remove the cleanup directories and exit 0.
+
+A supervised rank's private generation directory (:data:`GENERATION_DIR_ENV`, set by
+its supervisor, which removes it after reaping the rank) is a cleanup directory from
+the start: if the supervisor is gone too (SIGKILLed, and the rank with it), the
+watchdog is the last one left to remove it.
 """
 
 from __future__ import annotations
@@ -41,6 +46,10 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any
+
+
+#: The supervised rank's generation directory (its TMPDIR), removed on EOF as well.
+GENERATION_DIR_ENV = "CLUSTERFSM_GENERATION_DIR"
 
 
 def _unless_gone(remove: Callable[[str], None], path: str) -> None:
@@ -98,7 +107,8 @@ def main(fd: int = 0) -> int:
     armed_at = 0.0
     deadline: float | None = None
     payload: dict[str, Any] = {}
-    cleanup: list[str] = []
+    cleanup: list[str] = [os.environ[GENERATION_DIR_ENV]] if os.environ.get(
+        GENERATION_DIR_ENV) else []
     buf = b""
     while True:
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())

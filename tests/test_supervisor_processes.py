@@ -205,3 +205,92 @@ async def test_embedding_iterator_yields_ready_generations(tmp_path: Path) -> No
             nursery.start_soon(rank, 0, ["--listen", f"127.0.0.1:{port}"])
             nursery.start_soon(rank, 1, ["--peer", f"127.0.0.1:{port}"])
     assert ready[0] == ready[1] and len(ready[0]) == 32
+
+
+# -- supervised apps (issue 17): the app's worker, no orphans, coordinator loss -----
+
+WORKERS = Path(__file__).resolve().parent.parent / "examples" / "workers.py"
+ADMITTED = re.compile(r"\[gen (\d+)\] admitted rank 1 epoch (\d+) from ")
+
+
+def live_members(pgid: int) -> list[int]:
+    """The processes of process group ``pgid`` that are not zombies (Linux /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:  # it ended while we looked
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            found.append(int(entry))
+    return found
+
+
+async def all_gone_within(pgid: int, seconds: float) -> None:
+    """Poll until no live process is left in ``pgid``; fail after ``seconds``."""
+    with trio.move_on_after(seconds):
+        while live_members(pgid):  # noqa: ASYNC110 - /proc offers no event to wait on
+            await trio.sleep(0.01)
+        return
+    raise AssertionError(f"still alive {seconds} s later: {live_members(pgid)}")
+
+
+def worked(proc: Proc, generation: int) -> str:
+    return f"[gen {generation}] rank {proc.name[-1]}: 20 all_sums"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads process groups from /proc")
+async def test_sigkilled_supervisor_leaves_no_child_or_watchdog(cluster: Cluster) -> None:
+    cluster.env["WORKER_REPORT_EVERY"] = "20"
+    worker = ["--worker", f"{WORKERS}:all_sum_loop"]
+    s0, s1 = await cluster.supervised(0, *worker), await cluster.supervised(1, *worker)
+    for s in (s0, s1):
+        await s.wait_for(worked(s, 1))  # the app's loop runs on the group
+    pgid = s1.process.pid  # the supervisor leads its own group: child, watchdog
+    assert len(live_members(pgid)) >= 3
+    s1.process.kill()
+    await all_gone_within(pgid, 1.0)
+    await s0.wait_for("generation 1 ended in peer_lost (PeerLost)")
+    s1 = await cluster.supervised(1, *worker)  # restarted from outside
+    await s0.wait_for(worked(s0, 2))
+    await s1.wait_for(worked(s1, 1))
+    assert sessions(s0)[1] == sessions(s1)[0] != sessions(s0)[0]
+
+
+async def test_coordinator_child_lost_every_rank_starts_a_new_generation(
+        cluster: Cluster) -> None:
+    cluster.env["WORKER_REPORT_EVERY"] = "20"
+    worker = ["--worker", f"{WORKERS}:all_sum_loop"]
+    s0, s1 = await cluster.supervised(0, *worker), await cluster.supervised(1, *worker)
+    for s in (s0, s1):
+        await s.wait_for(worked(s, 1))
+    os.kill(child_pid(s0, 1), signal.SIGKILL)
+    for s in (s0, s1):
+        await s.wait_for("recovered")
+        await s.wait_for(worked(s, 2))
+    first, second = sessions(s0)
+    assert sessions(s1) == [first, second] and first != second
+    # Stale-epoch rules: rank 0's second child was handed its predecessor's admission
+    # of rank 1 as a floor and admitted only rank 1's newer generation.
+    admitted = [(int(m[1]), int(m[2])) for line in s0.lines if (m := ADMITTED.search(line))]
+    assert [g for g, _ in admitted] == [1, 2]
+    (_, old), (_, new) = admitted
+    assert new > old
+    assert f"generation 2 started (pid {child_pid(s1, 2)}, epoch {new})" in "\n".join(s1.lines)
+
+
+async def test_a_failing_worker_ends_its_generation_with_an_error_line(
+        cluster: Cluster) -> None:
+    worker = ["--worker", f"{WORKERS}:fail_after_ready", "--max-restarts", "0"]
+    s0, s1 = await cluster.supervised(0, *worker), await cluster.supervised(1, *worker)
+    for rank, s in enumerate((s0, s1)):
+        await s.wait_for(f"[gen 1] rank {rank}: state worker_failed, error LookupError: "
+                         f"rank {rank} has no model to serve")
+        await s.wait_for("[gen 1] Traceback (most recent call last):")
+        await s.wait_for("generation 1 ended in worker_failed (LookupError): rank")
+        with trio.fail_after(15):
+            assert await s.process.wait() == 1
+        await s.wait_for("error RestartBudgetExhausted")

@@ -1,0 +1,131 @@
+"""Supervised apps without a cluster: worker names, the epoch environment, the
+lifeline, and the bare exceptions of ``supervise_ranks`` (issue 17).
+
+Real processes here are tiny Python children; the MLX ring cases are in
+tests/test_supervisor_processes.py.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+from clusterfsm.states.config import ClusterConfig
+from clusterfsm.states.epochs import EPOCH_ENV, EPOCH_FLOORS_ENV, supervised_config
+from clusterfsm.states.lifeline import lifeline_env, open_lifeline
+from clusterfsm.states.supervised import supervise_ranks
+from clusterfsm.states.supervisor import RestartBudgetExhausted, RestartPolicy
+from clusterfsm.states.worker import WorkerSpecError, load_worker, worker_spec
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKERS = ROOT / "examples" / "workers.py"
+
+
+async def module_level_worker(_cluster: object) -> None:
+    return None
+
+
+def test_worker_spec_names_a_module_level_async_function() -> None:
+    assert worker_spec(module_level_worker) == f"{__name__}:module_level_worker"
+    assert load_worker(worker_spec(module_level_worker)) is module_level_worker
+    assert worker_spec("pkg.mod:fn") == "pkg.mod:fn"
+
+
+def test_worker_spec_refuses_what_a_child_cannot_import() -> None:
+    async def local(_cluster: object) -> None:
+        return None
+
+    def not_async(_cluster: object) -> None:
+        return None
+
+    with pytest.raises(WorkerSpecError, match="not importable by name"):
+        worker_spec(local)
+    with pytest.raises(WorkerSpecError, match="not an async function"):
+        worker_spec(not_async)  # type: ignore[arg-type]
+
+
+def test_load_worker_by_path_and_its_usage_errors() -> None:
+    worker = load_worker(f"{WORKERS}:all_sum_loop")
+    assert worker.__name__ == "all_sum_loop"
+    for spec, words in [("nocolon", "MODULE:FUNCTION"),
+                        ("no_such_module_xyz:fn", "cannot import"),
+                        (f"{WORKERS}:missing", "has no missing"),
+                        (f"{WORKERS}:REPORT_EVERY", "not an async function"),
+                        ("/nowhere/at/all.py:fn", "no such file")]:
+        with pytest.raises(WorkerSpecError, match=words):
+            load_worker(spec)
+
+
+def test_supervised_config_reads_what_the_supervisor_set() -> None:
+    config = ClusterConfig(rank=0, world_size=2, key=b"k" * 32, listen="127.0.0.1:7700")
+    assert supervised_config(config, {}) is config
+    out = supervised_config(config, {EPOCH_ENV: "7", EPOCH_FLOORS_ENV: "1=5,2=6"},
+                            admissions=sys.stderr)
+    assert (out.epoch, dict(out.epoch_floors)) == (7, {1: 5, 2: 6})
+    with pytest.raises(ValueError, match=EPOCH_FLOORS_ENV):
+        supervised_config(config, {EPOCH_FLOORS_ENV: "x"})
+
+
+async def test_a_child_ends_when_its_lifeline_closes() -> None:
+    """The supervisor's side of the pipe closes (as when it is SIGKILLed): the child
+    (here a tiny program running watch_lifeline) ends by SIGKILL."""
+    read_end, write_end = open_lifeline()
+    program = "import trio; from clusterfsm.states.lifeline import watch_lifeline; " \
+              "print('watching', flush=True); trio.run(watch_lifeline)"
+    try:
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-c", program], env=dict(os.environ, **lifeline_env(read_end)),
+            pass_fds=(read_end,), stdout=subprocess.PIPE)
+    finally:
+        os.close(read_end)
+    try:
+        assert process.stdout is not None
+        with trio.fail_after(10):
+            assert b"watching" in await process.stdout.receive_some(100)
+        os.close(write_end)
+        write_end = -1
+        with trio.fail_after(5):
+            assert await process.wait() == -9
+    finally:
+        if write_end >= 0:
+            os.close(write_end)
+        process.kill()
+        await process.wait()
+        if process.stdout is not None:
+            await process.stdout.aclose()
+
+
+async def test_restart_budget_exhausted_leaves_supervise_ranks_bare() -> None:
+    policy = RestartPolicy(max_restarts=1, backoff_min_s=0.01, backoff_max_s=0.02)
+
+    def failing(_generation: int, _epoch: int) -> list[str]:
+        return [sys.executable, "-c", "import sys; print('failing'); sys.exit(1)"]
+
+    echoed: list[tuple[int, str, str]] = []
+    with trio.fail_after(20), pytest.raises(RestartBudgetExhausted) as caught:
+        async with supervise_ranks([], policy=policy, command=failing,
+                                   echo=lambda *line: echoed.append(line)) as generations:
+            async for event in generations:
+                assert event.kind == "failed"
+    assert caught.value.generations == 2
+    assert echoed == [(1, "stdout", "failing"), (2, "stdout", "failing")]
+
+
+async def test_an_exception_of_the_app_block_leaves_bare() -> None:
+    def sleeper(_generation: int, _epoch: int) -> list[str]:
+        return [sys.executable, "-c", "import time; time.sleep(30)"]
+
+    with trio.fail_after(20), pytest.raises(KeyError):
+        async with supervise_ranks([], command=sleeper, echo=None):
+            raise KeyError("the app's own")
+
+
+async def test_worker_and_command_together_are_refused() -> None:
+    with pytest.raises(ValueError, match="not both"):
+        async with supervise_ranks([], worker="m:f", command=lambda g, e: ["true"]):
+            pass
