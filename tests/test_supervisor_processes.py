@@ -294,3 +294,30 @@ async def test_a_failing_worker_ends_its_generation_with_an_error_line(
         with trio.fail_after(15):
             assert await s.process.wait() == 1
         await s.wait_for("error RestartBudgetExhausted")
+
+
+async def test_after_coordinator_loss_an_older_rank_1_is_still_refused(
+        cluster: Cluster) -> None:
+    """Rank 0 (supervised) loses its child while rank 1 (started by hand at epoch 2000,
+    as its supervisor would) is ready. Rank 0's next child still knows epoch 2000 was
+    admitted: a rank 1 of an older generation (1000) is refused ``stale_session``, a
+    newer one (3000) gets in and the group works."""
+    s0 = await cluster.supervised(0)
+    first = await cluster.start("rank 1 epoch 2000", cluster.rank_args(1),
+                                env={"CLUSTERFSM_EPOCH": "2000"})
+    await first.wait_for("DistributedGroup ready")
+    await s0.wait_for("admitted rank 1 epoch 2000 from 127.0.0.1")
+    os.kill(child_pid(s0, 1), signal.SIGKILL)
+    await first.wait_for("state peer_lost, error PeerLost")
+    with trio.fail_after(10):
+        assert await first.process.wait() == 1
+    await s0.wait_for("generation 2 started")
+    old = await cluster.start("rank 1 epoch 1000", cluster.rank_args(1),
+                              env={"CLUSTERFSM_EPOCH": "1000"})
+    assert "stale_session" in await old.wait_for("error HandshakeRejected")
+    fresh = await cluster.start("rank 1 epoch 3000", cluster.rank_args(1),
+                                env={"CLUSTERFSM_EPOCH": "3000"})
+    await fresh.wait_for("DistributedGroup ready")
+    await s0.wait_for("DistributedGroup ready", times=2)
+    await s0.wait_for("[gen 2] admitted rank 1 epoch 3000 from 127.0.0.1")
+    assert sessions(s0)[1] == sessions(fresh)[0] != sessions(first)[0]
