@@ -4,7 +4,9 @@ A rank (``clusterfsm serve``) is watched from outside through its stdout and std
 its supervisor (:mod:`clusterfsm.states.supervisor_child` reads a child's lines, and
 ``serve --supervise`` writes its own), the demo (:mod:`clusterfsm.states.demo`), an
 embedding app's own child command (``supervise_ranks(command=...)``) and operators'
-scripts. This module is the one owner of those lines: each kind is a frozen attrs
+scripts. Nothing else passes between a supervisor and its child, apart from the
+environment it starts the child with (epoch: :mod:`clusterfsm.states.epochs`; the
+lifeline: :mod:`clusterfsm.states.lifeline`). This module is the one owner of those lines: each kind is a frozen attrs
 class whose :meth:`format` is what the writers print and whose :meth:`parse` is what
 the readers use, so the two cannot drift apart. docs/design.md section 4 describes
 where the protocol sits in the architecture; docs/operations.md shows it in a
@@ -28,7 +30,9 @@ Each kind, its stream, and its text:
 - :class:`AllSumLine` (stdout): ``SPEAKER: all_sum = 3 (expected 3)`` (``--verify``).
 - :class:`VerifyFailedLine` (stderr): ``SPEAKER: all_sum is wrong`` (then exit 1).
 - :class:`ErrorLine` (stderr): ``SPEAKER: state STATE, error TYPE: DETAIL``, the speaker
-  ended in error state ``STATE`` with an error of type ``TYPE`` (then exit 1).
+  ended in error state ``STATE`` with an error of type ``TYPE`` (then exit 1). With
+  ``serve --worker``, ``STATE`` is ``worker_failed`` when the app's worker raised
+  (:data:`clusterfsm.states.worker.WORKER_FAILED`; its traceback precedes the line).
 - :class:`PeerLeftLine` (stdout): ``SPEAKER: state peer_left (a peer closed the cluster
   on purpose; the group is no longer usable)``.
 - :class:`StoppedLine` (stderr): ``SPEAKER: stopped by signal``.

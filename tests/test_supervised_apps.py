@@ -129,3 +129,17 @@ async def test_worker_and_command_together_are_refused() -> None:
     with pytest.raises(ValueError, match="not both"):
         async with supervise_ranks([], worker="m:f", command=lambda g, e: ["true"]):
             pass
+
+
+def test_serve_refuses_a_worker_it_cannot_import(tmp_path: Path) -> None:
+    """Bad usage (exit 2): under a supervisor, child_misconfigured, not a restart."""
+    from clusterfsm.states.keys import write_key
+
+    key = write_key(tmp_path / "k")
+    done = subprocess.run(
+        [sys.executable, "-m", "clusterfsm.states.cli", "serve", "--rank", "1",
+         "--world-size", "2", "--peer", "127.0.0.1:9", "--key-file", str(key),
+         "--worker", "no_such_module_xyz:serve"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.startswith("clusterfsm serve: --worker no_such_module_xyz:serve: "
+                                  "cannot import no_such_module_xyz")
