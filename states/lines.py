@@ -6,11 +6,11 @@ its supervisor (:mod:`clusterfsm.states.supervisor_child` reads a child's lines,
 embedding app's own child command (``supervise_ranks(command=...)``) and operators'
 scripts. Nothing else passes between a supervisor and its child, apart from the
 environment it starts the child with (epoch: :mod:`clusterfsm.states.epochs`; the
-lifeline: :mod:`clusterfsm.states.lifeline`). This module is the one owner of those lines: each kind is a frozen attrs
-class whose :meth:`format` is what the writers print and whose :meth:`parse` is what
-the readers use, so the two cannot drift apart. docs/design.md section 4 describes
-where the protocol sits in the architecture; docs/operations.md shows it in a
-supervised log.
+lifeline: :mod:`clusterfsm.states.lifeline`). This module is the one owner of those
+lines: each kind is a frozen attrs class whose :meth:`format` is what the writers print
+and whose :meth:`parse` is what the readers use, so the two cannot drift apart.
+docs/design.md section 4 describes where the protocol sits in the architecture;
+docs/operations.md shows it in a supervised log.
 
 The lines
 ---------
