@@ -15,8 +15,10 @@ child follow its supervisor within a fraction of a second:
 - **PR_SET_PDEATHSIG** (Linux only, :func:`die_with_parent`): the kernel itself sends
   SIGKILL when the parent dies, even while the child is frozen in
   ``mx.distributed.init`` holding the GIL, when no task of it can run to read the
-  lifeline. Set at the child's start; if the parent is already gone by then (the
-  race the prctl manual warns about) the child ends at once.
+  lifeline. Set at the child's start; if the supervisor is already gone by then (the
+  race the prctl manual warns about: its lifeline already reads EOF) the child ends at
+  once. The kernel's signal follows the *direct* parent: a child started through a
+  wrapper that forks (rather than execs) relies on the lifeline alone.
 
 A frozen child on macOS is bounded by its init watchdog's deadline instead.
 Both sides are used by ``serve`` (a supervised child reads the variables); a custom
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import select
 import signal
 import sys
 from collections.abc import Mapping
@@ -36,8 +39,6 @@ import trio
 
 #: The read end of the lifeline pipe, as a decimal file descriptor number.
 LIFELINE_ENV = "CLUSTERFSM_LIFELINE_FD"
-#: The supervisor's pid, so the child can tell that its parent is already gone.
-SUPERVISOR_PID_ENV = "CLUSTERFSM_SUPERVISOR_PID"
 #: From ``<linux/prctl.h>``.
 PR_SET_PDEATHSIG = 1
 
@@ -52,16 +53,24 @@ def _fd(environ: Mapping[str, str]) -> int | None:
     return int(text) if text.isdigit() else None
 
 
+def _closed(fd: int) -> bool:
+    """The lifeline reads EOF now (the supervisor never writes: readable means EOF)."""
+    try:
+        readable, _, _ = select.select([fd], [], [], 0)
+    except (OSError, ValueError):
+        return False  # not an open descriptor: no lifeline to judge by
+    return bool(readable)
+
+
 def die_with_parent(environ: Mapping[str, str] | None = None) -> bool:
     """Linux: have the kernel SIGKILL this process when its parent dies.
 
-    Does nothing (False) unless this process is a supervised child
-    (:data:`SUPERVISOR_PID_ENV` set), or off Linux, or if prctl is unavailable.
-    If the supervisor has already died before the call, this process ends at once.
+    Does nothing (False) unless this process is a supervised child (a lifeline in
+    :data:`LIFELINE_ENV`), or off Linux, or if prctl is unavailable. If the
+    supervisor has already died before the call, this process ends at once.
     """
-    env = os.environ if environ is None else environ
-    parent = env.get(SUPERVISOR_PID_ENV, "")
-    if not parent.isdigit():
+    fd = _fd(os.environ if environ is None else environ)
+    if fd is None:
         return False
     armed = False
     if sys.platform == "linux":
@@ -70,7 +79,7 @@ def die_with_parent(environ: Mapping[str, str] | None = None) -> bool:
             armed = libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
         except (OSError, AttributeError):
             armed = False  # no libc prctl: the lifeline pipe still works
-    if os.getppid() != int(parent):
+    if _closed(fd):
         _exit_now()  # the supervisor died before prctl took effect
     return armed
 
@@ -108,13 +117,12 @@ def open_lifeline() -> tuple[int, int]:
 
 
 def lifeline_env(read_end: int) -> dict[str, str]:
-    """The child's environment entries for a lifeline ``read_end`` and this parent."""
-    return {LIFELINE_ENV: str(read_end), SUPERVISOR_PID_ENV: str(os.getpid())}
+    """The child's environment entry for a lifeline ``read_end``."""
+    return {LIFELINE_ENV: str(read_end)}
 
 
 __all__ = [
     "LIFELINE_ENV",
-    "SUPERVISOR_PID_ENV",
     "die_with_parent",
     "lifeline_env",
     "open_lifeline",

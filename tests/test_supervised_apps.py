@@ -143,3 +143,24 @@ def test_serve_refuses_a_worker_it_cannot_import(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert done.stderr.startswith("clusterfsm serve: --worker no_such_module_xyz:serve: "
                                   "cannot import no_such_module_xyz")
+
+
+async def test_a_child_whose_supervisor_is_already_gone_ends_at_its_start() -> None:
+    """The prctl race: the lifeline already reads EOF when the child starts."""
+    read_end, write_end = open_lifeline()
+    os.close(write_end)
+    program = "from clusterfsm.states.lifeline import die_with_parent; " \
+              "die_with_parent(); print('still here')"
+    try:
+        done = await trio.run_process(
+            [sys.executable, "-c", program], env=dict(os.environ, **lifeline_env(read_end)),
+            pass_fds=(read_end,), capture_stdout=True, check=False)
+    finally:
+        os.close(read_end)
+    assert done.returncode == -9 and done.stdout == b""
+
+
+def test_no_lifeline_no_effect() -> None:
+    from clusterfsm.states.lifeline import die_with_parent
+
+    assert die_with_parent({}) is False
