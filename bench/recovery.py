@@ -58,8 +58,10 @@ class Supervisor:
         self.session = ""  # of the newest ready generation
         self.ready_at = 0.0
         self.work = 0  # all_sums reported by the worker in that session
+        self.lines: list[str] = []
 
     def line(self, text: str) -> None:
+        self.lines.append(text)
         parsed = parse_line(text)
         if isinstance(parsed, SupervisorNote) and (m := STARTED.match(parsed.text)):
             self.child_pid = int(m[2])
@@ -102,7 +104,9 @@ class Pair:
             [sys.executable, "-m", "clusterfsm.states.cli", "serve", "--rank", str(rank),
              "--world-size", "2", "--key-file", str(self.key), "--quiet", *where,
              "--supervise", "--worker", WORKER, "--restart-backoff", "0.05:0.2",
-             "--max-restarts", "50", "--stop-grace", "1"],
+             # Every kill is a restart in a row (no generation lives the 10 s that
+             # resets the count): a budget above all the kills of the run.
+             "--max-restarts", "100000", "--stop-grace", "1"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self.env,
             start_new_session=True)
         sup = Supervisor(rank, process, self.on_line)
@@ -111,9 +115,13 @@ class Pair:
         self.nursery.start_soon(sup.pump)
 
     async def until(self, done: Callable[[], bool]) -> None:
-        with trio.fail_after(LIMIT_S):
+        with trio.move_on_after(LIMIT_S):
             while not done():
                 await self.changed.wait()
+            return
+        for sup in self.all[-2:]:
+            print(f"--- supervisor rank {sup.rank}, last lines:", *sup.lines[-30:], sep="\n")
+        raise TimeoutError(f"not done within {LIMIT_S:g} s")
 
     def together(self, old: str) -> bool:
         a, b = self.sups[0], self.sups[1]
