@@ -46,7 +46,7 @@ from clusterfsm.states.lines import (
     rank_speaker,
 )
 from clusterfsm.states.nodeid import load_or_create_node_id
-from clusterfsm.states.worker import WORKER_FAILED, Worker, load_worker
+from clusterfsm.states.worker import WORKER_FAILED, Worker, hold_group, load_worker
 
 
 @attrs.frozen
@@ -216,35 +216,17 @@ async def _serve_async(config: ClusterConfig, options: ServeOptions) -> int:
                         _emit(ReadyLine(cluster.rank, cluster.group.size(), cluster.backend,
                                         cluster.session_id.hex()))
                     is_ready = True
-                    worker_error: Exception | None = None
                     if (options.worker or not options.once) and code == EXIT_OK:
-                        async with trio.open_nursery() as waiters:
-                            async def lost() -> None:
-                                await cluster.wait_lost()
-                                waiters.cancel_scope.cancel()
-
-                            async def work(worker: Worker) -> None:
-                                nonlocal worker_error
-                                try:
-                                    await worker(cluster)
-                                except Exception as exc:  # noqa: BLE001 - reported below
-                                    worker_error = exc
-                                waiters.cancel_scope.cancel()
-
-                            waiters.start_soon(lost)
-                            if options.worker is not None:
-                                waiters.start_soon(work, options.worker)
-                            await stop.wait()
-                            waiters.cancel_scope.cancel()
-                        if worker_error is not None and not isinstance(
-                                cluster.error, PeerLost | LinkLost):
-                            traceback.print_exception(worker_error, file=sys.stderr)
-                            _emit(ErrorLine(speaker, WORKER_FAILED, type(worker_error).__name__,
-                                            str(worker_error)))
-                            code = EXIT_FAILED
-                        elif isinstance(cluster.error, PeerLost | LinkLost):
+                        failed = await hold_group(cluster, stop, options.worker)
+                        if failed is not None:
+                            traceback.print_exception(failed, file=sys.stderr)
+                        if isinstance(cluster.error, PeerLost | LinkLost):
                             _emit(ErrorLine(speaker, cluster.state, type(cluster.error).__name__,
                                             str(cluster.error)))
+                            code = EXIT_FAILED
+                        elif failed is not None:
+                            _emit(ErrorLine(speaker, WORKER_FAILED, type(failed).__name__,
+                                            str(failed)))
                             code = EXIT_FAILED
                         elif cluster.state == "peer_left":
                             _emit(PeerLeftLine(speaker))

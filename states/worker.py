@@ -40,6 +40,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import trio
+
 if TYPE_CHECKING:
     from clusterfsm.states.api import Cluster
 
@@ -115,4 +117,41 @@ def worker_spec(worker: Worker | str) -> str:
     return f"{module}:{qualname}"
 
 
-__all__ = ["WORKER_FAILED", "Worker", "WorkerSpecError", "load_worker", "worker_spec"]
+async def hold_group(cluster: Cluster, stop: trio.Event, worker: Worker | None
+                     ) -> Exception | None:
+    """Hold the ready group until it is lost, ``stop`` is set, or ``worker`` ends.
+
+    Runs ``await worker(cluster)`` meanwhile (cancelled by the first two). Returns the
+    exception the worker raised, or None (``cluster.error`` says whether the group was
+    lost, which the caller reports first: a worker's error is then often its echo).
+    """
+    failed: Exception | None = None
+    async with trio.open_nursery() as waiters:
+        async def lost() -> None:
+            await cluster.wait_lost()
+            waiters.cancel_scope.cancel()
+
+        async def work(worker: Worker) -> None:
+            nonlocal failed
+            try:
+                await worker(cluster)
+            except Exception as exc:  # noqa: BLE001 - the app's error, returned to report
+                failed = exc
+            waiters.cancel_scope.cancel()
+
+        waiters.start_soon(lost)
+        if worker is not None:
+            waiters.start_soon(work, worker)
+        await stop.wait()
+        waiters.cancel_scope.cancel()
+    return failed
+
+
+__all__ = [
+    "WORKER_FAILED",
+    "Worker",
+    "WorkerSpecError",
+    "hold_group",
+    "load_worker",
+    "worker_spec",
+]
