@@ -13,7 +13,9 @@ child follow its supervisor within a fraction of a second:
   no one left to report to). The child's init watchdog sees its rank's pipe close in
   turn and removes the topology directory (:mod:`clusterfsm.states.watchdog`).
 - **PR_SET_PDEATHSIG** (Linux only, :func:`die_with_parent`): the kernel itself sends
-  SIGKILL when the parent dies, even while the child is frozen in
+  SIGKILL when the parent dies (when the parent's *thread* that forked the child
+  exits, which is why the supervisor forks it from its own thread:
+  :mod:`clusterfsm.states.child_process`), even while the child is frozen in
   ``mx.distributed.init`` holding the GIL, when no task of it can run to read the
   lifeline. Set at the child's start; if the supervisor is already gone by then (the
   race the prctl manual warns about: its lifeline already reads EOF) the child ends at
@@ -39,6 +41,9 @@ import trio
 
 #: The read end of the lifeline pipe, as a decimal file descriptor number.
 LIFELINE_ENV = "CLUSTERFSM_LIFELINE_FD"
+#: ``1`` if the supervisor forked this child from its own long-lived thread, so that a
+#: parent-death signal means the supervisor died (clusterfsm.states.child_process).
+PDEATHSIG_ENV = "CLUSTERFSM_PDEATHSIG"
 #: From ``<linux/prctl.h>``.
 PR_SET_PDEATHSIG = 1
 
@@ -66,14 +71,17 @@ def die_with_parent(environ: Mapping[str, str] | None = None) -> bool:
     """Linux: have the kernel SIGKILL this process when its parent dies.
 
     Does nothing (False) unless this process is a supervised child (a lifeline in
-    :data:`LIFELINE_ENV`), or off Linux, or if prctl is unavailable. If the
-    supervisor has already died before the call, this process ends at once.
+    :data:`LIFELINE_ENV`) whose supervisor asked for it (:data:`PDEATHSIG_ENV`: the
+    signal follows the thread that forked us, which must outlive us), or off Linux, or
+    if prctl is unavailable. If the supervisor has already died before the call, this
+    process ends at once.
     """
-    fd = _fd(os.environ if environ is None else environ)
+    env = os.environ if environ is None else environ
+    fd = _fd(env)
     if fd is None:
         return False
     armed = False
-    if sys.platform == "linux":
+    if sys.platform == "linux" and env.get(PDEATHSIG_ENV) == "1":
         try:
             libc = ctypes.CDLL(None, use_errno=True)  # the process's own libc
             armed = libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
@@ -116,13 +124,15 @@ def open_lifeline() -> tuple[int, int]:
     return os.pipe()
 
 
-def lifeline_env(read_end: int) -> dict[str, str]:
-    """The child's environment entry for a lifeline ``read_end``."""
-    return {LIFELINE_ENV: str(read_end)}
+def lifeline_env(read_end: int, *, pdeathsig: bool = False) -> dict[str, str]:
+    """The child's environment entries for a lifeline ``read_end``; ``pdeathsig`` if the
+    child is forked from a thread that lives as long as its supervisor."""
+    return {LIFELINE_ENV: str(read_end), PDEATHSIG_ENV: "1" if pdeathsig else "0"}
 
 
 __all__ = [
     "LIFELINE_ENV",
+    "PDEATHSIG_ENV",
     "die_with_parent",
     "lifeline_env",
     "open_lifeline",

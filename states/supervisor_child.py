@@ -26,6 +26,7 @@ from typing import Protocol
 import attrs
 import trio
 
+from clusterfsm.states.child_process import PDEATHSIG_SPAWN, PidfdProcess, spawn_here
 from clusterfsm.states.epochs import EPOCH_ENV, EPOCH_FLOORS_ENV, format_floors
 from clusterfsm.states.lifeline import lifeline_env, open_lifeline
 from clusterfsm.states.lines import (
@@ -141,9 +142,12 @@ class Launcher(Protocol):
 
 
 class ProcessChild:
-    """A real child process (``trio.Process``) with its stdout/stderr watched."""
+    """A real child process with its stdout/stderr watched: a ``trio.Process``, or on
+    Linux one forked from the supervisor's thread (:mod:`clusterfsm.states.child_process`).
+    """
 
-    def __init__(self, process: trio.Process, generation: int, epoch: int) -> None:
+    def __init__(self, process: trio.Process | PidfdProcess, generation: int,
+                 epoch: int) -> None:
         self.process = process
         self.generation = generation
         self.epoch = epoch
@@ -204,11 +208,21 @@ class ProcessLauncher:
         # Ours stays open, unwritten, until the child is reaped; its EOF tells the
         # child that we are gone (clusterfsm.states.lifeline).
         lifeline, keep = open_lifeline()
-        env.update(lifeline_env(lifeline))
+        env.update(lifeline_env(lifeline, pdeathsig=PDEATHSIG_SPAWN))
+        argv = list(self.command(generation, epoch))
+        process: trio.Process | PidfdProcess
+        stdout: trio.abc.ReceiveStream
+        stderr: trio.abc.ReceiveStream
         try:
-            process = await trio.lowlevel.open_process(
-                list(self.command(generation, epoch)), stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, env=env, pass_fds=(lifeline,))
+            if PDEATHSIG_SPAWN:
+                process, stdout, stderr = spawn_here(argv, env, (lifeline,))
+                nursery.start_soon(process.reap)
+            else:
+                process = await trio.lowlevel.open_process(
+                    argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                    pass_fds=(lifeline,))
+                assert process.stdout is not None and process.stderr is not None
+                stdout, stderr = process.stdout, process.stderr
         except OSError:
             shutil.rmtree(tmpdir, ignore_errors=True)
             os.close(keep)
@@ -216,8 +230,7 @@ class ProcessLauncher:
         finally:
             os.close(lifeline)
         child = ProcessChild(process, generation, epoch)
-        assert process.stdout is not None and process.stderr is not None
-        for name, stream in (("stdout", process.stdout), ("stderr", process.stderr)):
+        for name, stream in (("stdout", stdout), ("stderr", stderr)):
             nursery.start_soon(self._relay, generation, name, stream, inbox.clone())
         nursery.start_soon(self._reap, child, inbox.clone(), tmpdir, keep)
         return child

@@ -10,16 +10,19 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 import trio
 
+from clusterfsm.states.child_process import PDEATHSIG_SPAWN
 from clusterfsm.states.config import ClusterConfig
 from clusterfsm.states.epochs import EPOCH_ENV, EPOCH_FLOORS_ENV, supervised_config
 from clusterfsm.states.lifeline import lifeline_env, open_lifeline
 from clusterfsm.states.supervised import supervise_ranks
 from clusterfsm.states.supervisor import RestartBudgetExhausted, RestartPolicy
+from clusterfsm.states.supervisor_child import InboxItem, ProcessLauncher
 from clusterfsm.states.worker import WorkerSpecError, load_worker, worker_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -164,3 +167,43 @@ def test_no_lifeline_no_effect() -> None:
     from clusterfsm.states.lifeline import die_with_parent
 
     assert die_with_parent({}) is False
+
+
+@pytest.mark.skipif(not PDEATHSIG_SPAWN, reason="PR_SET_PDEATHSIG is Linux only")
+async def test_an_armed_child_outlives_the_supervisors_worker_threads(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """PR_SET_PDEATHSIG fires when the *thread* that forked the child exits. trio
+    starts processes from worker threads that exit when idle; a child forked there
+    died ~10 s after its start. The launcher forks from its own thread instead: the
+    child survives every worker thread's exit (their idle time cut short here)."""
+    from trio._core import _thread_cache
+
+    # Idle threads stay while the child starts and arms, then go as soon as used.
+    monkeypatch.setattr(_thread_cache, "IDLE_TIMEOUT", 60)
+    program = ("import time; from clusterfsm.states.lifeline import die_with_parent; "
+               "print('armed', die_with_parent(), flush=True); time.sleep(60)")
+    armed = trio.Event()
+
+    def echo(_generation: int, _stream: str, line: str) -> None:
+        if line == "armed True":
+            armed.set()
+
+    launcher = ProcessLauncher(lambda g, e: [sys.executable, "-c", program], echo=echo)
+    send, _receive = trio.open_memory_channel[InboxItem](100)
+    async with trio.open_nursery() as nursery:
+        child = await launcher.launch(1, 1, nursery, send)
+        try:
+            with trio.fail_after(20):
+                await armed.wait()
+                monkeypatch.setattr(_thread_cache, "IDLE_TIMEOUT", 0.01)
+                await trio.to_thread.run_sync(lambda: None)  # wakes an idle one to exit
+                while threading.active_count() > 1:  # noqa: ASYNC110 - no event for it
+                    await trio.sleep(0.01)
+            assert child.returncode is None
+            stat = await trio.Path(f"/proc/{child.pid}/stat").read_text()
+            assert stat.rsplit(")", 1)[1].split()[0] != "Z"  # not dead, not yet reaped
+        finally:
+            child.kill()
+            with trio.fail_after(10):
+                await child.wait()
+            nursery.cancel_scope.cancel()
