@@ -321,3 +321,36 @@ async def test_after_coordinator_loss_an_older_rank_1_is_still_refused(
     await s0.wait_for("DistributedGroup ready", times=2)
     await s0.wait_for("[gen 2] admitted rank 1 epoch 3000 from 127.0.0.1")
     assert sessions(s0)[1] == sessions(fresh)[0] != sessions(first)[0]
+
+
+async def test_supervise_ranks_runs_the_apps_worker_and_echoes_its_lines(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from clusterfsm.states.supervised import supervise_ranks
+
+    key, port = write_key(tmp_path / "k"), free_port()
+    common = ["--world-size", "2", "--key-file", str(key), "--quiet"]
+    echoed: dict[int, list[tuple[int, str, str]]] = {0: [], 1: []}
+
+    async def rank(r: int, where: list[str]) -> None:
+        worked = trio.Event()
+
+        def echo(generation: int, stream: str, line: str) -> None:
+            echoed[r].append((generation, stream, line))
+            if line == f"rank {r}: 20 all_sums":
+                worked.set()
+
+        async with supervise_ranks(["--rank", str(r), *common, *where],
+                                   worker=f"{WORKERS}:all_sum_loop", echo=echo) as gens:
+            async for event in gens:
+                assert event.kind == "ready" and event.generation == 1
+                break
+            await worked.wait()
+
+    monkeypatch.setenv("WORKER_REPORT_EVERY", "20")  # the children inherit it
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(rank, 0, ["--listen", f"127.0.0.1:{port}"])
+            nursery.start_soon(rank, 1, ["--peer", f"127.0.0.1:{port}"])
+    for r in (0, 1):
+        assert (1, "stdout", f"rank {r}: 20 all_sums") in echoed[r]
+        assert any(line.startswith("DistributedGroup ready") for _, _, line in echoed[r])
