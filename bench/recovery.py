@@ -16,7 +16,9 @@ the next kill, both workers must have done 20 more ``all_sum`` calls in that ses
 Baseline in the same run: the first bring-up (both supervisors started, to the same
 ready), which includes two supervisor and two child interpreter starts.
 
-Run: python bench/recovery.py [--kills 20] [--json OUT]
+Run: python bench/recovery.py [--kills 20] [--json OUT] [--log OUT.txt]
+(``--log``: every supervisor's lines, each stamped with the time this process read it,
+to see where a recovery's time went).
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ class Supervisor:
         self.lines: list[str] = []
 
     def line(self, text: str) -> None:
-        self.lines.append(text)
+        self.lines.append(f"{time.monotonic():.3f} {text}")
         parsed = parse_line(text)
         if isinstance(parsed, SupervisorNote) and (m := STARTED.match(parsed.text)):
             self.child_pid = int(m[2])
@@ -160,7 +162,7 @@ async def kill(pair: Pair, kind: str) -> float:
     return ready
 
 
-async def main(kills: int) -> dict[str, list[float]]:
+async def main(kills: int, log: str | None) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {kind: [] for kind in KINDS}
     with tempfile.TemporaryDirectory(prefix="recovery-bench-") as tmp:
         async with trio.open_nursery() as nursery:
@@ -179,6 +181,10 @@ async def main(kills: int) -> dict[str, list[float]]:
                           flush=True)
             finally:
                 await pair.close()
+                if log:
+                    await trio.Path(log).write_text("".join(
+                        f"--- supervisor rank {s.rank} (pid {s.process.pid})\n"
+                        + "".join(line + "\n" for line in s.lines) for s in pair.all))
                 nursery.cancel_scope.cancel()
     return times
 
@@ -203,4 +209,5 @@ def report(times: dict[str, list[float]], argv: list[str]) -> None:
 if __name__ == "__main__":
     argv = sys.argv[1:]
     n = int(argv[argv.index("--kills") + 1]) if "--kills" in argv else 20
-    report(trio.run(main, n), argv)
+    report(trio.run(main, n, argv[argv.index("--log") + 1] if "--log" in argv else None),
+           argv)
