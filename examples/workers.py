@@ -30,7 +30,7 @@ def _all_sum(group: Any, value: float, width: int) -> float:
     return float(first)
 
 
-async def all_sum_loop(cluster: Cluster) -> None:
+async def all_sum_loop(cluster: Cluster[Any]) -> None:
     """``all_sum`` of ``rank + 1`` over 4096 floats, again and again, checked."""
     expected = cluster.size * (cluster.size + 1) / 2
     done = 0
@@ -46,6 +46,6 @@ async def all_sum_loop(cluster: Cluster) -> None:
             print(f"rank {cluster.rank}: {done} all_sums", flush=True)
 
 
-async def fail_after_ready(cluster: Cluster) -> None:
+async def fail_after_ready(cluster: Cluster[Any]) -> None:
     """Raises at once: shows how a failing worker ends its generation."""
     raise LookupError(f"rank {cluster.rank} has no model to serve")

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from clusterfsm.states.api import Cluster
 
 #: An async function run with the ready cluster in every generation.
-Worker = Callable[["Cluster"], Awaitable[Any]]
+Worker = Callable[["Cluster[Any]"], Awaitable[Any]]
 
 #: The error line's state when the worker raised (not a bootstrap machine state: the
 #: machine was in ``ready``; the worker, the app's code, failed).
@@ -117,7 +117,7 @@ def worker_spec(worker: Worker | str) -> str:
     return f"{module}:{qualname}"
 
 
-async def hold_group(cluster: Cluster, stop: trio.Event, worker: Worker | None
+async def hold_group(cluster: Cluster[Any], stop: trio.Event, worker: Worker | None
                      ) -> Exception | None:
     """Hold the ready group until it is lost, ``stop`` is set, or ``worker`` ends.
 
