@@ -307,6 +307,7 @@ async def test_after_coordinator_loss_an_older_rank_1_is_still_refused(
                                 env={"CLUSTERFSM_EPOCH": "2000"})
     await first.wait_for("DistributedGroup ready")
     await s0.wait_for("admitted rank 1 epoch 2000 from 127.0.0.1")
+    await s0.wait_for("DistributedGroup ready")  # rank 0 ready too: it loses its group
     os.kill(child_pid(s0, 1), signal.SIGKILL)
     await first.wait_for("state peer_lost, error PeerLost")
     with trio.fail_after(10):
