@@ -58,7 +58,9 @@ child's command line, the supervisor's own output) is
 
 Cancellation: the supervisor's nursery owns the child and its reader tasks. Leaving
 :func:`run_supervisor` - normally, by error, or cancelled - kills and reaps the
-child (shielded), so no rank outlives its supervisor.
+child (shielded), so no rank outlives its supervisor; and if the supervisor process
+itself dies (SIGKILL), the child follows within a fraction of a second
+(:mod:`clusterfsm.states.lifeline`).
 """
 
 from __future__ import annotations
