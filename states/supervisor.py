@@ -386,8 +386,11 @@ async def running(ctx: SupervisorContext) -> str:
         if isinstance(item, ChildExited):
             if item.returncode == EXIT_USAGE:
                 raise _misconfigured(ctx, item.returncode)
-            ctx.failure = ChildFailure(ctx.generation, "ready", "ChildExited",
-                                       returncode=item.returncode)
+            # An error line may have come before the ready line: stdout and stderr are
+            # separate pipes, read concurrently (a worker that fails at once). Keep it.
+            ctx.failure = attrs.evolve(
+                ctx.failure or ChildFailure(ctx.generation, "ready", "ChildExited"),
+                returncode=item.returncode)
             return "child_lost"
 
 
