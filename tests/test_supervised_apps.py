@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from clusterfsm.states.child_process import PDEATHSIG_SPAWN
-from clusterfsm.states.config import ClusterConfig
+from clusterfsm.states.config import Address, ClusterConfig
 from clusterfsm.states.epochs import EPOCH_ENV, EPOCH_FLOORS_ENV, supervised_config
 from clusterfsm.states.lifeline import lifeline_env, open_lifeline
 from clusterfsm.states.supervised import supervise_ranks
@@ -65,7 +65,8 @@ def test_load_worker_by_path_and_its_usage_errors() -> None:
 
 
 def test_supervised_config_reads_what_the_supervisor_set() -> None:
-    config = ClusterConfig(rank=0, world_size=2, key=b"k" * 32, listen="127.0.0.1:7700")
+    config = ClusterConfig(rank=0, world_size=2, key=b"k" * 32,
+                           listen=Address("127.0.0.1", 7700))
     assert supervised_config(config, {}) is config
     out = supervised_config(config, {EPOCH_ENV: "7", EPOCH_FLOORS_ENV: "1=5,2=6"},
                             admissions=sys.stderr)
