@@ -27,6 +27,7 @@ FULL = {
     "scale.py": ["--sessions", "1000"],
     "codec_bench.py": ["--seconds", "1.5"],
     "provider_tp.py": ["--runs", "3", "--tokens", "256", "--requests", "3"],
+    "seal_bench.py": ["--seconds", "1.5", "--import-runs", "7"],
 }
 QUICK = {
     "time_to_group.py": ["--runs", "1", "--ranks", "2"],
@@ -35,6 +36,7 @@ QUICK = {
     "scale.py": ["--sessions", "5"],
     "codec_bench.py": ["--seconds", "0.03"],
     "provider_tp.py": ["--runs", "1", "--tokens", "16", "--requests", "1"],
+    "seal_bench.py": ["--seconds", "0.03", "--import-runs", "1"],
 }
 
 HEADER = """# Performance
@@ -77,6 +79,12 @@ NOTES = """
   both ranks and the client on the same 2 CPUs. It measures the cost of the path, not
   a speed-up; on a model whose layers take longer than the ring's round trips the
   ratio turns around.
+- **Seal:** `states/seal.py`, one frame at a time: seal, open, decode, against the
+  unsealed codec path in the same run; the AEAD rows compare the two ciphers
+  `cryptography` offers (AES-256-GCM is the one used: faster on CPUs with AES
+  instructions, which Apple Silicon and x86 servers have); the handshake row is both
+  sides of a whole handshake in one process; the import row is a fresh interpreter
+  importing the seal's `cryptography` modules minus an empty interpreter.
 
 ## Where the time goes (how the demo was made faster)
 

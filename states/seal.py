@@ -129,7 +129,7 @@ class LinkTampered(Exception):
         return f"link tampered ({self.kind.value}){who}{at}: {self.detail}"
 
 
-# -- primitives, all from `cryptography` (imported on first use: ~12 ms) --------------
+# -- primitives, all from `cryptography`, imported on first use (bench/seal_bench.py) --
 
 
 def _aead(key: bytes) -> AESGCM:
@@ -161,9 +161,9 @@ def _private_key(raw: bytes) -> X25519PrivateKey:
 
 
 def _public_bytes(key: X25519PrivateKey) -> bytes:
-    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-
-    return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    # public_bytes_raw, not public_bytes(Encoding.Raw, ...): importing `serialization`
+    # pulls in its SSH key support, 2-10 ms of import time for nothing.
+    return key.public_key().public_bytes_raw()
 
 
 def _dh(key: X25519PrivateKey, peer_public: bytes) -> bytes:

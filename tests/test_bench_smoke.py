@@ -24,5 +24,7 @@ def test_every_bench_runs_and_reports_a_row() -> None:
     for name in ("Time to a working group, 2 ranks", "Per-state latency", "Engine:",
                  "Readiness latency", "Scale:", "Codec: bootstrap frame", "Codec: heartbeat",
                  "Provider example: decode rate", "Provider example: time to first token"):
+                 "Seal: heartbeat frames", "Seal: 64 KiB frames", "Seal: AEAD",
+                 "Seal: handshake", "Seal: import"):
         assert f"| {name}" in done.stdout, name
     assert (ROOT / "docs" / "performance.md").read_bytes() == before
