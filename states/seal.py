@@ -4,9 +4,10 @@ Sans-IO, like the codec and the handshake: bytes in, bytes out, no socket or tri
 
 Pattern: **Noise_NNpsk0_25519_AESGCM_SHA256**, followed exactly (Noise Protocol
 Framework, revision 34: ``NNpsk0`` is ``-> psk, e`` / ``<- e, ee``; X25519, AES-256-GCM,
-SHA-256). The same pattern (with ChaChaPoly) seals ESPHome's native API; WireGuard uses
-``IKpsk2`` and libp2p ``XX``, which need per-host static keys that a clusterfsm cluster
-does not have (it has one pre-shared cluster key). How it maps onto the control-link
+SHA-256). WireGuard uses ``IKpsk2`` and libp2p ``XX``, which authenticate per-host static
+keys that a clusterfsm cluster does not have (it has one pre-shared cluster key); the
+``psk`` patterns without static keys are the ones that fit, and ``psk0`` lets the joiner
+refuse a Challenge without the key at once. How it maps onto the control-link
 handshake (``docs/protocol.md`` section 5)::
 
     joiner (Noise responder)                       coordinator (Noise initiator)
@@ -37,18 +38,32 @@ position in its own direction: a replayed, reordered, dropped-then-resent, trunc
 altered frame fails authentication and the opener raises :class:`LinkTampered` (and
 stays poisoned). Every ``REKEY_INTERVAL`` frames both sides replace the key by Noise's
 ``Rekey()``; the counter stops at ``2**64 - 2`` (Noise reserves ``2**64 - 1``).
+
+Why AES-256-GCM rather than ChaCha20-Poly1305 (Noise allows both): measured in
+``bench/seal_bench.py`` on the same run, OpenSSL's AES-GCM is 2-4x faster here, small
+frames and 64 KiB alike, because the CPUs clusterfsm runs on (Apple Silicon, x86
+servers) have AES and carry-less-multiply instructions, with which it is also constant
+time. ChaCha20-Poly1305 is the better choice only without them.
 """
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import struct
 from typing import TYPE_CHECKING, Final
 
 import attrs
 
-from clusterfsm.states.codec import FRAME_VERSION, HEADER_SIZE, MAGIC, MAX_PAYLOAD
+from clusterfsm.states.codec import (
+    FRAME_VERSION,
+    HEADER_SIZE,
+    MAGIC,
+    MAX_PAYLOAD,
+    MAX_SEALED_PAYLOAD,
+    SEAL_OVERHEAD,
+    ClusterMsgType,
+)
+from clusterfsm.states.errors import LinkTampered, TamperKind
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -65,14 +80,13 @@ __all__ = [
     "TAG_SIZE",
     "CipherState",
     "InitiatorHandshake",
-    "LinkTampered",
     "Opener",
     "ResponderHandshake",
     "Sealer",
     "SessionKeys",
-    "TamperKind",
     "derive_psk",
     "prologue",
+    "warm_up",
 ]
 
 #: The Noise protocol name; exactly 32 bytes, so it is the initial handshake hash as is.
@@ -83,11 +97,8 @@ _PSK_INFO: Final = b"clusterfsm/v2 noise psk"
 DH_SIZE: Final = 32
 KEY_SIZE: Final = 32
 TAG_SIZE: Final = 16
-#: The message type byte of a sealed frame (declared here; the codec frames it).
-SEALED_TYPE: Final = 0x30
-#: A sealed frame's payload: the inner type byte, an inner payload of at most
-#: ``MAX_PAYLOAD`` bytes, and the tag.
-MAX_SEALED_PAYLOAD: Final = 1 + MAX_PAYLOAD + TAG_SIZE
+#: The message type byte of a sealed frame.
+SEALED_TYPE: Final = int(ClusterMsgType.SEALED)
 #: Both directions replace their key (Noise ``Rekey()``) after this many frames, so one
 #: AES-GCM key seals at most 2**20 frames of at most 64 KiB (2**32 blocks).
 REKEY_INTERVAL: Final = 1 << 20
@@ -101,35 +112,30 @@ _REKEY_NONCE: Final = b"\x00\x00\x00\x00" + b"\xff" * 8
 _ZEROS32: Final = bytes(32)
 
 
-class TamperKind(enum.Enum):
-    """Why bytes from an authenticated peer could not be trusted."""
-
-    FORGED = "forged"  # fails authentication at its position: altered, replayed,
-    # reordered, dropped-then-resent, truncated, or sealed under another key
-    SHORT = "short"  # a sealed payload shorter than its tag plus the type byte
-    UNSEALED = "unsealed"  # a cleartext frame where only sealed frames are allowed
-    EXHAUSTED = "exhausted"  # the direction's counter reached its limit
-
-
-@attrs.frozen(auto_exc=True)
-class LinkTampered(Exception):
-    """Input on an authenticated link did not authenticate. The link is closed.
-
-    ``frame`` is the position (counter) at which the receiver expected the frame.
-    """
-
-    kind: TamperKind
-    detail: str = ""
-    peer: str = ""
-    frame: int = -1
-
-    def __str__(self) -> str:
-        who = f" from {self.peer}" if self.peer else ""
-        at = f" at frame {self.frame}" if self.frame >= 0 else ""
-        return f"link tampered ({self.kind.value}){who}{at}: {self.detail}"
-
-
 # -- primitives, all from `cryptography`, imported on first use (bench/seal_bench.py) --
+
+
+_warm = False
+
+
+def warm_up() -> None:
+    """Run one throwaway handshake and one sealed frame, once per process.
+
+    The first use of X25519, HKDF and AES-GCM in a process costs 5-15 ms (importing
+    `cryptography` and faulting in OpenSSL's code); done here, off the handshake's
+    critical path (each rank calls it in ``idle``; the demo before it forks its ranks,
+    which then share the warm pages). Later calls return at once.
+    """
+    global _warm
+    if _warm:
+        return
+    psk = derive_psk(bytes(32))
+    initiator, responder = InitiatorHandshake(psk, b""), ResponderHandshake(psk, b"")
+    responder.read_message1(initiator.write_message1(b""))
+    message2, keys = responder.write_message2(b"")
+    initiator.read_message2(message2)
+    Opener(keys.send_key).open(keys.sealer().seal(SEALED_TYPE - 1, b"")[HEADER_SIZE:])
+    _warm = True
 
 
 def _aead(key: bytes) -> AESGCM:
@@ -309,7 +315,7 @@ class _Noise:
 
     def _read_e(self, message: bytes, where: str) -> tuple[bytes, bytes]:
         if len(message) < DH_SIZE + TAG_SIZE:
-            raise LinkTampered(TamperKind.SHORT, f"{where}: {len(message)} bytes", self._peer)
+            raise LinkTampered(TamperKind.MALFORMED, f"{where}: {len(message)} bytes", self._peer)
         re = message[:DH_SIZE]
         self._ss.mix_hash(re)
         self._ss.mix_key(re)
@@ -468,10 +474,8 @@ class Opener:
             raise self._error
         cipher = self._cipher
         size = len(sealed_payload)
-        if size < 1 + TAG_SIZE:
-            raise self._fail(TamperKind.SHORT, f"sealed payload of {size} bytes")
-        if size > MAX_SEALED_PAYLOAD:
-            raise self._fail(TamperKind.SHORT, f"sealed payload of {size} bytes is too long")
+        if not 1 + TAG_SIZE <= size <= MAX_SEALED_PAYLOAD:
+            raise self._fail(TamperKind.MALFORMED, f"sealed payload of {size} bytes")
         header = _HEADER.pack(MAGIC, FRAME_VERSION, SEALED_TYPE, size)
         try:
             plain = cipher.decrypt_with_ad(header, sealed_payload)
@@ -496,4 +500,4 @@ class Opener:
         return self._error
 
 
-assert _HEADER.size == HEADER_SIZE
+assert _HEADER.size == HEADER_SIZE and SEAL_OVERHEAD == 1 + TAG_SIZE

@@ -16,14 +16,13 @@ import pytest
 
 from clusterfsm.states import seal
 from clusterfsm.states.codec import Hello, Welcome
+from clusterfsm.states.errors import LinkTampered, TamperKind
 from clusterfsm.states.seal import (
     InitiatorHandshake,
-    LinkTampered,
     Opener,
     ResponderHandshake,
     Sealer,
     SessionKeys,
-    TamperKind,
 )
 
 KEY = bytes(range(32))
@@ -177,7 +176,7 @@ def test_low_order_ephemeral_key_and_short_messages_are_typed() -> None:
     assert err.value.kind is TamperKind.FORGED
     with pytest.raises(LinkTampered) as err:
         ResponderHandshake(psk, pro).read_message1(bytes(47))
-    assert err.value.kind is TamperKind.SHORT
+    assert err.value.kind is TamperKind.MALFORMED
 
 
 def test_messages_out_of_order_are_our_bug() -> None:
@@ -271,7 +270,7 @@ def test_the_opener_is_poisoned_after_a_failure() -> None:
     good = sealer.seal(0x05, bytes(8))
     with pytest.raises(LinkTampered) as first:
         opener.open(b"\x00" * 10)
-    assert first.value.kind is TamperKind.SHORT and first.value.peer == "10.0.0.1:5000"
+    assert first.value.kind is TamperKind.MALFORMED and first.value.peer == "10.0.0.1:5000"
     with pytest.raises(LinkTampered) as again:
         opener.open(good[8:])
     assert again.value is first.value and opener.error is first.value
@@ -285,7 +284,7 @@ def test_unsealed_frames_and_oversize_payloads() -> None:
     sealer, opener = channel()
     with pytest.raises(LinkTampered) as too_long:
         opener.open(bytes(seal.MAX_SEALED_PAYLOAD + 1))
-    assert too_long.value.kind is TamperKind.SHORT
+    assert too_long.value.kind is TamperKind.MALFORMED
     with pytest.raises(ValueError):
         sealer.seal(0x20, bytes(seal.MAX_PAYLOAD + 1))
     with pytest.raises(ValueError):
@@ -348,3 +347,13 @@ def test_docs_vectors_key_schedule_and_one_sealed_frame() -> None:
     sealed = coordinator.sealer().seal(welcome.TYPE, welcome.encode())
     assert sealed == v["sealed welcome"]
     assert joiner.opener().open(sealed[8:]) == (welcome.TYPE, welcome.encode())
+
+
+def test_warm_up_runs_once_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(seal, "_warm", False)
+    calls: list[bytes] = []
+    real = seal.derive_psk
+    monkeypatch.setattr(seal, "derive_psk", lambda key: calls.append(key) or real(key))
+    seal.warm_up()
+    seal.warm_up()
+    assert len(calls) == 1 and seal._warm
