@@ -484,12 +484,12 @@ class CoordinatorHandshake(_Handshake):
 
     @property
     def epoch(self) -> int:
-        """The joiner's epoch, covered by its MAC (once done; 0 = unsupervised)."""
+        """The joiner's epoch, authenticated by its Auth (once done; 0 = unsupervised)."""
         return self._admitted_hello("epoch").epoch
 
     @property
     def data_port(self) -> int:
-        """The joiner's data port, covered by its MAC (once done)."""
+        """The joiner's data port, sealed in its Auth (once done)."""
         self._require_done("data_port")
         assert self._data_port is not None
         return self._data_port
