@@ -87,12 +87,13 @@ NOTES = """
   instructions, which Apple Silicon and x86 servers have); the handshake row is both
   sides of a whole handshake in one process; the import row is a fresh interpreter
   importing the seal's `cryptography` modules minus an empty interpreter.
-- **Seal, time to a 2-rank group:** `clusterfsm demo --ranks 2` from this tree against
-  the same command from the tree before sealing (protocol 1, exported with `git
-  archive`), interleaved. The target is checked on the control plane (per run, the
-  slower rank's time in every state before `ready` but group init, from the traces),
-  because sealing changes nothing in MLX's init, whose 1 s connect back-off makes the
-  wall median jump; the wall medians are shown in the same row. Each rank warms the
+- **Seal, time to a 2-rank group:** this tree against the tree before sealing
+  (protocol 1, exported with `git archive`), interleaved: a 2-rank bootstrap with both
+  ranks in one interpreter over real loopback TCP, group init faked (the target is
+  checked on its median; the fastest run of each is shown too, the least noisy figure
+  on a loaded machine), and `clusterfsm demo --ranks 2` (its control plane: per run, the
+  slower rank's time in every state before `ready` but group init; and its wall time,
+  which carries MLX's 1 s connect back-off and so jumps by hundreds of ms). Each rank warms the
   cryptography up in `idle` (the demo once, before it forks its ranks): the first
   X25519/AES-GCM use in a fresh process costs 5-15 ms, which would otherwise land in
   the handshake.
