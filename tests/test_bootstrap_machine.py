@@ -260,7 +260,7 @@ class ScriptedJoiner:
         from clusterfsm.states.admission import drive_handshake
         from clusterfsm.states.codec import BootstrapAck, Compat, InitReady, LinkReport
         from clusterfsm.states.compat import Compatibility
-        from clusterfsm.states.handshake import JoinerHandshake
+        from clusterfsm.states.handshake import PROTOCOL_VERSION, JoinerHandshake
         from clusterfsm.states.link import ControlLink
 
         transport = self.network.transport("node1")
@@ -279,7 +279,8 @@ class ScriptedJoiner:
             link.start(nursery, heartbeat_interval=0.1)
             from clusterfsm.states.groupinit import installed_mlx_version
 
-            fits = Compatibility(installed_mlx_version(), 1, ("ring",), 2)  # as rank 0
+            # as rank 0 has it
+            fits = Compatibility(installed_mlx_version(), PROTOCOL_VERSION, ("ring",), 2)
             await link.send(Compat(hs.session_id, fits.to_json()))
             await link.send(LinkReport(hs.session_id, ()))
             frame = await link.next_message()
