@@ -27,6 +27,8 @@ FULL = {
     "scale.py": ["--sessions", "1000"],
     "codec_bench.py": ["--seconds", "1.5"],
     "provider_tp.py": ["--runs", "3", "--tokens", "256", "--requests", "3"],
+    "seal_bench.py": ["--seconds", "1.5", "--import-runs", "7"],
+    "seal_time_to_group.py": ["--runs", "15"],
 }
 QUICK = {
     "time_to_group.py": ["--runs", "1", "--ranks", "2"],
@@ -35,6 +37,8 @@ QUICK = {
     "scale.py": ["--sessions", "5"],
     "codec_bench.py": ["--seconds", "0.03"],
     "provider_tp.py": ["--runs", "1", "--tokens", "16", "--requests", "1"],
+    "seal_bench.py": ["--seconds", "0.03", "--import-runs", "1"],
+    "seal_time_to_group.py": ["--runs", "1"],
 }
 
 HEADER = """# Performance
@@ -77,6 +81,22 @@ NOTES = """
   both ranks and the client on the same 2 CPUs. It measures the cost of the path, not
   a speed-up; on a model whose layers take longer than the ring's round trips the
   ratio turns around.
+- **Seal:** `states/seal.py`, one frame at a time: seal, open, decode, against the
+  unsealed codec path in the same run; the AEAD rows compare the two ciphers
+  `cryptography` offers (AES-256-GCM is the one used: faster on CPUs with AES
+  instructions, which Apple Silicon and x86 servers have); the handshake row is both
+  sides of a whole handshake in one process; the import row is a fresh interpreter
+  importing the seal's `cryptography` modules minus an empty interpreter.
+- **Seal, time to a 2-rank group:** this tree against the tree before sealing
+  (protocol 1, exported with `git archive`), interleaved: a 2-rank bootstrap with both
+  ranks in one interpreter over real loopback TCP, group init faked (the target is
+  checked on its median; the fastest run of each is shown too, the least noisy figure
+  on a loaded machine), and `clusterfsm demo --ranks 2` (its control plane: per run, the
+  slower rank's time in every state before `ready` but group init; and its wall time,
+  which carries MLX's 1 s connect back-off and so jumps by hundreds of ms). Each rank warms the
+  cryptography up in `idle` (the demo once, before it forks its ranks): the first
+  X25519/AES-GCM use in a fresh process costs 5-15 ms, which would otherwise land in
+  the handshake.
 
 ## Where the time goes (how the demo was made faster)
 

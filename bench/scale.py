@@ -1,6 +1,6 @@
 """Scale in one process: many 2-rank bootstraps at once over in-memory links.
 
-Every rank runs the real machine, runner, activities, codec, HMAC handshake, control
+Every rank runs the real machine, runner, activities, codec, Noise handshake, control
 links and heartbeats (default interval, 0.1 s); group init is
 :func:`clusterfsm.states.testing.fake_initializer`, which takes the real path up to the MLX
 call (env, private topology directory and file, read back as MLX would) and returns

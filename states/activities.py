@@ -35,6 +35,7 @@ from clusterfsm.states.dataplane import ring_host, ring_refusal
 from clusterfsm.states.discovery import AUTO_RANK, Beacon, BeaconSocket, discover, keep_beaconing
 from clusterfsm.states.errors import (
     BootstrapRejected,
+    LinkTampered,
     PeerAborted,
     PeerLost,
     PrecheckFailed,
@@ -51,6 +52,7 @@ from clusterfsm.states.link import (
     wait_any,
 )
 from clusterfsm.states.linkstates import guard_links
+from clusterfsm.states.seal import warm_up
 from clusterfsm.states.sidechannel import JacclSideChannel
 from clusterfsm.states.topology import Topology, build_device_matrix
 
@@ -78,6 +80,9 @@ async def idle(ctx: ClusterContext) -> str:
     if ctx.config.is_coordinator and ctx.config.listen is not None:
         ctx.listener = await ctx.exits.enter_async_context(
             ctx.transport.listen(ctx.config.listen))
+    # The first handshake of a process would pay 5-15 ms for its cryptography; pay it
+    # now, while the peers start (once per process: free after the first bootstrap).
+    warm_up()
     return "start"
 
 
@@ -471,6 +476,8 @@ async def _watch_peer(rank: int, link: ControlLink, lost_after: float, session_i
             await link.wait_goodbye_for(session_id)  # one for another session: skipped
             if link.failure is None or link.said_goodbye(session_id):
                 continue
+            if isinstance(link.failure, LinkTampered):
+                raise link.failure  # not a loss: someone writes into the link
             silence = trio.current_time() - link.last_heard
             raise PeerLost(rank, silence, str(link.failure))
         # The deadline fired: lost unless something was heard meanwhile. (Not a

@@ -26,6 +26,7 @@ from clusterfsm.states.epochs import EPOCH_LOGGER
 from clusterfsm.states.errors import (
     FrameError,
     HandshakeRejected,
+    LinkTampered,
     PeerDisconnected,
     printable,
 )
@@ -74,22 +75,30 @@ async def drive_handshake(
 ) -> None:
     """Feed the sans-IO handshake from the link until done; send what it answers.
 
-    On refusal the ``Reject`` it owes the peer is sent before the error propagates.
-    ``on_done`` runs as soon as the handshake completes, before its last reply is
-    sent (rank 0 registers the admitted rank there, see CoordinatorHandshake).
+    On refusal the ``Reject`` it owes the peer is sent before the error propagates
+    (sealed if both sides already hold the keys). ``on_done`` runs as soon as the
+    handshake completes, before its last reply is sent (rank 0 registers the admitted
+    rank there, see CoordinatorHandshake). The link seals from the moment the handshake
+    has keys: before the coordinator's Welcome, after the joiner's Auth.
     """
     while not hs.done:
         msg = await link.receive()
         try:
             replies = hs.receive(msg)
         except (HandshakeRejected, FrameError):
+            if hs.keys is not None:
+                link.install_keys(hs.keys)
             for reply in hs.outbox_on_failure:
                 await link.send(reply)
             raise
         if hs.done:
             on_done()
+        if hs.keys is not None and hs.SEAL_REPLIES:
+            link.install_keys(hs.keys)
         for reply in replies:
             await link.send(reply)
+        if hs.keys is not None:
+            link.install_keys(hs.keys)
 
 
 # -- joiner -------------------------------------------------------------------------
@@ -154,7 +163,7 @@ async def _handshake_with_coordinator(
     try:
         await link.send(hs.start())
         await drive_handshake(link, hs)
-    except (HandshakeRejected, FrameError):
+    except (HandshakeRejected, FrameError, LinkTampered):
         await link.aclose()
         raise
     except PeerDisconnected as exc:
@@ -236,8 +245,9 @@ class Admission:
 
     Stale generations: ``floors`` (rank -> newest admitted epoch) starts from the
     configured ``epoch_floors`` (what earlier coordinators of this rank 0 admitted) and
-    is raised as soon as a joiner's MAC has verified its epoch, so an older generation
-    of an admitted rank is refused ``STALE_SESSION`` here and by the next coordinator.
+    is raised as soon as a joiner's Auth has authenticated its epoch, so an older
+    generation of an admitted rank is refused ``STALE_SESSION`` here and by the next
+    coordinator.
     """
 
     def __init__(self, ctx: ClusterContext) -> None:
@@ -343,7 +353,8 @@ class Admission:
         def register() -> None:
             self.taken_ranks.add(hs.rank)
             self.taken_nodes.add(hs.peer_node_id)
-            # The MAC covered the epoch: this generation exists and holds the key.
+            # Noise message 2 authenticated the Hello and so its epoch: this
+            # generation exists and holds the key.
             self.floors[hs.rank] = max(self.floors.get(hs.rank, 0), hs.epoch)
 
         refusal: BaseException | None = None
@@ -351,7 +362,7 @@ class Admission:
             try:
                 with scope:
                     await drive_handshake(link, hs, register)
-            except (HandshakeRejected, FrameError, PeerDisconnected) as exc:
+            except (HandshakeRejected, FrameError, PeerDisconnected, LinkTampered) as exc:
                 refusal = exc
             finally:
                 self.pending.pop(token, None)

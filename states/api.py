@@ -55,7 +55,7 @@ if TYPE_CHECKING:
 G = TypeVar("G", bound=Group)
 
 #: The states the cluster can leave ``ready`` for.
-ENDED_STATES = ("closed", "peer_lost", "peer_left", "link_lost")
+ENDED_STATES = ("closed", "peer_lost", "peer_left", "link_lost", "link_tampered")
 
 #: How long a failing rank spends telling its peers (ABORT) before closing.
 ABORT_GRACE = 0.25
@@ -131,8 +131,8 @@ class Cluster(Generic[G]):
 
     async def wait_lost(self) -> BaseException | None:
         """Wait until the cluster leaves ``ready`` (peer lost or left, a cable pulled,
-        or closed); the error (``PeerLost``, ``LinkLost``), or ``None`` for a clean end
-        (``cluster.state`` says which)."""
+        a tampered link, or closed); the error (``PeerLost``, ``LinkLost``,
+        ``LinkTampered``), or ``None`` for a clean end (``cluster.state`` says which)."""
         await self._runner.wait_for(*ENDED_STATES)
         return self._runner.error
 

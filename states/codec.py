@@ -59,9 +59,11 @@ __all__ = [
     "HEADER_SIZE",
     "MAGIC",
     "MAX_PAYLOAD",
+    "MAX_SEALED_PAYLOAD",
     "MAX_STR",
     "MESSAGE_TYPES",
     "NO_SESSION",
+    "SEAL_OVERHEAD",
     "Abort",
     "Auth",
     "BootstrapAck",
@@ -84,6 +86,7 @@ __all__ = [
     "Ping",
     "Pong",
     "Reject",
+    "Sealed",
     "Step",
     "Token",
     "Welcome",
@@ -100,6 +103,10 @@ HEADER_SIZE: Final = 8
 #: Hard limit on a frame's payload. Control messages are tiny; the largest legitimate one
 #: is a bootstrap frame for 8 ranks, far below this.
 MAX_PAYLOAD: Final = 65536
+#: What sealing adds to a payload: the inner type byte and the 16-byte AEAD tag
+#: (``states/seal.py``); a SEALED frame's payload may be this much above MAX_PAYLOAD.
+SEAL_OVERHEAD: Final = 1 + 16
+MAX_SEALED_PAYLOAD: Final = MAX_PAYLOAD + SEAL_OVERHEAD
 #: Default limit (in UTF-8 bytes) of a string field.
 MAX_STR: Final = 1024
 #: The session id of an Abort sent before there is a session.
@@ -132,11 +139,19 @@ class ClusterMsgType(enum.IntEnum):
     COMPAT = 0x13
     STEP = 0x20
     TOKEN = 0x21
+    SEALED = 0x30
 
 
 # A plain dict lookup is several times faster than calling the enum, and the decoder
 # does it once per frame.
 _TYPE_BY_BYTE: Final[dict[int, ClusterMsgType]] = {int(t): t for t in ClusterMsgType}
+_SEALED: Final = int(ClusterMsgType.SEALED)
+
+
+def _limit(type_byte: int) -> int:
+    """The payload limit of a frame type: a sealed frame carries its inner message's
+    type byte and tag on top of a payload of up to MAX_PAYLOAD."""
+    return MAX_SEALED_PAYLOAD if type_byte == _SEALED else MAX_PAYLOAD
 
 
 class WireBackend(enum.IntEnum):
@@ -168,8 +183,8 @@ class Frame:
 
 def _framed(type_byte: int, payload: bytes) -> bytes:
     n = len(payload)
-    if n > MAX_PAYLOAD:
-        raise ValueError(f"payload of {n} bytes exceeds the {MAX_PAYLOAD}-byte frame limit")
+    if n > MAX_PAYLOAD and n > _limit(type_byte):
+        raise ValueError(f"payload of {n} bytes exceeds the {_limit(type_byte)}-byte limit")
     return _HEADER.pack(MAGIC, FRAME_VERSION, type_byte, n) + payload
 
 
@@ -177,7 +192,8 @@ def encode_frame(frame: Frame) -> bytes:
     """Serialize ``frame`` (header + payload).
 
     Raises ValueError (a local bug, not a peer's fault) if the payload is above
-    :data:`MAX_PAYLOAD` or the type is unknown: we never emit a frame we would refuse.
+    :data:`MAX_PAYLOAD` (:data:`MAX_SEALED_PAYLOAD` for SEALED) or the type is unknown:
+    we never emit a frame we would refuse.
     """
     if frame.type not in _TYPE_BY_BYTE:
         raise ValueError(f"unknown message type {frame.type!r}")
@@ -213,10 +229,11 @@ def _judge_header(buf: memoryview, pos: int, avail: int) -> tuple[ClusterMsgType
     mtype = _TYPE_BY_BYTE.get(type_byte)
     if mtype is None:
         raise FrameError(FrameErrorKind.UNKNOWN_TYPE, f"message type 0x{type_byte:02x}")
-    if length > MAX_PAYLOAD:
+    if length > MAX_PAYLOAD and length > _limit(type_byte):
         at_least = "" if avail >= HEADER_SIZE else ">= "
         raise FrameError(
-            FrameErrorKind.OVERSIZE, f"declared length {at_least}{length} > {MAX_PAYLOAD}"
+            FrameErrorKind.OVERSIZE,
+            f"declared length {at_least}{length} > {_limit(type_byte)}",
         )
     return mtype, length
 
@@ -242,7 +259,7 @@ class FrameDecoder:
 
     @property
     def buffered(self) -> int:
-        """Bytes held for the incomplete frame (at most ``8 + MAX_PAYLOAD``)."""
+        """Bytes held for the incomplete frame (at most ``8 + MAX_SEALED_PAYLOAD``)."""
         return len(self._buf)
 
     @property
@@ -388,10 +405,15 @@ class TopologyJson(VarWire[Topology]):
 U8, U16, U64 = UInt(8), UInt(16), UInt(64)
 #: A group has 1..255 ranks.
 WORLD_SIZE = UInt(8, lo=1)
-BYTES16, BYTES32 = Raw(16), Raw(32)
+BYTES16 = Raw(16)
 BOOL = Bool()
 TEXT, TEXT64 = Str(MAX_STR), Str(64)
 REST = Rest(MAX_PAYLOAD)
+#: Noise message 1 (``states/seal.py``): the coordinator's ephemeral key (32) and its
+#: sealed node id (16) and world size (1), with the tag (16).
+NOISE_MESSAGE1 = Raw(32 + 17 + 16)
+#: Noise message 2: the joiner's ephemeral key (32) and its sealed data port (2), tag (16).
+NOISE_MESSAGE2 = Raw(32 + 2 + 16)
 
 
 # ---------------------------------------------------------------------------------------
@@ -456,27 +478,25 @@ class Hello(Message):
     software: str = wire(TEXT64, default="")
     # The joiner's generation (its supervisor's epoch; 0 = unsupervised). Rank 0
     # refuses an epoch older than the newest admitted for this rank (STALE_SESSION);
-    # both handshake MACs cover it, so an on-path attacker cannot change it.
+    # the Hello is the Noise prologue, so an on-path attacker cannot change it.
     epoch: int = wire(U64, default=0)
 
 
 @message(ClusterMsgType.CHALLENGE)
 class Challenge(Message):
-    """Coordinator -> joiner: my identity, my nonce, and proof that I hold the key."""
+    """Coordinator -> joiner: my version in clear (so a mismatch is named), then Noise
+    message 1 (``-> psk, e``): my ephemeral key and my sealed node id and world size."""
 
     protocol_version: int = wire(U16)
-    node_id: bytes = wire(BYTES16)
-    world_size: int = wire(WORLD_SIZE)
-    nonce: bytes = wire(BYTES16)
-    mac: bytes = wire(BYTES32)
+    noise: bytes = wire(NOISE_MESSAGE1)
 
 
 @message(ClusterMsgType.AUTH)
 class Auth(Message):
-    """Joiner -> coordinator: proof that I hold the key, bound to my data port."""
+    """Joiner -> coordinator: Noise message 2 (``<- e, ee``): my ephemeral key and my
+    sealed data port. After it, every frame either way is SEALED."""
 
-    mac: bytes = wire(BYTES32)
-    data_port: int = wire(U16)
+    noise: bytes = wire(NOISE_MESSAGE2)
 
 
 @message(ClusterMsgType.WELCOME)
@@ -651,6 +671,14 @@ class Token(Message):
     """Application message, opaque to clusterfsm (routed by the embedding app)."""
 
     body: bytes = wire(REST, default=b"")
+
+
+@message(ClusterMsgType.SEALED)
+class Sealed(Message):
+    """Either direction, after the handshake: another message, sealed
+    (``states/seal.py``). The link opens it; it is never handled as a message."""
+
+    body: bytes = wire(Rest(MAX_SEALED_PAYLOAD), default=b"")
 
 
 if _missing := set(ClusterMsgType) - set(MESSAGE_TYPES):

@@ -130,7 +130,7 @@ class ClusterConfig:
     beacon_port: int = DEFAULT_BEACON_PORT
     #: This process's generation (u64, from its supervisor's ``CLUSTERFSM_EPOCH``): a
     #: later generation of the same rank always has a larger one. 0 = not supervised
-    #: (never refused as stale). Sent in the Hello, covered by the handshake MAC.
+    #: (never refused as stale). Sent in the Hello, authenticated by the handshake.
     epoch: int = attrs.field(default=0, validator=lambda _i, _a, v: _check_epoch("epoch", v))
     #: Rank 0 only: the newest epoch already admitted per joiner rank, remembered
     #: across coordinator restarts by the supervisor (``CLUSTERFSM_EPOCH_FLOORS``). A

@@ -124,6 +124,9 @@ def preload() -> None:
         modules.append("mlx.core")
     for name in modules:
         importlib.import_module(name)
+    from clusterfsm.states.seal import warm_up
+
+    warm_up()  # the handshake's cryptography, once here rather than in every rank
 
 
 @attrs.define

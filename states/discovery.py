@@ -6,12 +6,15 @@ to that interface (see :mod:`clusterfsm.states.netif` for why the binding matter
 for the others'. A beacon carries::
 
     magic "CFB1" | protocol version u16 | node id 16 | instance 8 | world size u8
-    | rank claim u8 (255 = auto) | control port u16 | tag 16
+    | rank claim u8 (255 = auto) | control port u16 | sent at u64 (ms, wall clock)
+    | nonce 8 | tag 16
 
 ``tag`` is HMAC-SHA256 with the cluster key, truncated to 16 bytes: beacons of another
 cluster (another key) are reported, never joined, and a host without the key cannot
-steer the election. A beacon proves nothing else: it is not fresh (a replay names an
-address we will dial, and the handshake then refuses whoever answers without the key).
+steer the election. ``sent at`` and the random ``nonce`` make each beacon usable once:
+a :class:`~states.freshness.ReplayGuard` refuses a beacon sent more than 30 s from our
+clock or whose nonce it has already accepted (reported as replayed, never heard). A
+beacon proves nothing else: the handshake then authenticates whoever answers.
 
 Beacons from another protocol version or world size are reported and ignored. The
 same node id with another ``instance`` (random per process) is a second machine with a
@@ -27,8 +30,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import secrets
 import socket
 import struct
+import time
 from collections.abc import AsyncIterator, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Final, Protocol
@@ -38,6 +43,7 @@ import trio
 
 from clusterfsm.fsm import report_progress
 from clusterfsm.states.errors import DuplicateNodeId, ElectionFailed, InterfaceUnavailable
+from clusterfsm.states.freshness import DEFAULT_WINDOW, Replayed, ReplayGuard
 from clusterfsm.states.linkwatch import LinkEvents, open_link_events
 from clusterfsm.states.netif import (
     InterfaceInfo,
@@ -60,10 +66,10 @@ SETTLE_TIME: Final = 0.1
 #: Ignored beacons kept for the error message (bounded: a flood cannot grow it).
 MAX_REPORTS: Final = 16
 
-_BODY = struct.Struct(">4sH16s8sBBH")
+_BODY = struct.Struct(">4sH16s8sBBHQ8s")
 _TAG_LEN = 16
 BEACON_SIZE: Final = _BODY.size + _TAG_LEN
-_TAG_CONTEXT = b"clusterfsm beacon v1\0"
+_TAG_CONTEXT = b"clusterfsm beacon v2\0"
 
 
 @attrs.frozen
@@ -77,9 +83,13 @@ class Beacon:
     rank_claim: int  # AUTO_RANK for --rank auto
     control_port: int
 
-    def encode(self, key: bytes) -> bytes:
+    def encode(self, key: bytes, *, sent_at: float | None = None,
+               nonce: bytes | None = None) -> bytes:
+        """The datagram: stamped now (wall clock) with a fresh nonce, unless given."""
+        stamp = round((time.time() if sent_at is None else sent_at) * 1000)
         body = _BODY.pack(BEACON_MAGIC, self.protocol_version, self.node_id, self.instance,
-                          self.world_size, self.rank_claim, self.control_port)
+                          self.world_size, self.rank_claim, self.control_port, stamp,
+                          secrets.token_bytes(8) if nonce is None else nonce)
         return body + _tag(key, body)
 
 
@@ -93,6 +103,11 @@ def _tag(key: bytes, body: bytes) -> bytes:
 
 def decode_beacon(data: bytes, key: bytes) -> Beacon:
     """Parse and authenticate a beacon; :class:`BeaconIgnored` says what is wrong."""
+    return decode_stamped_beacon(data, key)[0]
+
+
+def decode_stamped_beacon(data: bytes, key: bytes) -> tuple[Beacon, float, bytes]:
+    """:func:`decode_beacon`, with when it was sent (s, sender's clock) and its nonce."""
     if len(data) < 6 or data[:4] != BEACON_MAGIC:
         raise BeaconIgnored("not a clusterfsm beacon")
     if len(data) != BEACON_SIZE:
@@ -101,8 +116,8 @@ def decode_beacon(data: bytes, key: bytes) -> Beacon:
     body, tag = data[:_BODY.size], data[_BODY.size:]
     if not hmac.compare_digest(tag, _tag(key, body)):
         raise BeaconIgnored("beacon of another cluster (its tag does not verify with our key)")
-    _magic, version, node_id, instance, world, claim, port = _BODY.unpack(body)
-    return Beacon(version, node_id, instance, world, claim, port)
+    _magic, version, node_id, instance, world, claim, port, stamp, nonce = _BODY.unpack(body)
+    return Beacon(version, node_id, instance, world, claim, port), stamp / 1000, nonce
 
 
 # -- what has been heard ------------------------------------------------------------
@@ -127,16 +142,25 @@ class DiscoveryState:
     peers: dict[bytes, Peer] = attrs.field(factory=dict)
     instances: dict[bytes, tuple[bytes, str]] = attrs.field(factory=dict)
     reports: list[str] = attrs.field(factory=list)
+    guard: ReplayGuard = attrs.field(factory=ReplayGuard)
 
-    def observe(self, data: bytes, key: bytes, source: str, interface: str) -> bool:
-        """Record one datagram; True if it told us of a new peer (answer at once)."""
+    def observe(self, data: bytes, key: bytes, source: str, interface: str,
+                now: float | None = None) -> bool:
+        """Record one datagram (``now``: our wall clock, default the real one); True
+        if it told us of a new peer (answer at once)."""
         try:
-            beacon = decode_beacon(data, key)
+            beacon, sent_at, nonce = decode_stamped_beacon(data, key)
         except BeaconIgnored as exc:
             self._report(f"{source} on {interface}: {exc}")
             return False
         if beacon.instance == self.me.instance:
             return False  # our own broadcast, looped back
+        try:
+            self.guard.check(sent_at, nonce, time.time() if now is None else now)
+        except Replayed as exc:
+            self._report(f"{source} on {interface}: {exc.kind.value} beacon (a replay, or "
+                         f"its clock is more than {DEFAULT_WINDOW:g} s from ours)")
+            return False
         if beacon.protocol_version != self.me.protocol_version:
             self._report(f"{source} on {interface}: protocol version "
                          f"{beacon.protocol_version}, ours is {self.me.protocol_version}")

@@ -159,6 +159,38 @@ class PeerAborted(ClusterError):
         return f"rank {self.rank} aborted with {self.error}: {self.detail}"
 
 
+class TamperKind(enum.Enum):
+    """Why bytes from an authenticated peer could not be trusted."""
+
+    FORGED = "forged"  # fails authentication at its position: altered, replayed,
+    # reordered, dropped-then-resent, truncated, or sealed under another key
+    MALFORMED = "malformed"  # a sealed message of impossible length (below a tag)
+    UNSEALED = "unsealed"  # a cleartext frame where only sealed frames are allowed
+    EXHAUSTED = "exhausted"  # the direction's counter reached its limit
+
+
+@attrs.frozen(auto_exc=True)
+class LinkTampered(ClusterError):
+    """Input on a sealed link did not authenticate (``states/seal.py``): a frame
+    altered, replayed, reordered, dropped, truncated or injected in cleartext. The
+    link is closed. ``frame`` is the position (counter) the receiver expected.
+
+    Retryable: nothing in our configuration is wrong; a new session (new keys) gets
+    through once whatever wrote into the link is gone."""
+
+    retryable: ClassVar[bool] = True
+
+    kind: TamperKind
+    detail: str = ""
+    peer: str = ""
+    frame: int = -1
+
+    def __str__(self) -> str:
+        who = f" from {self.peer}" if self.peer else ""
+        at = f" at frame {self.frame}" if self.frame >= 0 else ""
+        return f"link tampered ({self.kind.value}){who}{at}: {self.detail}"
+
+
 @attrs.frozen(auto_exc=True)
 class BootstrapRejected(ClusterError):
     """The bootstrap frame (0x07) or its acknowledgement was not acceptable."""

@@ -1,37 +1,46 @@
-"""Sans-IO mutual HMAC-SHA256 handshake between the coordinator (rank 0) and a joiner.
+"""Sans-IO handshake between the coordinator (rank 0) and a joiner: Noise_NNpsk0.
 
 Theory of operation
 -------------------
-Every rank holds the same pre-shared cluster key. The key never crosses the wire; each
-side proves it holds it by a MAC over a *transcript* that includes both sides' fresh
-nonces, so a proof is only good for this one connection::
+Every rank holds the same pre-shared cluster key. The handshake follows the Noise
+pattern ``Noise_NNpsk0_25519_AESGCM_SHA256`` exactly (``states/seal.py`` implements
+it and says why this pattern), with the coordinator as the Noise initiator::
 
-    joiner                                              coordinator (rank 0)
+    joiner (responder)                                  coordinator (initiator)
       Hello(version, node_id_j, rank, world_size, nonce_j, software, epoch)  ->
                                                         checks version, world size, rank,
                                                         stale epoch, duplicate rank / node id
-      <-  Challenge(version, node_id_c, world_size, nonce_c, mac_c)
-    verifies mac_c (coordinator knows the key)
-      Auth(mac_j, data_port)  ->
-                                                        verifies mac_j (joiner knows the key)
-      <-  Welcome(session_id)
+      <-  Challenge(version, noise message 1 = e_c + sealed(node_id_c, world_size))
+    checks the version, opens message 1 (the coordinator holds the key, and answered
+    this very Hello), checks world size and node id
+      Auth(noise message 2 = e_j + sealed(data_port))  ->
+                                                        opens message 2 (the joiner holds
+                                                        the key and is live: ee)
+      <-  Welcome(session_id), SEALED, like every later frame either way
 
 A refusal on either side is a ``Reject(reason, detail)`` frame, then the link closes.
 
-The transcripts (see :func:`transcript` and ``docs/protocol.md``) are the domain label
-``clusterfsm/v1/coordinator`` or ``clusterfsm/v1/joiner`` followed by fixed-size fields,
-so the encoding is unambiguous and a MAC made for one direction is never valid for the
-other (no reflection). The joiner's MAC also covers its ``data_port``.
+The Hello stays in clear and keeps the layout of every protocol version: it is the
+version negotiation, so a peer of another version answers ``VERSION_MISMATCH`` rather
+than failing to decode. It is the Noise *prologue*, so every Hello field (nonce, epoch,
+software, ...) is in the handshake hash and covered by both AEAD tags: a Hello altered
+on the way fails message 1, and a recorded Challenge fails for a fresh Hello.
+
+After message 2 both sides hold :attr:`keys` (``states.seal.SessionKeys``): one key per
+direction, from the PSK and an ephemeral X25519 exchange (forward secrecy). The link
+seals every frame after the handshake with them. The coordinator installs them before
+sending its Welcome, the joiner right after sending its Auth
+(:attr:`_Handshake.SEAL_REPLIES` says which).
 
 Stale generations: a supervised joiner sends its *epoch* (its supervisor's generation
 stamp, larger for every later process of that rank; 0 = unsupervised). The coordinator
 is given a caller-owned map ``epoch_floors`` (rank -> newest epoch already admitted for
 that rank, also remembered across coordinator restarts by its supervisor) and refuses
-an older epoch with ``STALE_SESSION``, at the Hello and again after the Auth. Both
-transcripts cover the epoch: refusing at the Hello needs no trust in it (a forged low
-epoch costs only that one connection, which an on-path attacker could drop anyway),
-but an epoch is *recorded* only once the joiner's MAC has verified it, so nobody
-without the key can raise a floor and lock the legitimate generation out.
+an older epoch with ``STALE_SESSION``, at the Hello and again after the Auth. The epoch
+is in the prologue: refusing at the Hello needs no trust in it (a forged low epoch
+costs only that one connection, which an on-path attacker could drop anyway), but an
+epoch is *recorded* only once message 2 has authenticated the Hello it came in, so
+nobody without the key can raise a floor and lock the legitimate generation out.
 
 Like h11, these objects do no I/O: the link code calls :meth:`receive` with each
 decoded message and sends what it returns.
@@ -53,86 +62,40 @@ other case. So the caller's pattern is::
 After a failure the object is poisoned: every later :meth:`receive` raises the same
 error again.
 
-What this guarantees: both ends held the key during this connection, and the Hello and
-Challenge fields (versions, node ids, rank, world size, nonces, the joiner's epoch and
-its data port) are the ones both ends saw. What it does not: confidentiality, or the integrity
-of any later frame (the Welcome included) - the link is not encrypted or MAC'd after
-the handshake.
+What this guarantees: both ends held the key during this connection; the Hello the
+coordinator answered is the one the joiner sent; the coordinator's node id and world
+size and the joiner's data port are the ones their senders meant; and the two session
+keys are fresh, per direction, and known to nobody else (see docs/security.md).
 """
 
 from __future__ import annotations
 
 import enum
-import hashlib
-import hmac
 import secrets
 from collections.abc import Container, Mapping
-from typing import Final, NoReturn
+from typing import ClassVar, Final, NoReturn
 
+from clusterfsm.states import seal
 from clusterfsm.states.codec import Auth, Challenge, Hello, Message, Reject, Welcome
-from clusterfsm.states.errors import FrameError, FrameErrorKind, HandshakeRejected, RejectReason
+from clusterfsm.states.errors import (
+    FrameError,
+    FrameErrorKind,
+    HandshakeRejected,
+    LinkTampered,
+    RejectReason,
+)
 from clusterfsm.states.keys import check_key_length
 
 __all__ = [
-    "COORDINATOR_LABEL",
-    "JOINER_LABEL",
     "PROTOCOL_VERSION",
     "CoordinatorHandshake",
     "JoinerHandshake",
-    "transcript",
 ]
 
 #: The clusterfsm protocol version exchanged in Hello/Challenge (not the framing version).
-PROTOCOL_VERSION: Final = 1
-COORDINATOR_LABEL: Final = b"clusterfsm/v1/coordinator"
-JOINER_LABEL: Final = b"clusterfsm/v1/joiner"
+#: 2: the Noise handshake and the sealed link (1: HMAC challenge-response, cleartext).
+PROTOCOL_VERSION: Final = 2
 SOFTWARE: Final = "clusterfsm/0.1"
-
-
-def transcript(
-    label: bytes,
-    *,
-    joiner_nonce: bytes,
-    coordinator_nonce: bytes,
-    joiner_node_id: bytes,
-    coordinator_node_id: bytes,
-    rank: int,
-    world_size: int,
-    protocol_version: int,
-    epoch: int = 0,
-    data_port: int | None = None,
-) -> bytes:
-    """The byte string a side MACs: label, then fixed-size fields (layout in protocol.md).
-
-    Every field has a fixed width and the two labels are prefix-free, so two different
-    inputs can never produce the same transcript.
-    """
-    for name, value in (
-        ("joiner_nonce", joiner_nonce),
-        ("coordinator_nonce", coordinator_nonce),
-        ("joiner_node_id", joiner_node_id),
-        ("coordinator_node_id", coordinator_node_id),
-    ):
-        if len(value) != 16:
-            raise ValueError(f"{name} must be 16 bytes")
-    parts = [
-        label,
-        joiner_nonce,
-        coordinator_nonce,
-        joiner_node_id,
-        coordinator_node_id,
-        rank.to_bytes(1, "big"),
-        world_size.to_bytes(1, "big"),
-        protocol_version.to_bytes(2, "big"),
-        epoch.to_bytes(8, "big"),
-    ]
-    if data_port is not None:
-        parts.append(data_port.to_bytes(2, "big"))
-    return b"".join(parts)
-
-
-def _mac(key: bytes, data: bytes) -> bytes:
-    return hmac.new(key, data, hashlib.sha256).digest()
 
 
 def _check_init(key: bytes, node_id: bytes, world_size: int, nonce: bytes | None) -> bytes:
@@ -164,18 +127,35 @@ class _Step(enum.Enum):
 class _Handshake:
     """What both roles share: the step, the poison, and the failure outbox."""
 
-    __slots__ = ("_error", "_key", "_node_id", "_step", "outbox_on_failure", "peer")
+    __slots__ = (
+        "_ephemeral",
+        "_error",
+        "_node_id",
+        "_psk",
+        "_step",
+        "keys",
+        "outbox_on_failure",
+        "peer",
+    )
 
     _ROLE = ""
+    #: Seal the replies of the step that derived :attr:`keys` (the coordinator's
+    #: Welcome), or only what follows them (the joiner's Auth is Noise message 2).
+    SEAL_REPLIES: ClassVar[bool] = False
 
-    def __init__(self, key: bytes, node_id: bytes, peer: str) -> None:
-        self._key = key
+    def __init__(self, key: bytes, node_id: bytes, peer: str,
+                 ephemeral: bytes | None) -> None:
+        self._psk = seal.derive_psk(key)
         self._node_id = node_id
+        self._ephemeral = ephemeral
         self.peer = peer
         self._step = _Step.START
         self._error: HandshakeRejected | FrameError | None = None
         #: The messages to send before closing after a local refusal (else empty).
         self.outbox_on_failure: tuple[Message, ...] = ()
+        #: The session keys, once Noise message 2 is written (joiner) or read
+        #: (coordinator); from then on the link seals (see :attr:`SEAL_REPLIES`).
+        self.keys: seal.SessionKeys | None = None
 
     @property
     def done(self) -> bool:
@@ -232,6 +212,7 @@ class JoinerHandshake(_Handshake):
     __slots__ = (
         "_data_port",
         "_epoch",
+        "_noise",
         "_nonce",
         "_peer_node_id",
         "_protocol_version",
@@ -255,9 +236,10 @@ class JoinerHandshake(_Handshake):
         software: str = SOFTWARE,
         epoch: int = 0,
         peer: str = "",
+        ephemeral: bytes | None = None,
     ) -> None:
-        super().__init__(key, node_id, peer)
         self._nonce = _check_init(key, node_id, world_size, nonce)
+        super().__init__(key, node_id, peer, ephemeral)
         if not 0 <= epoch < 2**64:
             raise ValueError(f"epoch {epoch} outside 0..2**64-1")
         if not 1 <= rank < world_size:
@@ -272,6 +254,7 @@ class JoinerHandshake(_Handshake):
         self._epoch = epoch
         self._session_id: bytes | None = None
         self._peer_node_id: bytes | None = None
+        self._noise: seal.ResponderHandshake | None = None
 
     def start(self) -> Hello:
         """The Hello to send first."""
@@ -286,6 +269,8 @@ class JoinerHandshake(_Handshake):
             self._software,
             self._epoch,
         )
+        self._noise = seal.ResponderHandshake(
+            self._psk, seal.prologue(hello.encode()), ephemeral=self._ephemeral, peer=self.peer)
         self._step = _Step.SENT_HELLO
         return hello
 
@@ -303,44 +288,34 @@ class JoinerHandshake(_Handshake):
         self._fail(self._unexpected(msg))
 
     def _on_challenge(self, ch: Challenge) -> Auth:
-        # Mismatches are named before the MAC is checked: with a different version or
-        # world size the MAC could not match anyway, and "bad key" would mislead.
+        # The version is named before anything is opened: with another version the
+        # message could not open anyway, and "bad key" would mislead.
         if ch.protocol_version != self._protocol_version:
             self._refuse(
                 RejectReason.VERSION_MISMATCH,
                 f"coordinator speaks {ch.protocol_version}, we speak {self._protocol_version}",
             )
-        if ch.world_size != self._world_size:
+        assert self._noise is not None
+        try:
+            payload = self._noise.read_message1(ch.noise)
+        except LinkTampered:
+            self._refuse(RejectReason.BAD_KEY, "coordinator's Challenge does not authenticate "
+                         "(another key, or it or our Hello was altered on the way)")
+        node_id, world_size = payload[:16], payload[16]
+        if world_size != self._world_size:
             self._refuse(
                 RejectReason.WORLD_SIZE_MISMATCH,
-                f"coordinator world size {ch.world_size}, ours {self._world_size}",
+                f"coordinator world size {world_size}, ours {self._world_size}",
             )
-        if ch.node_id == self._node_id:
+        if node_id == self._node_id:
             self._refuse(
                 RejectReason.DUPLICATE_NODE_ID,
                 f"coordinator has our node id {self._node_id.hex()} (copied config?)",
             )
-        expected = _mac(self._key, self._transcript(COORDINATOR_LABEL, ch, None))
-        if not hmac.compare_digest(expected, ch.mac):
-            self._refuse(RejectReason.BAD_KEY, "coordinator's MAC does not verify")
-        mac = _mac(self._key, self._transcript(JOINER_LABEL, ch, self._data_port))
-        self._peer_node_id = ch.node_id
+        message2, self.keys = self._noise.write_message2(self._data_port.to_bytes(2, "big"))
+        self._peer_node_id = node_id
         self._step = _Step.SENT_AUTH
-        return Auth(mac, self._data_port)
-
-    def _transcript(self, label: bytes, ch: Challenge, data_port: int | None) -> bytes:
-        return transcript(
-            label,
-            joiner_nonce=self._nonce,
-            coordinator_nonce=ch.nonce,
-            joiner_node_id=self._node_id,
-            coordinator_node_id=ch.node_id,
-            rank=self._rank,
-            world_size=self._world_size,
-            protocol_version=self._protocol_version,
-            epoch=self._epoch,
-            data_port=data_port,
-        )
+        return Auth(message2)
 
     @property
     def session_id(self) -> bytes:
@@ -381,7 +356,7 @@ class CoordinatorHandshake(_Handshake):
         "_data_port",
         "_epoch_floors",
         "_hello",
-        "_nonce",
+        "_noise",
         "_protocol_version",
         "_session_id",
         "_taken_node_ids",
@@ -389,6 +364,7 @@ class CoordinatorHandshake(_Handshake):
         "_world_size",
     )
     _ROLE = "coordinator"
+    SEAL_REPLIES: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -401,11 +377,11 @@ class CoordinatorHandshake(_Handshake):
         *,
         epoch_floors: Mapping[int, int] | None = None,
         protocol_version: int = PROTOCOL_VERSION,
-        nonce: bytes | None = None,
         peer: str = "",
+        ephemeral: bytes | None = None,
     ) -> None:
-        super().__init__(key, node_id, peer)
-        self._nonce = _check_init(key, node_id, world_size, nonce)
+        _check_init(key, node_id, world_size, None)
+        super().__init__(key, node_id, peer, ephemeral)
         if len(session_id) != 16:
             raise ValueError("session_id must be 16 bytes")
         self._world_size = world_size
@@ -415,6 +391,7 @@ class CoordinatorHandshake(_Handshake):
         self._epoch_floors: Mapping[int, int] = {} if epoch_floors is None else epoch_floors
         self._protocol_version = protocol_version
         self._hello: Hello | None = None
+        self._noise: seal.InitiatorHandshake | None = None
         self._data_port: int | None = None
         self._step = _Step.AWAIT_HELLO
 
@@ -462,34 +439,27 @@ class CoordinatorHandshake(_Handshake):
         self._check_admission(hello)
         self._hello = hello
         self._step = _Step.AWAIT_AUTH
-        mac = _mac(self._key, self._transcript(COORDINATOR_LABEL, hello, None))
-        return Challenge(self._protocol_version, self._node_id, self._world_size, self._nonce, mac)
+        self._noise = seal.InitiatorHandshake(
+            self._psk, seal.prologue(hello.encode()), ephemeral=self._ephemeral, peer=self.peer)
+        message1 = self._noise.write_message1(
+            self._node_id + self._world_size.to_bytes(1, "big"))
+        return Challenge(self._protocol_version, message1)
 
     def _on_auth(self, auth: Auth) -> Welcome:
-        hello = self._hello
-        assert hello is not None
-        expected = _mac(self._key, self._transcript(JOINER_LABEL, hello, auth.data_port))
-        if not hmac.compare_digest(expected, auth.mac):
-            self._refuse(RejectReason.BAD_KEY, "joiner's MAC does not verify")
+        hello, noise = self._hello, self._noise
+        assert hello is not None and noise is not None
+        try:
+            payload, keys = noise.read_message2(auth.noise)
+        except LinkTampered:
+            self._refuse(RejectReason.BAD_KEY, "joiner's Auth does not authenticate "
+                         "(another key, a replay, or altered on the way)")
+        # From here the joiner holds the keys too: a refusal below goes out sealed.
+        self.keys = keys
         # Re-check: another connection may have been admitted with this rank meanwhile.
         self._check_admission(hello)
-        self._data_port = auth.data_port
+        self._data_port = int.from_bytes(payload, "big")
         self._step = _Step.DONE
         return Welcome(self._session_id)
-
-    def _transcript(self, label: bytes, hello: Hello, data_port: int | None) -> bytes:
-        return transcript(
-            label,
-            joiner_nonce=hello.nonce,
-            coordinator_nonce=self._nonce,
-            joiner_node_id=hello.node_id,
-            coordinator_node_id=self._node_id,
-            rank=hello.rank,
-            world_size=self._world_size,
-            protocol_version=self._protocol_version,
-            epoch=hello.epoch,
-            data_port=data_port,
-        )
 
     def _admitted_hello(self, what: str) -> Hello:
         """The joiner's Hello, readable only once the handshake is done."""
@@ -514,12 +484,12 @@ class CoordinatorHandshake(_Handshake):
 
     @property
     def epoch(self) -> int:
-        """The joiner's epoch, covered by its MAC (once done; 0 = unsupervised)."""
+        """The joiner's epoch, authenticated by its Auth (once done; 0 = unsupervised)."""
         return self._admitted_hello("epoch").epoch
 
     @property
     def data_port(self) -> int:
-        """The joiner's data port, covered by its MAC (once done)."""
+        """The joiner's data port, sealed in its Auth (once done)."""
         self._require_done("data_port")
         assert self._data_port is not None
         return self._data_port

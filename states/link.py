@@ -11,6 +11,14 @@ A link has two phases.
    bounded inbox that activities read with :meth:`next_message`. A heartbeat task
    pings every ``interval``.
 
+Sealing: once the handshake has derived the session keys, :meth:`install_keys` makes
+every frame either way a SEALED frame (``states/seal.py``): :meth:`send` seals, and a
+received frame is opened in order, so a frame that was altered, replayed, reordered,
+dropped, truncated or injected in cleartext fails the link with
+:class:`~states.errors.LinkTampered` and the stream is closed at once. Nothing from an
+unopened frame is acted on: a forged ABORT or GOODBYE is tampering, never an abort or
+a departure.
+
 Any failure (EOF, malformed frame, abort, broken stream, or a bug) is stored once as
 :attr:`failure`, the link is marked failed (:attr:`failed`, an event), and every later
 :meth:`next_message` raises it. The tasks themselves never raise into their nursery:
@@ -27,6 +35,8 @@ import trio
 
 from clusterfsm.states.codec import (
     Abort,
+    ClusterMsgType,
+    Frame,
     FrameDecoder,
     Goodbye,
     Message,
@@ -39,10 +49,15 @@ from clusterfsm.states.errors import (
     BootstrapRejected,
     FrameError,
     FrameErrorKind,
+    LinkTampered,
     PeerAborted,
     PeerDisconnected,
 )
+from clusterfsm.states.seal import Opener, Sealer, SessionKeys
 from clusterfsm.states.transport import Conn
+
+_SEALED = ClusterMsgType.SEALED
+_TYPES = {int(t): t for t in ClusterMsgType if t is not _SEALED}
 
 _READ_CHUNK = 65536
 _INBOX = 32
@@ -74,7 +89,9 @@ class ControlLink:
         self.conn = conn
         self.peer_rank = peer_rank
         self._decoder = FrameDecoder()
-        self._pending: list[Message] = []
+        self._pending: list[Frame] = []
+        self._sealer: Sealer | None = None
+        self._opener: Opener | None = None
         self._send_lock = trio.StrictFIFOLock()
         self._inbox_send, self._inbox = trio.open_memory_channel[Message](_INBOX)
         self.failed = trio.Event()
@@ -100,16 +117,59 @@ class ControlLink:
     def peer(self) -> str:
         return self.conn.remote
 
+    # -- sealing ---------------------------------------------------------------------
+
+    def install_keys(self, keys: SessionKeys) -> None:
+        """Seal every frame from now on, both ways (once; the handshake calls it)."""
+        if self._sealer is None:
+            self._sealer = keys.sealer()
+            self._opener = keys.opener(peer=self.peer)
+
+    @property
+    def sealed(self) -> bool:
+        return self._sealer is not None
+
+    def _to_message(self, frame: Frame) -> Message:
+        """The message in a received frame: opened in order once the link is sealed
+        (a cleartext frame then is tampering); a sealed frame before keys is unexpected."""
+        opener = self._opener
+        if opener is None:
+            if frame.type is _SEALED:
+                raise FrameError(FrameErrorKind.UNEXPECTED, "a sealed frame before the "
+                                 "handshake derived keys", self.peer)
+            return decode_message(frame)
+        if frame.type is not _SEALED:
+            raise opener.refuse_unsealed(frame.type)
+        type_byte, payload = opener.open(frame.payload)
+        inner = _TYPES.get(type_byte)
+        if inner is None:  # authentic, so a peer bug, not an attack: a protocol error
+            raise FrameError(FrameErrorKind.UNKNOWN_TYPE,
+                             f"sealed message type 0x{type_byte:02x}", self.peer)
+        return decode_message(Frame(inner, payload))
+
     # -- sending ---------------------------------------------------------------------
 
     async def send(self, msg: Message) -> None:
-        """Send one message; a broken stream becomes :class:`PeerDisconnected`."""
-        data = encode_message(msg)
+        """Send one message (sealed once keys are installed); a broken stream becomes
+        :class:`PeerDisconnected`."""
         async with self._send_lock:
+            sealer = self._sealer
+            if sealer is None:
+                data = encode_message(msg)
+            else:
+                # Sealing spends a counter value: it must reach the wire, in order. So
+                # no cancellation between sealing and sending (send_all's first
+                # checkpoint cannot fire after this one) ...
+                await trio.lowlevel.checkpoint_if_cancelled()
+                data = sealer.seal(msg.TYPE, msg.encode())
             try:
                 await self.conn.stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 raise self._fail(PeerDisconnected(self.peer, self.state, f"send: {exc}")) from exc
+            except trio.Cancelled:
+                # ... and a send cancelled part way leaves the stream unusable.
+                self._fail(PeerDisconnected(self.peer, self.state, "a send was interrupted"))
+                raise
 
     # -- handshake phase -------------------------------------------------------------
 
@@ -120,12 +180,12 @@ class ControlLink:
         while not self._pending:
             data = await self._read()
             try:
-                frames = self._decoder.feed(data)
-                self._pending.extend(decode_message(f) for f in frames)
+                self._pending.extend(self._decoder.feed(data))
             except FrameError as exc:
                 raise self._fail(_with_peer(exc, self.peer)) from None
+        msg = self._open(self._pending.pop(0))
         self.last_heard = trio.current_time()
-        return self._pending.pop(0)
+        return msg
 
     async def _read(self) -> bytes:
         try:
@@ -208,6 +268,10 @@ class ControlLink:
     async def _guarded(self, task: object, *args: object) -> None:
         try:
             await task(*args)  # type: ignore[operator]
+        except LinkTampered:
+            # Recorded by _fail(); nothing more is read from, or sent to, a link
+            # someone else writes into.
+            await self.aclose()
         except (PeerDisconnected, PeerAborted, FrameError):
             pass  # already recorded by _fail(); the waiting activity raises it
         except Exception as exc:  # noqa: BLE001 - stored, re-raised by next_message()
@@ -216,8 +280,8 @@ class ControlLink:
     async def _reader(self) -> None:
         # Messages that arrived in the same read as the handshake's last one.
         pending, self._pending = self._pending, []
-        for msg in pending:
-            await self._dispatch(msg)
+        for frame in pending:
+            await self._dispatch(self._open(frame))
         while True:
             data = await self._read()
             try:
@@ -225,11 +289,15 @@ class ControlLink:
             except FrameError as exc:
                 raise self._fail(_with_peer(exc, self.peer)) from None
             for frame in frames:
-                try:
-                    msg = decode_message(frame)
-                except FrameError as exc:
-                    raise self._fail(_with_peer(exc, self.peer)) from None
-                await self._dispatch(msg)
+                await self._dispatch(self._open(frame))
+
+    def _open(self, frame: Frame) -> Message:
+        try:
+            return self._to_message(frame)
+        except FrameError as exc:
+            raise self._fail(_with_peer(exc, self.peer)) from None
+        except LinkTampered as exc:
+            raise self._fail(exc) from None
 
     async def _dispatch(self, msg: Message) -> None:
         now = trio.current_time()

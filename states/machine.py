@@ -55,6 +55,7 @@ from clusterfsm.states.errors import (
     IncompatiblePeer,
     InterfaceUnavailable,
     LinkLost,
+    LinkTampered,
     LinkWaitTimeout,
     PeerAborted,
     PeerDisconnected,
@@ -65,7 +66,7 @@ from clusterfsm.states.errors import (
 )
 from clusterfsm.states.transport import BindFailed
 
-LINK_ERRORS = (FrameError, PeerDisconnected, PeerAborted)
+LINK_ERRORS = (FrameError, PeerDisconnected, PeerAborted, LinkTampered)
 
 BOOTSTRAP: MachineSpec = machine_spec(
     "bootstrap",
@@ -89,7 +90,9 @@ BOOTSTRAP: MachineSpec = machine_spec(
         State("handshaking", act.handshaking, deadline=15.0,
               on_timeout=HandshakeTimeout,
               raises=(HandshakeRejected, InterfaceUnavailable, *LINK_ERRORS),
-              doc="Mutual HMAC handshake with every rank; rank 0 creates the session id."),
+              doc="Noise_NNpsk0 handshake with every rank (mutual, pre-shared key, "
+                  "ephemeral X25519); rank 0 creates the session id; the link is "
+                  "sealed from then on."),
         State("awaiting_session", act.awaiting_session, deadline=5.0,
               on_timeout=SessionUnavailable, raises=LINK_ERRORS,
               doc="Wait, on events, until every link answered a heartbeat."),
@@ -107,7 +110,7 @@ BOOTSTRAP: MachineSpec = machine_spec(
         State("confirming_group", act.confirming_group, deadline=10.0,
               on_timeout=ConfirmationTimeout, raises=(BootstrapRejected, *LINK_ERRORS),
               doc="Every rank reports its group to rank 0, which confirms to all."),
-        State("ready", act.ready, steady=True, raises=(PeerLost, LinkLost),
+        State("ready", act.ready, steady=True, raises=(PeerLost, LinkLost, LinkTampered),
               doc="The group is the app's; heartbeats watch the peers, the kernel "
                   "watches the cables."),
         State("closed", doc="The app closed the cluster (GOODBYE to every peer)."),
@@ -173,6 +176,12 @@ BOOTSTRAP: MachineSpec = machine_spec(
                    doc="A peer sent bytes that are not a valid frame, or a message that "
                        "is not allowed at that point.",
                    remedy="Check that the peer is a clusterfsm rank of the same version."),
+        ErrorState("link_tampered", LinkTampered,
+                   doc="A frame on a sealed link did not authenticate: altered, replayed, "
+                       "reordered, dropped, truncated, or injected in cleartext (a forged "
+                       "ABORT, GOODBYE or bootstrap frame). The link was closed at once.",
+                   remedy="Someone on the path between the ranks writes into the control "
+                          "link (or a middlebox corrupts TCP); check the network."),
         ErrorState("peer_disconnected", PeerDisconnected,
                    doc="A peer's control link closed before the group was ready.",
                    remedy="Look at that rank's log; restart the cluster."),

@@ -28,6 +28,7 @@ from clusterfsm.states.codec import MAX_PAYLOAD, GatherPart, GatherResult, Messa
 from clusterfsm.states.errors import (
     BootstrapRejected,
     FrameError,
+    LinkTampered,
     PeerAborted,
     PeerDisconnected,
     PrecheckFailed,
@@ -145,7 +146,8 @@ class JacclSideChannel:
                     raise BootstrapRejected(f"rank {rank} sent {len(part.data)} bytes in "
                                             f"all-gather round {this_round}, not {n_bytes}",
                                             link.peer)
-            except (FrameError, PeerDisconnected, PeerAborted, BootstrapRejected) as exc:
+            except (FrameError, PeerDisconnected, PeerAborted, BootstrapRejected,
+                    LinkTampered) as exc:
                 failures.append(exc)
                 nursery.cancel_scope.cancel()
                 return

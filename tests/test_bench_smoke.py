@@ -23,6 +23,8 @@ def test_every_bench_runs_and_reports_a_row() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     for name in ("Time to a working group, 2 ranks", "Per-state latency", "Engine:",
                  "Readiness latency", "Scale:", "Codec: bootstrap frame", "Codec: heartbeat",
-                 "Provider example: decode rate", "Provider example: time to first token"):
+                 "Provider example: decode rate", "Provider example: time to first token",
+                 "Seal: heartbeat frames", "Seal: 64 KiB frames", "Seal: AEAD",
+                 "Seal: handshake", "Seal: import", "Seal: time to a 2-rank group"):
         assert f"| {name}" in done.stdout, name
     assert (ROOT / "docs" / "performance.md").read_bytes() == before

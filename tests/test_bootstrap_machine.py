@@ -198,6 +198,7 @@ class ScriptedCoordinator:
         self.after = after_handshake
 
     async def run(self) -> None:
+        from clusterfsm.states.admission import drive_handshake
         from clusterfsm.states.codec import Ping, Pong
         from clusterfsm.states.handshake import CoordinatorHandshake
         from clusterfsm.states.link import ControlLink
@@ -206,9 +207,7 @@ class ScriptedCoordinator:
             conn = await listener.accept()
             link = ControlLink(conn)
             hs = CoordinatorHandshake(b"k" * 32, b"\x01" * 16, 2, b"S" * 16, set(), set())
-            while not hs.done:
-                for reply in hs.receive(await link.receive()):
-                    await link.send(reply)
+            await drive_handshake(link, hs)
             if self.after == "never_full":
                 await trio.sleep_forever()  # the session never fills: no first ping
             if self.after == "garbage":
@@ -258,9 +257,10 @@ class ScriptedJoiner:
         self.network = network
 
     async def run(self) -> None:
+        from clusterfsm.states.admission import drive_handshake
         from clusterfsm.states.codec import BootstrapAck, Compat, InitReady, LinkReport
         from clusterfsm.states.compat import Compatibility
-        from clusterfsm.states.handshake import JoinerHandshake
+        from clusterfsm.states.handshake import PROTOCOL_VERSION, JoinerHandshake
         from clusterfsm.states.link import ControlLink
 
         transport = self.network.transport("node1")
@@ -273,15 +273,14 @@ class ScriptedJoiner:
         link = ControlLink(conn, peer_rank=0)
         hs = JoinerHandshake(b"k" * 32, b"\x02" * 16, 1, 2, 9000, peer=conn.remote)
         await link.send(hs.start())
-        while not hs.done:
-            for reply in hs.receive(await link.receive()):
-                await link.send(reply)
+        await drive_handshake(link, hs)
         assert hs.session_id is not None
         async with trio.open_nursery() as nursery:
             link.start(nursery, heartbeat_interval=0.1)
             from clusterfsm.states.groupinit import installed_mlx_version
 
-            fits = Compatibility(installed_mlx_version(), 1, ("ring",), 2)  # as rank 0
+            # as rank 0 has it
+            fits = Compatibility(installed_mlx_version(), PROTOCOL_VERSION, ("ring",), 2)
             await link.send(Compat(hs.session_id, fits.to_json()))
             await link.send(LinkReport(hs.session_id, ()))
             frame = await link.next_message()

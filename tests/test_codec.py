@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from clusterfsm.states.codec import (
     MAX_PAYLOAD,
+    MAX_SEALED_PAYLOAD,
     MESSAGE_TYPES,
     Abort,
     Auth,
@@ -45,6 +46,7 @@ from clusterfsm.states.codec import (
     Ping,
     Pong,
     Reject,
+    Sealed,
     Step,
     Token,
     Welcome,
@@ -80,7 +82,7 @@ def scaled(n: int) -> settings:
 
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
-HEADER_LIMIT = 8 + MAX_PAYLOAD
+HEADER_LIMIT = 8 + MAX_SEALED_PAYLOAD  # one incomplete frame, the largest kind
 
 ID_A = bytes(range(0x10, 0x20))
 ID_B = bytes(range(0x20, 0x30))
@@ -96,8 +98,8 @@ JACCL3 = (
 SAMPLES: list[Message] = [
     Hello(1, ID_A, 1, 2, ID_B, "clusterfsm/0.1"),
     Hello(0xFFFF, ID_A, 255, 255, ID_B, "é" * 32, 2**64 - 1),
-    Challenge(1, ID_B, 2, ID_A, bytes(range(32))),
-    Auth(bytes(32), 65535),
+    Challenge(2, bytes(range(65))),
+    Auth(bytes(range(50))),
     Welcome(SID),
     Ping(0),
     Ping(2**64 - 1),
@@ -122,6 +124,8 @@ SAMPLES: list[Message] = [
     Step(b""),
     Step(b"\x00" * MAX_PAYLOAD),
     Token(b"token bytes"),
+    Sealed(bytes(17)),
+    Sealed(b"\xff" * MAX_SEALED_PAYLOAD),
 ]
 
 
@@ -213,10 +217,8 @@ def bootstrap_payloads(draw: st.DrawFn) -> BootstrapPayload:
 
 messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(Hello, u16, ids16, u8, st.integers(1, 255), ids16, text(64), u64),
-    st.builds(
-        Challenge, u16, ids16, st.integers(1, 255), ids16, st.binary(min_size=32, max_size=32)
-    ),
-    st.builds(Auth, st.binary(min_size=32, max_size=32), u16),
+    st.builds(Challenge, u16, st.binary(min_size=65, max_size=65)),
+    st.builds(Auth, st.binary(min_size=50, max_size=50)),
     st.builds(Welcome, ids16),
     st.builds(Ping, u64),
     st.builds(Pong, u64),
@@ -230,6 +232,7 @@ messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(Reject, st.sampled_from(RejectReason), text(1024)),
     st.builds(Step, st.binary(max_size=200)),
     st.builds(Token, st.binary(max_size=200)),
+    st.builds(Sealed, st.binary(max_size=200)),
 )
 
 
@@ -363,6 +366,19 @@ def test_max_payload_is_accepted_and_one_more_is_not() -> None:
         encode_frame(Frame(ClusterMsgType.TOKEN, bytes(MAX_PAYLOAD + 1)))
     with pytest.raises(ValueError):
         Token(bytes(MAX_PAYLOAD + 1))
+
+
+def test_a_sealed_frame_may_carry_a_full_payload_plus_type_byte_and_tag() -> None:
+    ok = _payload(ClusterMsgType.SEALED, bytes(MAX_SEALED_PAYLOAD))
+    assert decode_all(ok) == [Sealed(bytes(MAX_SEALED_PAYLOAD))]
+    assert MAX_SEALED_PAYLOAD == MAX_PAYLOAD + 17
+    with pytest.raises(ValueError):
+        encode_frame(Frame(ClusterMsgType.SEALED, bytes(MAX_SEALED_PAYLOAD + 1)))
+    for data in (b"CF\x01\x30" + (MAX_SEALED_PAYLOAD + 1).to_bytes(4, "big"),
+                 b"CF\x01\x30\x00\x02", b"CF\x01\x05" + (MAX_PAYLOAD + 1).to_bytes(4, "big")):
+        with pytest.raises(FrameError) as info:
+            FrameDecoder().feed(data)
+        assert info.value.kind is FrameErrorKind.OVERSIZE
 
 
 def test_four_gib_header_is_refused_immediately_with_tiny_memory() -> None:
@@ -522,22 +538,22 @@ def test_a_type_byte_has_one_class() -> None:
 
 VECTOR_RE = re.compile(r"^```hex vector (?P<name>[\w-]+)\n(?P<body>.*?)^```", re.M | re.S)
 DOC_VECTORS: dict[str, Message] = {
-    "hello": Hello(1, ID_A, 1, 2, bytes(range(0x30, 0x40)), "clusterfsm/0.1",
+    "hello": Hello(2, ID_A, 1, 2, bytes(range(0x30, 0x40)), "clusterfsm/0.1",
                    1_700_000_000_000_000_000),
+    # The same Hello from a protocol 1 peer: it decodes, and is refused by version.
+    "hello-v1": Hello(1, ID_A, 1, 2, bytes(range(0x30, 0x40)), "clusterfsm/0.1",
+                      1_700_000_000_000_000_000),
     "ping": Ping(42),
     "bootstrap-ring-2": BootstrapPayload(5000, SID, WireBackend.RING, 2, RING2),
     "abort": Abort(SID, "initializing_group", "GroupSizeMismatch", "group size 1, expected 2"),
-    # The handshake vectors' MACs are recomputed from their inputs in test_handshake.py.
-    "challenge": Challenge(
-        1,
-        ID_B,
-        2,
-        bytes(range(0x40, 0x50)),
-        bytes.fromhex("e155f77c23b6e92ba41b6684b0f3137576adb04d02bbc06e3f3f7a82bae20bc6"),
-    ),
-    "auth": Auth(
-        bytes.fromhex("34be14d83c0c446c37ca3e7f4efe78ebb0d03b3855df124ef3464774af793f04"), 6000
-    ),
+    # The handshake vectors' Noise messages are recomputed from their inputs in
+    # test_handshake.py and test_seal.py.
+    "challenge": Challenge(2, bytes.fromhex(
+        "392d174a38b3b1beafaf1fe824870841c5fa531bc6eafdb6402c124664488c1c"
+        "31c53706c19d3817bccc2190d300c6e7b489ae9a5ef6d305bff8775aa85aabe6b8")),
+    "auth": Auth(bytes.fromhex(
+        "23b7bb8c91ae008711fb12846780bcdf1e065f821bdfec49f57e7c7dcd4c4823"
+        "8ca3aaa843ac288a40e8c8b3bb16029f2f72")),
     "welcome": Welcome(SID),
 }
 

@@ -105,6 +105,7 @@ async def test_any_runs_jaccl_only_if_every_rank_has_it(autojump_clock: Any) -> 
 
 
 async def _joiner_sending(network: MemoryNetwork, info: str, *, other_session: bool) -> None:
+    from clusterfsm.states.admission import drive_handshake
     from clusterfsm.states.handshake import JoinerHandshake
     from clusterfsm.states.link import ControlLink
 
@@ -118,9 +119,7 @@ async def _joiner_sending(network: MemoryNetwork, info: str, *, other_session: b
     link = ControlLink(conn, peer_rank=0)
     hs = JoinerHandshake(KEY, b"\x02" * 16, 1, 2, 9000, peer=conn.remote)
     await link.send(hs.start())
-    while not hs.done:
-        for reply in hs.receive(await link.receive()):
-            await link.send(reply)
+    await drive_handshake(link, hs)
     assert hs.session_id is not None
     async with trio.open_nursery() as nursery:
         link.start(nursery, heartbeat_interval=0.1)

@@ -64,8 +64,8 @@ def test_beacon_round_trips_and_is_bound_to_the_key() -> None:
         decode_beacon(b.encode(b"x" * 32), KEY)
     with pytest.raises(BeaconIgnored, match="not a clusterfsm beacon"):
         decode_beacon(b"hello", KEY)
-    with pytest.raises(BeaconIgnored, match="protocol version 2"):
-        decode_beacon(b"CFB1\x00\x02" + b"\x00" * 70, KEY)
+    with pytest.raises(BeaconIgnored, match="protocol version 1"):
+        decode_beacon(b"CFB1\x00\x01" + b"\x00" * 44, KEY)  # protocol 1's 50 bytes
 
 
 def test_own_echo_is_ignored_and_a_peer_heard_twice_is_one_peer() -> None:
@@ -86,6 +86,38 @@ def test_other_version_world_size_and_key_are_reported_not_joined() -> None:
     text = state.summary()
     assert "protocol version 9" in text and "world size 4" in text
     assert "another cluster" in text
+
+
+def test_a_replayed_beacon_is_reported_never_heard() -> None:
+    """Replayed from another address, a recorded beacon would win the "first heard"
+    race for its node's address (docs/security.md): each beacon counts once."""
+    now = 1_800_000_000.0
+    state = DiscoveryState(beacon(1))
+    recorded = beacon(2).encode(KEY, sent_at=now)
+    assert state.observe(recorded, KEY, "10.0.0.2", "en2", now=now + 0.01)
+    assert not state.observe(recorded, KEY, "10.0.0.66", "en2", now=now + 0.02)
+    assert state.peers[node(2)].host == "10.0.0.2"
+    assert "replayed beacon" in state.summary()
+    # A recording older than the window, heard by a node that never saw it, is stale;
+    # so is one from a clock far ahead.
+    fresh = DiscoveryState(beacon(1))
+    assert not fresh.observe(recorded, KEY, "10.0.0.66", "en2", now=now + 31)
+    assert not fresh.observe(beacon(3).encode(KEY, sent_at=now + 40), KEY, "h3", "en2",
+                             now=now)
+    assert not fresh.peers
+    assert "stale beacon" in fresh.summary() and "future beacon" in fresh.summary()
+    # The same node's next beacon (new nonce) is heard as usual.
+    assert fresh.observe(beacon(2).encode(KEY, sent_at=now + 31), KEY, "10.0.0.2", "en2",
+                         now=now + 31)
+
+
+def test_the_stamp_and_nonce_are_under_the_tag() -> None:
+    data = bytearray(beacon(2).encode(KEY, sent_at=1_800_000_000.0, nonce=b"N" * 8))
+    for index in (36, 44):  # in the timestamp, in the nonce
+        altered = bytearray(data)
+        altered[index] ^= 0x01
+        with pytest.raises(BeaconIgnored, match="another cluster"):
+            decode_beacon(bytes(altered), KEY)
 
 
 def test_reports_are_bounded_under_a_flood() -> None:

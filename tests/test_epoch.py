@@ -127,7 +127,8 @@ def test_stale_is_named_before_duplicate_rank() -> None:
 @pytest.mark.parametrize("forged", [2**64 - 1, 1])
 def test_a_rewritten_epoch_never_verifies(forged: int) -> None:
     """An on-path attacker rewrites the Hello's epoch: raised (to lock the rank's later
-    generations out) or lowered. Neither end accepts the other's MAC."""
+    generations out) or lowered. The epoch is in the Noise prologue: neither end
+    accepts the other's handshake message."""
     j = joiner(500)
     hello = j.start()
     tampered = Hello(hello.protocol_version, hello.node_id, hello.rank, hello.world_size,
@@ -135,17 +136,18 @@ def test_a_rewritten_epoch_never_verifies(forged: int) -> None:
     c = coordinator({})
     [ch] = c.receive(wire(tampered))
     assert isinstance(ch, Challenge)
-    with pytest.raises(HandshakeRejected) as at_joiner:  # the coordinator MAC'd `forged`
+    with pytest.raises(HandshakeRejected) as at_joiner:  # rank 0 answered `forged`
         j.receive(wire(ch))
     assert at_joiner.value.reason is RejectReason.BAD_KEY
-    # Even with a Challenge for the true epoch, the joiner's Auth does not verify
-    # against the tampered Hello, so the coordinator never admits (or records) it.
+    # Even with a Challenge for the true epoch (same ephemeral key), the joiner's Auth
+    # does not open against the tampered Hello, so the coordinator never admits (or
+    # records) it.
     j2 = joiner(500)
     j2_hello = j2.start()
-    honest = coordinator({}, nonce=bytes(range(16)))
+    honest = coordinator({}, ephemeral=bytes(range(32)))
     [ch2] = honest.receive(wire(j2_hello))
     [au] = j2.receive(wire(ch2))
-    c2 = coordinator({}, nonce=bytes(range(16)))
+    c2 = coordinator({}, ephemeral=bytes(range(32)))
     c2.receive(wire(Hello(j2_hello.protocol_version, j2_hello.node_id, j2_hello.rank,
                           j2_hello.world_size, j2_hello.nonce, j2_hello.software, forged)))
     with pytest.raises(HandshakeRejected) as at_coord:

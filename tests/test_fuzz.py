@@ -4,12 +4,13 @@ tests/test_codec.py fuzzes the decoder alone and tests/test_handshake.py feeds t
 handshake typed messages; here mutated *genuine* handshake byte streams, cut into
 random chunks, go through the same path the link uses, for both roles. Properties:
 
-- only ``FrameError`` and ``HandshakeRejected`` ever come out (nothing else escapes);
-- the decoder never holds more than one frame (``8 + MAX_PAYLOAD`` bytes);
+- only ``FrameError``, ``HandshakeRejected`` and ``LinkTampered`` ever come out
+  (nothing else escapes);
+- the decoder never holds more than one frame (``8 + MAX_SEALED_PAYLOAD`` bytes);
 - no forged admission: when rank 0's handshake completes, the Auth it accepted is
-  byte-for-byte the genuine joiner's and so are the Hello's MAC'd fields (a mutation
-  that changes one of them, or the MAC, is always refused). The Hello's ``software``
-  string is not MAC'd: a mutation there goes through (it is only logged).
+  byte-for-byte the genuine joiner's and so is every field of the Hello (the Noise
+  prologue), its ``software`` string included; when the joiner's completes, the
+  Welcome it opened is the genuine one (it arrives sealed, as on the link).
 
 Examples (``HYPOTHESIS_PROFILE``, as in test_codec): ``ci`` (default) 10,000,
 derandomized; ``dev``/``long`` 100,000.
@@ -26,21 +27,32 @@ from hypothesis import strategies as st
 from clusterfsm.states.codec import (
     HEADER_SIZE,
     MAX_PAYLOAD,
+    MAX_SEALED_PAYLOAD,
     Auth,
+    ClusterMsgType,
+    Frame,
     FrameDecoder,
     Hello,
     Message,
+    Welcome,
     decode_message,
     encode_message,
 )
-from clusterfsm.states.errors import FrameError, FrameErrorKind, HandshakeRejected
+from clusterfsm.states.errors import (
+    FrameError,
+    FrameErrorKind,
+    HandshakeRejected,
+    LinkTampered,
+)
 from clusterfsm.states.handshake import CoordinatorHandshake, JoinerHandshake
+from clusterfsm.states.seal import Opener
 
 KEY = bytes(range(32))
 J_ID, C_ID = b"J" * 16, b"C" * 16
-J_NONCE, C_NONCE = b"n" * 16, b"N" * 16
+J_NONCE = b"n" * 16
+E_J, E_C = b"e" * 32, b"E" * 32  # fixed ephemeral keys: the streams replay exactly
 SID = b"S" * 16
-BOUND = HEADER_SIZE + MAX_PAYLOAD
+BOUND = HEADER_SIZE + MAX_SEALED_PAYLOAD
 
 _PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
 EXAMPLES = 10_000 if _PROFILE not in ("dev", "long") else 100_000
@@ -49,23 +61,31 @@ FUZZ = settings(max_examples=EXAMPLES, derandomize=_PROFILE not in ("dev", "long
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
-def _genuine() -> tuple[list[Message], list[Message]]:
-    """One genuine exchange: (joiner -> rank 0 messages, rank 0 -> joiner messages)."""
-    joiner = JoinerHandshake(KEY, J_ID, 1, 2, 6000, nonce=J_NONCE)
-    coord = CoordinatorHandshake(KEY, C_ID, 2, SID, set(), set(), nonce=C_NONCE)
+def _joiner() -> JoinerHandshake:
+    return JoinerHandshake(KEY, J_ID, 1, 2, 6000, nonce=J_NONCE, ephemeral=E_J)
+
+
+def _coordinator() -> CoordinatorHandshake:
+    return CoordinatorHandshake(KEY, C_ID, 2, SID, set(), set(), ephemeral=E_C)
+
+
+def _genuine() -> tuple[list[Message], bytes, bytes]:
+    """One genuine exchange: the joiner's messages, and both byte streams as the link
+    sends them (rank 0's Welcome sealed)."""
+    joiner, coord = _joiner(), _coordinator()
     hello = joiner.start()
     [challenge] = coord.receive(hello)
     [auth] = joiner.receive(challenge)
     [welcome] = coord.receive(auth)
-    return [hello, auth], [challenge, welcome]
+    assert coord.keys is not None
+    sealed_welcome = coord.keys.sealer().seal(welcome.TYPE, welcome.encode())
+    return ([hello, auth], encode_message(hello) + encode_message(auth),
+            encode_message(challenge) + sealed_welcome)
 
 
-TO_COORD, TO_JOINER = _genuine()
+TO_COORD, TO_COORD_BYTES, TO_JOINER_BYTES = _genuine()
 GENUINE_HELLO, GENUINE_AUTH = TO_COORD
-STREAMS = {
-    "coordinator": b"".join(encode_message(m) for m in TO_COORD),
-    "joiner": b"".join(encode_message(m) for m in TO_JOINER),
-}
+STREAMS = {"coordinator": TO_COORD_BYTES, "joiner": TO_JOINER_BYTES}
 
 
 #: One mutation: (operation, position, value, inserted bytes); positions wrap around.
@@ -103,16 +123,24 @@ def _feed(role: str, data: bytes, cuts: list[int]) -> CoordinatorHandshake | Joi
     """The link's receive path; raises only what the link would turn into an error."""
     hs: CoordinatorHandshake | JoinerHandshake
     if role == "coordinator":
-        hs = CoordinatorHandshake(KEY, C_ID, 2, SID, set(), set(), nonce=C_NONCE)
+        hs = _coordinator()
     else:
-        hs = JoinerHandshake(KEY, J_ID, 1, 2, 6000, nonce=J_NONCE)
+        hs = _joiner()
         hs.start()
     decoder = FrameDecoder()
+    opener: Opener | None = None
     pos = 0
     for size in [*cuts, len(data)]:
         for frame in decoder.feed(data[pos : pos + size]):
             if hs.done:
                 return hs  # the link hands later frames to the session phase
+            if opener is None and hs.keys is not None:
+                opener = hs.keys.opener()  # as ControlLink.install_keys
+            if opener is not None:  # as ControlLink._to_message
+                if frame.type is not ClusterMsgType.SEALED:
+                    raise opener.refuse_unsealed(frame.type)
+                type_byte, payload = opener.open(frame.payload)
+                frame = Frame(ClusterMsgType(type_byte), payload)
             hs.receive(decode_message(frame))
         assert decoder.buffered <= BOUND
         pos += size
@@ -130,18 +158,19 @@ def test_fuzz_handshake_byte_stream(
     data = mutate(STREAMS[role], ops)
     try:
         hs = _feed(role, data, cuts)
-    except (FrameError, HandshakeRejected):
+    except (FrameError, HandshakeRejected, LinkTampered):
         return
     if role == "coordinator" and hs.done:
         # no forged admission: exactly the genuine joiner's Hello and Auth got through
         assert isinstance(hs, CoordinatorHandshake)
         assert hs.peer_node_id == GENUINE_HELLO.node_id and hs.rank == 1
-        assert isinstance(GENUINE_AUTH, Auth) and hs.data_port == GENUINE_AUTH.data_port
+        assert isinstance(GENUINE_AUTH, Auth) and hs.data_port == 6000
         assert encode_message(GENUINE_AUTH) in data
-        # The Hello's ``software`` string is the one field no MAC covers (it is only
-        # logged; docs/security.md says so): everything else is the genuine Hello's.
+        assert isinstance(GENUINE_HELLO, Hello) and hs.software == GENUINE_HELLO.software
+        assert hs.epoch == GENUINE_HELLO.epoch
     if role == "joiner" and hs.done:
         assert isinstance(hs, JoinerHandshake) and hs.peer_node_id == C_ID
+        assert hs.session_id == SID
 
 
 def test_decoder_memory_is_bounded_by_the_declared_limit() -> None:
@@ -179,3 +208,5 @@ def test_the_unmutated_streams_complete_both_handshakes() -> None:
     assert _feed("coordinator", STREAMS["coordinator"], []).done
     assert _feed("joiner", STREAMS["joiner"], [3, 5]).done
     assert isinstance(GENUINE_HELLO, Hello)
+    assert not isinstance(TO_COORD[-1], Welcome)
+    assert not isinstance(TO_COORD[-1], Welcome)
