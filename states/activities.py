@@ -17,7 +17,7 @@ from typing import TypeVar
 import attrs
 import trio
 
-from clusterfsm.fsm import current_deadline, deadline_trace, report_progress
+from clusterfsm.fsm import current_deadline, deadline_trace, note_outcome, report_progress
 from clusterfsm.states.admission import Admission, join
 from clusterfsm.states.codec import (
     BootstrapAck,
@@ -52,6 +52,7 @@ from clusterfsm.states.link import (
     wait_any,
 )
 from clusterfsm.states.linkstates import guard_links
+from clusterfsm.states.ringwindow import await_local_listener, first_dial_target
 from clusterfsm.states.seal import warm_up
 from clusterfsm.states.sidechannel import JacclSideChannel
 from clusterfsm.states.topology import Topology, build_device_matrix
@@ -336,6 +337,8 @@ async def initializing_group(ctx: ClusterContext) -> str:
         go = await _expect(link, InitGo, "initializing_group", ctx.session_id, "go signal")
         if go.delay_ms:
             await trio.sleep(go.delay_ms / 1000)
+        await await_local_listener(first_dial_target(
+            plan.backend, ctx.rank, ctx.world_size, plan.topology))
     report_progress(f"in mx.distributed.init ({plan.backend}, rank {ctx.rank})")
     await _arm_watchdog(ctx)
     side_channel = None
@@ -346,6 +349,8 @@ async def initializing_group(ctx: ClusterContext) -> str:
                                             ctx.links)
     try:
         ctx.group = await ctx.initializer.initialize(plan, ctx.files, side_channel)
+        if ctx.initializer.backoff is not None:
+            note_outcome(ctx.initializer.backoff.describe())
     finally:
         # Shielded: a cancelled state must still disarm, or the watchdog would kill
         # this rank during its (orderly) teardown.

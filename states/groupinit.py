@@ -48,6 +48,14 @@ from clusterfsm.states.errors import (
     GroupSizeMismatch,
     PrecheckFailed,
 )
+from clusterfsm.states.ringwindow import (
+    VERBOSE_ENV,
+    ConnectBackoff,
+    no_wakeup_preemption,
+    read_backoff,
+    ring_log_capture,
+    wants_no_preemption,
+)
 from clusterfsm.states.sidechannel import AllGatherFactory, JacclSideChannel
 from clusterfsm.states.topology import Topology
 
@@ -139,6 +147,13 @@ class TopologyDir:
         finally:
             os.close(fd)
         return target
+
+    def open_private(self, name: str) -> tuple[Path, int]:
+        """A new private file (0600, created exclusively) for writing; removed on close."""
+        target = self.path / name
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._written.append(target)
+        return target, fd
 
     def close(self) -> None:
         """Remove the directory and everything in it (idempotent)."""
@@ -347,6 +362,8 @@ class GroupInitializer:
         self.mlx_version: Callable[[], str] = mlx_version or installed_mlx_version
         #: Called in ``idle``: imports MLX (~80 ms) long before the timed init.
         self.prepare: Callable[[], None] = prepare or _import_mlx
+        #: What MLX's ring logged of its connect back-off in the last ``initialize``.
+        self.backoff: ConnectBackoff | None = None
 
     async def initialize(self, plan: InitPlan, files: TopologyDir,
                          side_channel: JacclSideChannel | None = None) -> Group:
@@ -361,10 +378,22 @@ class GroupInitializer:
                                  f"topology file in {files.path}: {exc}") from exc
         factory = side_channel.factory if side_channel is not None else None
         self.groups.check_fresh(plan.backend)  # checked before the barrier too
-        with patched_env(env, clear):
+        self.backoff = None
+        calm = wants_no_preemption(plan.backend, plan.rank, plan.world_size)
+
+        def call() -> Group:
+            with no_wakeup_preemption(calm):  # in the thread that calls init
+                return self.init_fn(plan.backend, factory)
+
+        # MLX's log of a refused dial, on the ranks whose dial races (not the last
+        # rank: its log line would sit between its dial and its listen, the race).
+        observe = calm
+        keep_verbose = VERBOSE_ENV in os.environ
+        if observe:
+            env = {**env, VERBOSE_ENV: os.environ.get(VERBOSE_ENV, "1")}
+        with patched_env(env, clear), self._ring_log(observe, plan, files, keep_verbose):
             try:
-                group: Group = await self.run_blocking(
-                    lambda: self.init_fn(plan.backend, factory))
+                group: Group = await self.run_blocking(call)
             except RuntimeError as exc:
                 # A round cut short because this state was cancelled (its deadline,
                 # the app): the cancellation wins, not the side channel's note of it.
@@ -376,5 +405,25 @@ class GroupInitializer:
         if group.size() != plan.world_size:
             raise GroupSizeMismatch(plan.world_size, group.size())
         return group
+
+    @contextmanager
+    def _ring_log(self, observe: bool, plan: InitPlan, files: TopologyDir,
+                  keep_verbose: bool) -> Iterator[None]:
+        """MLX's log of the call goes to a private file and is read afterwards
+        (:mod:`clusterfsm.states.ringwindow`); ``self.backoff`` names a back-off."""
+        if not observe:
+            yield
+            return
+        try:
+            path, fd = files.open_private(f"mlx-init-{plan.session_id.hex()[:8]}.log")
+        except OSError:
+            yield  # no private file: init runs unobserved rather than not at all
+            return
+        try:
+            with ring_log_capture(fd):
+                yield
+        finally:
+            os.close(fd)
+            self.backoff = read_backoff(path, keep_verbose)
 
 

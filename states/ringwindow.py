@@ -1,0 +1,217 @@
+"""The ring's init window: who may preempt whom, and what MLX's back-off looked like.
+
+MLX's ring (docs/design.md section 3.2) has every rank but the last accept from its
+left neighbour and then dial its right one; the last rank dials rank 0 first and only
+then listens. So rank N-2's dial races the last rank's ``listen``, and a refused dial
+sleeps 1 s. On a busy host the race is lost through the scheduler: the last rank's
+dial completes the handshake and wakes the chain of accepting ranks, and a woken rank
+preempts the waker on its CPU, so the chain reaches rank N-2's dial before the last
+rank has run its next few microseconds (docs/design.md section 3.5 has the
+measurements).
+
+This module holds the two things group init does about it, both only for the
+duration of the ``init`` call and undone right after:
+
+- :func:`no_wakeup_preemption`: on Linux, the thread that calls ``init`` on every rank
+  but the last runs ``SCHED_BATCH``, a policy whose woken threads do not preempt the
+  running one (same nice value, same share of CPU; it is unprivileged). Threads MLX
+  starts during the call inherit the policy: they are put back afterwards. Elsewhere
+  (macOS has no ``SCHED_BATCH``, and its QoS classes change priority, not wake-up
+  preemption) it does nothing.
+- :func:`ring_log_capture` and :func:`read_backoff`: ``MLX_RING_VERBOSE`` is set for
+  the call and the process's fd 2 goes to a private file (never a pipe, which could
+  fill and block MLX), so MLX's ``Attempt N waiting W ms`` lines become a
+  :class:`ConnectBackoff` that the trace and the ``serve`` output name. Lines that are
+  not ours to consume are written back to stderr. Only the ranks that get
+  ``SCHED_BATCH`` log: the last rank's log line would sit between its dial and its
+  listen, the very window of the race.
+- :func:`await_local_listener`: the other race, the last rank's first dial against
+  rank 0's ``listen`` (a fixed stagger loses it when rank 0 is descheduled for longer).
+  When rank 0's address is local (one host, Linux), the last rank waits until
+  /proc/net/tcp shows rank 0's listener, at most :data:`LISTENER_WAIT_LIMIT_S`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+import attrs
+import trio
+
+#: MLX's ring logs each refused dial as ``[ring] Attempt 0 waiting 1000 ms (error: 111 )``.
+_BACKOFF = re.compile(r"^\[ring\] Attempt (\d+) waiting (\d+) ms")
+#: The verbose lines we asked for by setting ``MLX_RING_VERBOSE`` (dropped afterwards).
+_OURS = re.compile(r"^\[ring\] (Rank \d+ (accepting|connecting to \d+)|Attempt \d+ waiting)")
+#: The environment variable that turns MLX's ring logging on (any value).
+VERBOSE_ENV = "MLX_RING_VERBOSE"
+
+
+@attrs.frozen
+class ConnectBackoff:
+    """MLX's ring dial was refused ``refusals`` times and it slept ``waited_ms`` in all."""
+
+    refusals: int
+    waited_ms: int
+
+    def describe(self) -> str:
+        return (f"MLX ring connect back-off: {self.waited_ms / 1000:g} s "
+                f"({self.refusals} refused connect(s), retried by MLX; not a hang)")
+
+
+def wants_no_preemption(backend: str, rank: int, world_size: int) -> bool:
+    """Every ring rank but the last: these are the ranks woken by an accept."""
+    return backend == "ring" and world_size > 1 and rank != world_size - 1
+
+
+def _tids() -> set[int]:
+    try:
+        return {int(t) for t in os.listdir("/proc/self/task")}
+    except OSError:
+        return set()
+
+
+@contextmanager
+def no_wakeup_preemption(enabled: bool = True) -> Iterator[None]:
+    """Run the block (in the thread that calls ``init``) as ``SCHED_BATCH`` on Linux.
+
+    Does nothing when disabled, off Linux, or when the thread is not ``SCHED_OTHER``
+    (someone chose its policy on purpose). Afterwards this thread, and every thread
+    started during the block that inherited ``SCHED_BATCH``, are ``SCHED_OTHER`` again.
+    """
+    batch = getattr(os, "SCHED_BATCH", None)
+    other = getattr(os, "SCHED_OTHER", None)
+    if (not enabled or batch is None or other is None or not sys.platform.startswith("linux")
+            or os.sched_getscheduler(0) != other):
+        yield
+        return
+    before = _tids()
+    os.sched_setscheduler(0, batch, os.sched_param(0))
+    try:
+        yield
+    finally:
+        os.sched_setscheduler(0, other, os.sched_param(0))
+        for tid in _tids() - before:
+            with suppress(OSError):  # the thread ended meanwhile
+                if os.sched_getscheduler(tid) == batch:
+                    os.sched_setscheduler(tid, other, os.sched_param(0))
+
+
+@contextmanager
+def ring_log_capture(log_fd: int) -> Iterator[None]:
+    """fd 2 of this process goes to ``log_fd`` for the block, then comes back.
+
+    While ``init`` runs it holds the GIL, so no Python thread writes to stderr in the
+    window; C-level writers land in the file and are written back by :func:`read_backoff`.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        os.dup2(log_fd, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def read_backoff(path: Path, keep_verbose: bool, echo_fd: int = 2) -> ConnectBackoff | None:
+    """The back-off MLX logged in ``path``; other lines are written to ``echo_fd``.
+
+    ``keep_verbose``: the user had set ``MLX_RING_VERBOSE`` already, so every line is
+    theirs and all are written back.
+    """
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return None
+    refusals = waited = 0
+    echo: list[str] = []
+    for line in text.splitlines(keepends=True):
+        m = _BACKOFF.match(line)
+        if m is not None:
+            refusals += 1
+            waited += int(m[2])
+        if keep_verbose or not _OURS.match(line):
+            echo.append(line)
+    if echo:
+        data = "".join(echo).encode()
+        with suppress(OSError):
+            while data:
+                data = data[os.write(echo_fd, data):]
+    return ConnectBackoff(refusals, waited) if refusals else None
+
+
+#: How long the last rank waits at most for rank 0's listener to appear (then it dials
+#: anyway, and MLX's back-off is what it was before).
+LISTENER_WAIT_LIMIT_S = 0.25
+#: /proc/net/tcp's state code for LISTEN.
+_TCP_LISTEN = "0A"
+
+
+def _proc_key(host: str, port: int) -> str | None:
+    """``host:port`` as /proc/net/tcp prints a local address (``0100007F:1F90``)."""
+    try:
+        packed = socket.inet_aton(host)
+    except OSError:
+        return None
+    return f"{int.from_bytes(packed, sys.byteorder):08X}:{port:04X}"
+
+
+def _is_local(host: str) -> bool:
+    """Whether ``host`` is an address of this network namespace (a bind to it works)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, 0))
+        except OSError:
+            return False
+    return True
+
+
+def listener_state(endpoint: str) -> bool | None:
+    """Whether a TCP listener is up at ``endpoint`` (``"ip:port"``) in this namespace.
+
+    None when it cannot be told from here: not Linux (no /proc/net/tcp), or the address
+    is not local (another host: the go signal's network trip is the head start there).
+    """
+    host, _, port_text = endpoint.rpartition(":")
+    key = _proc_key(host, int(port_text)) if port_text.isdigit() else None
+    if key is None or not sys.platform.startswith("linux") or not _is_local(host):
+        return None
+    try:
+        with open("/proc/net/tcp", encoding="ascii") as table:
+            next(table, None)  # header
+            for line in table:
+                fields = line.split(maxsplit=4)
+                if len(fields) > 3 and fields[1] == key and fields[3] == _TCP_LISTEN:
+                    return True
+    except OSError:
+        return None
+    return False
+
+
+def first_dial_target(backend: str, rank: int, world_size: int,
+                      topology: tuple[tuple[object, ...], ...]) -> str | None:
+    """The ring's last rank dials rank 0 before it listens: rank 0's first address."""
+    if backend != "ring" or world_size < 2 or rank != world_size - 1 or not topology:
+        return None
+    first = topology[0][0] if topology[0] else None
+    return first if isinstance(first, str) else None
+
+
+async def await_local_listener(endpoint: str | None,
+                               limit: float = LISTENER_WAIT_LIMIT_S) -> None:
+    """Wait (polling every ms, at most ``limit``) until ``endpoint`` listens, if that can
+    be told here (:func:`listener_state`); return at once otherwise."""
+    if endpoint is None:
+        return
+    # Polled: nothing wakes a process when another one starts listening.
+    deadline = trio.current_time() + limit
+    for _ in range(int(limit / 0.001) + 1):
+        if listener_state(endpoint) is not False or trio.current_time() >= deadline:
+            return
+        await trio.sleep(0.001)
