@@ -52,7 +52,6 @@ from clusterfsm.states.link import (
     wait_any,
 )
 from clusterfsm.states.linkstates import guard_links
-from clusterfsm.states.ringwindow import await_local_listener, first_dial_target
 from clusterfsm.states.seal import warm_up
 from clusterfsm.states.sidechannel import JacclSideChannel
 from clusterfsm.states.topology import Topology, build_device_matrix
@@ -337,8 +336,6 @@ async def initializing_group(ctx: ClusterContext) -> str:
         go = await _expect(link, InitGo, "initializing_group", ctx.session_id, "go signal")
         if go.delay_ms:
             await trio.sleep(go.delay_ms / 1000)
-        await await_local_listener(first_dial_target(
-            plan.backend, ctx.rank, ctx.world_size, plan.topology))
     report_progress(f"in mx.distributed.init ({plan.backend}, rank {ctx.rank})")
     await _arm_watchdog(ctx)
     side_channel = None

@@ -51,6 +51,7 @@ from clusterfsm.states.errors import (
 from clusterfsm.states.ringwindow import (
     VERBOSE_ENV,
     ConnectBackoff,
+    await_first_listener,
     no_wakeup_preemption,
     read_backoff,
     ring_log_capture,
@@ -287,6 +288,10 @@ def supports_all_gather_factory() -> bool:
 InitFn = Callable[[str, AllGatherFactory | None], Group]
 
 
+async def _await_first_listener(plan: InitPlan) -> None:
+    await await_first_listener(plan.backend, plan.rank, plan.world_size, plan.topology)
+
+
 def _import_mlx() -> None:
     _mlx_distributed()
 
@@ -349,6 +354,7 @@ class GroupInitializer:
         side_channel_supported: Callable[[], bool] = supports_all_gather_factory,
         groups: InitializedGroups = PROCESS_GROUPS,
         mlx_version: Callable[[], str] | None = None,
+        first_listener: Callable[[InitPlan], Awaitable[None]] | None = None,
     ) -> None:
         self.init_fn = init_fn
         self.run_blocking = run_blocking
@@ -362,6 +368,8 @@ class GroupInitializer:
         self.mlx_version: Callable[[], str] = mlx_version or installed_mlx_version
         #: Called in ``idle``: imports MLX (~80 ms) long before the timed init.
         self.prepare: Callable[[], None] = prepare or _import_mlx
+        #: ring's last rank: waits for rank 0's listener when it can see it (one host).
+        self.first_listener = first_listener or _await_first_listener
         #: What MLX's ring logged of its connect back-off in the last ``initialize``.
         self.backoff: ConnectBackoff | None = None
 
@@ -379,6 +387,7 @@ class GroupInitializer:
         factory = side_channel.factory if side_channel is not None else None
         self.groups.check_fresh(plan.backend)  # checked before the barrier too
         self.backoff = None
+        await self.first_listener(plan)
         calm = wants_no_preemption(plan.backend, plan.rank, plan.world_size)
 
         def call() -> Group:

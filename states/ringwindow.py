@@ -203,6 +203,12 @@ def first_dial_target(backend: str, rank: int, world_size: int,
     return first if isinstance(first, str) else None
 
 
+async def await_first_listener(backend: str, rank: int, world_size: int,
+                               topology: tuple[tuple[object, ...], ...]) -> None:
+    """The ring's last rank, before init: wait for rank 0's listener if it is local."""
+    await await_local_listener(first_dial_target(backend, rank, world_size, topology))
+
+
 async def await_local_listener(endpoint: str | None,
                                limit: float = LISTENER_WAIT_LIMIT_S) -> None:
     """Wait (polling every ms, at most ``limit``) until ``endpoint`` listens, if that can
