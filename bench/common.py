@@ -79,7 +79,9 @@ class BusyCore:
     def __init__(self) -> None:
         import subprocess
 
-        self._proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        # Busy until this process goes, even if it is killed before __exit__.
+        loop = "import os\nparent = os.getppid()\nwhile os.getppid() == parent: pass"
+        self._proc = subprocess.Popen([sys.executable, "-c", loop])
 
     def __enter__(self) -> BusyCore:
         return self

@@ -374,8 +374,14 @@ class GroupInitializer:
         self.backoff: ConnectBackoff | None = None
 
     async def initialize(self, plan: InitPlan, files: TopologyDir,
-                         side_channel: JacclSideChannel | None = None) -> Group:
+                         side_channel: JacclSideChannel | None = None,
+                         before_call: Callable[[], Awaitable[None]] | None = None) -> Group:
+        """Init for ``plan``; ``before_call`` is awaited right before the blocking call
+        (rank 0 releases the ring's last rank there: the least time between that go
+        and rank 0's own listen)."""
         if os.environ.get(FAULT_ENV) == "never-init":
+            if before_call is not None:
+                await before_call()
             # Fault injection for tests: pass the barrier, then never call init (the
             # peer that hangs everyone else's init). Documented in docs/states.md.
             await trio.sleep_forever()
@@ -401,6 +407,8 @@ class GroupInitializer:
         if observe:
             env = {**env, VERBOSE_ENV: os.environ.get(VERBOSE_ENV, "1")}
         with patched_env(env, clear), self._ring_log(observe, plan, files, keep_verbose):
+            if before_call is not None:
+                await before_call()
             try:
                 group: Group = await self.run_blocking(call)
             except RuntimeError as exc:
