@@ -1,7 +1,8 @@
 """MLX's ring stall under load: raw ``init`` against our init window, same processes.
 
-Every trial starts N processes that import MLX and wait; then all are released at once
-(the last rank 5 ms later, as our barrier does) and each calls init:
+Every trial starts N processes that import MLX and wait; then they are released as our
+barrier does (all but the last at once, the last as rank 0 calls init, and it waits
+5 ms more) and each calls init:
 
 - A, ``raw``: ``mx.distributed.init(backend="ring")`` as MLX ships it;
 - B, ``window``: the same call through :class:`clusterfsm.states.groupinit.GroupInitializer`
@@ -41,8 +42,14 @@ if rank == size - 1:
     time.sleep(0.005)
 start = time.perf_counter()
 backoff = None
+def calling():
+    sys.stdout.write("calling\n"); sys.stdout.flush()
+async def before_call():
+    calling()
+    await trio.lowlevel.checkpoint()
 if mode == "raw":
     os.environ.update(MLX_RANK=str(rank), MLX_HOSTFILE=hostfile)
+    calling()
     group = mx.distributed.init(strict=True, backend="ring")
 else:
     topology = tuple(tuple(e) for e in json.load(open(hostfile)))
@@ -50,7 +57,7 @@ else:
     files = TopologyDir()
     try:
         group = trio.run(init.initialize, InitPlan("ring", rank, size, topology, b"b" * 16),
-                         files)
+                         files, None, before_call)
     finally:
         files.close()
     backoff = init.backoff and init.backoff.describe()
@@ -84,10 +91,12 @@ def trial(n: int, mode: str, hosts: list[str], prefixes: list[list[str]],
     try:
         for p in procs:
             assert p.stdout is not None and p.stdout.readline() == "loaded\n"
-        for p in procs:
-            assert p.stdin is not None
-            p.stdin.write("\n")
-            p.stdin.flush()
+        # As our barrier does: all but the last at once, the last as rank 0 calls init
+        # (it then waits 5 ms more).
+        for p in procs[:-1]:
+            _release(p)
+        assert procs[0].stdout is not None and procs[0].stdout.readline() == "calling\n"
+        _release(procs[-1])
         results = []
         for p in procs:
             out, _ = p.communicate(timeout=60)
@@ -99,6 +108,12 @@ def trial(n: int, mode: str, hosts: list[str], prefixes: list[list[str]],
             p.wait()
     return (max(r["init_s"] for r in results),
             [r["rank"] for r in results if r["backoff"]])
+
+
+def _release(proc: subprocess.Popen[str]) -> None:
+    assert proc.stdin is not None
+    proc.stdin.write("\n")
+    proc.stdin.flush()
 
 
 def compare(label: str, n: int, runs: int, hosts: list[str],

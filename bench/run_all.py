@@ -5,8 +5,10 @@ row(s) as JSON; each row of the table is therefore measured in one run, with its
 baseline measured in that same run. The text around the table lives here too, so
 the whole page is regenerated, never hand-edited.
 
-Run: python bench/run_all.py [--quick]   (--quick: tiny parameters, a smoke run;
-it prints the table but does not touch docs/performance.md)
+Run: python bench/run_all.py [--quick] [--save RUN.json] [--render RUN.json]
+(--quick: tiny parameters, a smoke run; it prints the table but does not touch
+docs/performance.md. --save keeps the run's rows and output; --render rewrites the page
+from a saved run, e.g. after the text here changed.)
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from pathlib import Path
 from common import ROOT, machine
 
 FULL = {
-    "time_to_group.py": ["--runs", "15", "--ranks", "2,3,4"],
+    "time_to_group.py": ["--runs", "50", "--ranks", "2,3,4", "--hog"],
+    "ring_stall.py": ["--runs", "30", "--ranks", "2,3,4", "--netns"],
     "engine_overhead.py": ["--transitions", "30000"],
     "readiness.py": ["--sessions", "300"],
     "scale.py": ["--sessions", "1000"],
@@ -32,6 +35,7 @@ FULL = {
 }
 QUICK = {
     "time_to_group.py": ["--runs", "1", "--ranks", "2"],
+    "ring_stall.py": ["--runs", "1", "--ranks", "2"],
     "engine_overhead.py": ["--transitions", "2000"],
     "readiness.py": ["--sessions", "5"],
     "scale.py": ["--sessions", "5"],
@@ -134,6 +138,11 @@ def main(argv: list[str]) -> int:
     benches = QUICK if quick else FULL
     rows: list[dict[str, object]] = []
     outputs: list[str] = []
+    if "--render" in argv:  # the page again from a saved run (--save), e.g. after a text fix
+        saved = json.loads(Path(argv[argv.index("--render") + 1]).read_text())
+        (ROOT / "docs" / "performance.md").write_text(_page(**saved))
+        print("wrote docs/performance.md")
+        return 0
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         for script, args in benches.items():
             out = Path(tmp) / f"{script}.json"
@@ -146,19 +155,31 @@ def main(argv: list[str]) -> int:
                 return 1
             outputs.append(f"$ python bench/{script} {' '.join(args)}\n{done.stdout}")
             rows.extend(json.loads(out.read_text()))
-    table = "".join(
-        f"| {r['name']} | {r['ours']} | {r['baseline']} | {r['ratio']} | {r['target']} | "
-        f"{'-' if r['met'] is None else 'yes' if r['met'] else 'no'} |\n" for r in rows)
-    details = "".join(f"- {r['name']}: {r['detail']}\n" for r in rows if r.get("detail"))
-    page = (HEADER.format(machine=machine(), date=datetime.date.today().isoformat())
-            + table + ("\nPer-state medians (ms, slower rank): \n" + details if details else "")
-            + NOTES + "\n## Raw output of this run\n\n```\n" + "\n".join(outputs) + "```\n")
+    date = datetime.date.today().isoformat()
+    if "--save" in argv:
+        Path(argv[argv.index("--save") + 1]).write_text(json.dumps(
+            {"rows": rows, "outputs": outputs, "machine_text": machine(), "date": date}))
     if quick:
-        print(table)
+        print(_table(rows))
     else:
-        (ROOT / "docs" / "performance.md").write_text(page)
+        (ROOT / "docs" / "performance.md").write_text(_page(rows, outputs, machine(), date))
         print("wrote docs/performance.md")
     return 0
+
+
+def _table(rows: list[dict[str, object]]) -> str:
+    return "".join(
+        f"| {r['name']} | {r['ours']} | {r['baseline']} | {r['ratio']} | {r['target']} | "
+        f"{'-' if r['met'] is None else 'yes' if r['met'] else 'no'} |\n" for r in rows)
+
+
+def _page(rows: list[dict[str, object]], outputs: list[str], machine_text: str,
+          date: str) -> str:
+    details = "".join(f"- {r['name']}: {r['detail']}\n" for r in rows if r.get("detail"))
+    return (HEADER.format(machine=machine_text, date=date)
+            + _table(rows) + ("\nPer-state medians (ms, slower rank): \n" + details
+                              if details else "")
+            + NOTES + "\n## Raw output of this run\n\n```\n" + "\n".join(outputs) + "```\n")
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ from clusterfsm.states.ringwindow import (
     no_wakeup_preemption,
     read_backoff,
     ring_log_capture,
+    runs_first,
     wants_no_preemption,
 )
 from clusterfsm.states.sidechannel import AllGatherFactory, JacclSideChannel
@@ -397,7 +398,9 @@ class GroupInitializer:
         calm = wants_no_preemption(plan.backend, plan.rank, plan.world_size)
 
         def call() -> Group:
-            with no_wakeup_preemption(calm):  # in the thread that calls init
+            last = plan.backend == "ring" and not calm and plan.world_size > 1
+            # in the thread that calls init
+            with no_wakeup_preemption(calm), runs_first(last):
                 return self.init_fn(plan.backend, factory)
 
         # MLX's log of a refused dial, on the ranks whose dial races (not the last

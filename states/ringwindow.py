@@ -82,23 +82,49 @@ def no_wakeup_preemption(enabled: bool = True) -> Iterator[None]:
 
     Does nothing when disabled, off Linux, or when the thread is not ``SCHED_OTHER``
     (someone chose its policy on purpose). Afterwards this thread, and every thread
-    started during the block that inherited ``SCHED_BATCH``, are ``SCHED_OTHER`` again.
+    started during the block that inherited the policy, are ``SCHED_OTHER`` again.
     """
-    batch = getattr(os, "SCHED_BATCH", None)
+    with _policy_window(enabled, "SCHED_BATCH", 0):
+        yield
+
+
+@contextmanager
+def runs_first(enabled: bool = True) -> Iterator[None]:
+    """The last rank, where it is allowed: ``SCHED_RR`` at the lowest real-time priority.
+
+    A real-time thread runs before any normal one when both are runnable, so the last
+    rank gets from its dial to its listen before a woken rank 0 (on one host the
+    wake-ups can come from a softirq thread, where ``SCHED_BATCH`` alone cannot order
+    them). Needs ``CAP_SYS_NICE`` or an ``RLIMIT_RTPRIO`` above 0: without it nothing
+    changes. The thread blocks in ``connect``/``accept`` (it does not spin), the window
+    is bounded by the init watchdog, and the policy is undone as in
+    :func:`no_wakeup_preemption`.
+    """
+    with _policy_window(enabled, "SCHED_RR", 1):
+        yield
+
+
+@contextmanager
+def _policy_window(enabled: bool, name: str, priority: int) -> Iterator[None]:
+    policy = getattr(os, name, None)
     other = getattr(os, "SCHED_OTHER", None)
-    if (not enabled or batch is None or other is None or not sys.platform.startswith("linux")
+    if (not enabled or policy is None or other is None or not sys.platform.startswith("linux")
             or os.sched_getscheduler(0) != other):
         yield
         return
     before = _tids()
-    os.sched_setscheduler(0, batch, os.sched_param(0))
+    try:
+        os.sched_setscheduler(0, policy, os.sched_param(priority))
+    except PermissionError:
+        yield  # not allowed here (real-time needs CAP_SYS_NICE): unchanged
+        return
     try:
         yield
     finally:
         os.sched_setscheduler(0, other, os.sched_param(0))
         for tid in _tids() - before:
             with suppress(OSError):  # the thread ended meanwhile
-                if os.sched_getscheduler(tid) == batch:
+                if os.sched_getscheduler(tid) == policy:
                     os.sched_setscheduler(tid, other, os.sched_param(0))
 
 

@@ -23,6 +23,7 @@ from clusterfsm.states.ringwindow import (
     listener_state,
     no_wakeup_preemption,
     read_backoff,
+    runs_first,
     wants_no_preemption,
 )
 
@@ -109,6 +110,15 @@ def test_a_chosen_policy_and_a_disabled_window_are_left_alone() -> None:
         assert os.sched_getscheduler(0) == os.SCHED_IDLE
     finally:
         os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+
+
+@linux_only
+def test_the_last_rank_runs_first_where_allowed_and_is_normal_afterwards() -> None:
+    with runs_first():
+        inside = os.sched_getscheduler(0)
+    # real-time needs CAP_SYS_NICE (or RLIMIT_RTPRIO): without it nothing changes
+    assert inside in (os.SCHED_RR, os.SCHED_OTHER)
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
 
 
 @pytest.fixture
