@@ -64,10 +64,20 @@ NOTES = """
 ## What the rows mean
 
 - **Time to a working group:** wall clock from spawning the command to its exit,
-  process start included. Ours is `clusterfsm demo --ranks N` (N ranks, `all_sum`
-  checked); raw is `mlx.launch --backend ring -n N python allsum.py` running the same
-  check; runs interleaved A B A B. Raw `mlx.launch` is bimodal: ~0.2 s, or >= 1.2 s
-  when MLX's ring connect is refused and sleeps 1 s (then 2, 4 ...) before retrying.
+  process start included, with one busy-loop process keeping a core busy for the whole
+  measurement (a provider's model does). Ours is `clusterfsm demo --ranks N` (N ranks,
+  `all_sum` checked); raw is `mlx.launch --backend ring -n N python allsum.py` running
+  the same check; runs interleaved A B A B. A run over 0.9 s paid MLX's ring connect
+  back-off (a refused dial sleeps 1 s, then 2, 4 ...) or waited behind the machine's
+  other load; "named" counts, per rank, the runs whose trace names the back-off. The
+  load average is the machine's (shared by several engineers) at the start and the
+  highest seen during the rows' runs.
+- **Ring stall, init only:** `bench/ring_stall.py`: the same N processes, released as
+  our barrier releases them, call MLX's `init` directly (raw) or through our
+  `GroupInitializer` with the ring's init window (docs/design.md section 3.5);
+  interleaved, one core kept busy; a trial stalled when its slowest rank's `init`
+  took 0.9 s or more. The namespace row runs the 2 ranks in two network namespaces
+  joined by a veth pair.
 - **Per-state latency:** from the 2-rank demo runs' traces; per run the slower rank's
   total time in every state before `ready` except `initializing_group`.
 - **Readiness latency:** from the first Pong that makes a link healthy to the entry
@@ -113,20 +123,21 @@ NOTES = """
   fork must not inherit Metal state on macOS); each rank forks its watchdog while it
   is still single-threaded (Linux; elsewhere `python -I -S -c` as before), and the
   joiner's first connect retries are 1, 2, 4 ms instead of 10 ms.
-- **What is left is MLX's own race at the ring's last rank.** Our barrier releases
-  rank 0 first and the last rank 5 ms later, so the last rank's first connect always
-  finds rank 0 listening. But the last rank only starts listening after that connect
-  returned, while the chain it starts runs on without waiting: rank 0 accepts and
-  connects to rank 1, rank 1 accepts and connects to rank 2, ..., and rank N-2
-  connects to the last rank. With 2 ranks the chain is one hop (rank 0 connects to
-  rank 1 the moment its accept returns); with 3 or 4 it is a few more. On one host
-  with shared CPUs, when the last rank is descheduled between its connect and its
-  listen for longer than the chain takes, rank N-2's connect is refused and MLX
-  sleeps 1 s (seen in a 3-rank trace: rank 0 done in 40 ms, ranks 1 and 2 in
-  1057 ms). No release order can prevent it from outside MLX (a listener of ours on
-  that port would steal the connection); across hosts the network round trips give
-  the last rank its head start. The fix belongs in MLX: let the last rank listen
-  before it connects, or retry a refused connect after a few ms instead of 1 s.
+- **What is left is MLX's own race at the ring's last rank** (docs/design.md section
+  3.5 has the source, the proof that no release order prevents it, and the rejected
+  mechanisms). The last rank dials rank 0 and only then listens, while the chain its
+  dial starts (rank 0 accepts and dials rank 1, ..., rank N-2 dials the last rank) runs
+  without waiting; a dial that arrives before the `listen` is refused and MLX sleeps
+  1 s. On one busy host the chain wins through the scheduler: the woken rank preempts
+  the last rank between its `connect` and its `listen`. Group init now acts only for
+  the call: on Linux the ranks an accept wakes run `SCHED_BATCH` (no wake-up
+  preemption), the last rank `SCHED_RR` where allowed, all undone afterwards with the
+  threads MLX started; the last rank's go is sent as rank 0 calls init, and on one
+  host the last rank waits until rank 0 listens. A back-off that still happens is
+  named in the trace, the `serve` line and the reports ("MLX ring connect back-off:
+  1 s ... not a hang"). What remains is a thread losing its CPU at a tick, or to the
+  machine's other load, in those microseconds; the fix belongs in MLX (the last rank
+  listens before it dials, or a first retry after a few ms).
 - **Heartbeats start in `ready`.** Before it every state has a deadline and pings
   when it needs an answer; periodic pings there only cost CPU. Deferring them took
   the 1,000-bootstrap scale run from 18.0 s to 7.3 s on this machine.

@@ -106,11 +106,12 @@ def runs_first(enabled: bool = True) -> Iterator[None]:
 
 @contextmanager
 def _policy_window(enabled: bool, name: str, priority: int) -> Iterator[None]:
-    policy = getattr(os, name, None)
-    other = getattr(os, "SCHED_OTHER", None)
-    if (not enabled or policy is None or other is None or not sys.platform.startswith("linux")
-            or os.sched_getscheduler(0) != other):
+    if not enabled or not sys.platform.startswith("linux"):
         yield
+        return
+    policy: int = getattr(os, name)
+    if os.sched_getscheduler(0) != os.SCHED_OTHER:
+        yield  # someone chose this thread's policy on purpose
         return
     before = _tids()
     try:
@@ -121,11 +122,11 @@ def _policy_window(enabled: bool, name: str, priority: int) -> Iterator[None]:
     try:
         yield
     finally:
-        os.sched_setscheduler(0, other, os.sched_param(0))
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
         for tid in _tids() - before:
             with suppress(OSError):  # the thread ended meanwhile
                 if os.sched_getscheduler(tid) == policy:
-                    os.sched_setscheduler(tid, other, os.sched_param(0))
+                    os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
 
 
 @contextmanager
