@@ -79,8 +79,9 @@ def _free_port(host: str, prefix: list[str]) -> int:
 
 
 def trial(n: int, mode: str, hosts: list[str], prefixes: list[list[str]],
-          tmp: Path) -> tuple[float, list[int]]:
-    """One release of N processes; (slowest init in s, ranks that named a back-off)."""
+          tmp: Path) -> tuple[float, list[int]] | None:
+    """One release of N processes; (slowest init in s, ranks that named a back-off),
+    or None if a process failed."""
     ports = [_free_port(hosts[r], prefixes[r]) + r for r in range(n)]
     hostfile = tmp / "hosts.json"
     hostfile.write_text(json.dumps([[f"{hosts[r]}:{ports[r]}"] for r in range(n)]))
@@ -100,7 +101,10 @@ def trial(n: int, mode: str, hosts: list[str], prefixes: list[list[str]],
         results = []
         for p in procs:
             out, _ = p.communicate(timeout=60)
-            results.append(json.loads(out.strip().splitlines()[-1]))
+            lines = out.strip().splitlines()
+            if p.returncode != 0 or not lines or not lines[-1].startswith("{"):
+                return None  # MLX lost a peer at start (seen under load): counted apart
+            results.append(json.loads(lines[-1]))
     finally:
         for p in procs:
             if p.poll() is None:
@@ -120,27 +124,33 @@ def compare(label: str, n: int, runs: int, hosts: list[str],
             prefixes: list[list[str]]) -> dict[str, object]:
     times: dict[str, list[float]] = {"raw": [], "window": []}
     named = 0
+    failed = {"raw": 0, "window": 0}
     loads = [load_average()]
     with tempfile.TemporaryDirectory(prefix="bench-stall-") as tmp, BusyCore():
         for i in range(runs):
             for mode in ("raw", "window"):
-                took, ranks = trial(n, mode, hosts, prefixes, Path(tmp))
-                times[mode].append(took)
-                named += bool(ranks)
+                got = trial(n, mode, hosts, prefixes, Path(tmp))
+                if got is None:
+                    failed[mode] += 1
+                    continue
+                times[mode].append(got[0])
+                named += bool(got[1])
             if i % 10 == 9:
                 loads.append(load_average())
     slow = {m: sum(t >= BACKOFF_S for t in v) for m, v in times.items()}
+    done = {m: len(v) for m, v in times.items()}
     print(f"\n{label}, {runs} trials each, interleaved, one core hogged, load average "
           f"{' '.join(loads)}:")
     for mode, v in times.items():
         print(f"  {mode:<7}: slowest-rank init median {median(v) * 1000:6.0f} ms, max "
-              f"{max(v) * 1000:6.0f}; trials >= {BACKOFF_S:g} s: {slow[mode]}/{runs}")
-    print(f"  window trials whose trace would name the back-off: {named}")
+              f"{max(v) * 1000:6.0f}; trials >= {BACKOFF_S:g} s: {slow[mode]}/{done[mode]}")
+    print(f"  window trials whose trace would name the back-off: {named}; failed "
+          f"trials (a process exited with an error, not counted): {failed}")
     return row(f"Ring stall, init only, {label} ({runs} trials, one core hogged, "
                f"load {loads[0]}-{max(loads)})",
-               f"init window {slow['window']}/{runs} stalled (median "
+               f"init window {slow['window']}/{done['window']} stalled (median "
                f"{median(times['window']) * 1000:.0f} ms)",
-               f"raw MLX init {slow['raw']}/{runs} stalled (median "
+               f"raw MLX init {slow['raw']}/{done['raw']} stalled (median "
                f"{median(times['raw']) * 1000:.0f} ms)",
                f"{slow['window']}/{slow['raw']} stalls",
                "0 stalls", slow["window"] == 0)
