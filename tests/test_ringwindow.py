@@ -14,7 +14,12 @@ import pytest
 import trio
 import trio.testing
 
-from clusterfsm.states.groupinit import GroupInitializer, InitPlan, TopologyDir
+from clusterfsm.states.groupinit import (
+    GroupInitializer,
+    InitializedGroups,
+    InitPlan,
+    TopologyDir,
+)
 from clusterfsm.states.ringwindow import (
     VERBOSE_ENV,
     ConnectBackoff,
@@ -204,7 +209,7 @@ def test_initialize_names_what_mlx_logged_on_the_ranks_it_observes(
         await trio.lowlevel.checkpoint()
 
     init = GroupInitializer(fake_init, direct, lambda _b: None, prepare=lambda: None,
-                            first_listener=no_wait)
+                            first_listener=no_wait, groups=InitializedGroups())
     files = TopologyDir()
     os.environ.pop(VERBOSE_ENV, None)
     try:
