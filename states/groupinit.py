@@ -52,6 +52,7 @@ from clusterfsm.states.ringwindow import (
     VERBOSE_ENV,
     ConnectBackoff,
     await_first_listener,
+    capture_active,
     no_wakeup_preemption,
     read_backoff,
     ring_log_capture,
@@ -431,7 +432,9 @@ class GroupInitializer:
                   keep_verbose: bool) -> Iterator[None]:
         """MLX's log of the call goes to a private file and is read afterwards
         (:mod:`clusterfsm.states.ringwindow`); ``self.backoff`` names a back-off."""
-        if not observe:
+        if not observe or capture_active():
+            # fd 2 is the process's: a second bootstrap in this process (tests, the
+            # scale bench) must not capture over the first one's capture
             yield
             return
         try:

@@ -129,21 +129,40 @@ def _policy_window(enabled: bool, name: str, priority: int) -> Iterator[None]:
                     os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
 
 
+_capturing = False
+
+
+def capture_active() -> bool:
+    """Whether fd 2 is being captured now (one capture at a time per process)."""
+    return _capturing
+
+
 @contextmanager
 def ring_log_capture(log_fd: int) -> Iterator[None]:
     """fd 2 of this process goes to ``log_fd`` for the block, then comes back.
 
     While ``init`` runs it holds the GIL, so no Python thread writes to stderr in the
     window; C-level writers land in the file and are written back by :func:`read_backoff`.
+    If fd 2 cannot be duplicated (no descriptors left), the block runs uncaptured.
     """
+    global _capturing
+    if _capturing:
+        yield
+        return
     sys.stderr.flush()
-    saved = os.dup(2)
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    _capturing = True
     try:
         os.dup2(log_fd, 2)
         yield
     finally:
         os.dup2(saved, 2)
         os.close(saved)
+        _capturing = False
 
 
 def read_backoff(path: Path, keep_verbose: bool, echo_fd: int = 2) -> ConnectBackoff | None:

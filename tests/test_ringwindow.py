@@ -24,10 +24,12 @@ from clusterfsm.states.ringwindow import (
     VERBOSE_ENV,
     ConnectBackoff,
     await_local_listener,
+    capture_active,
     first_dial_target,
     listener_state,
     no_wakeup_preemption,
     read_backoff,
+    ring_log_capture,
     runs_first,
     wants_no_preemption,
 )
@@ -221,3 +223,24 @@ def test_initialize_names_what_mlx_logged_on_the_ranks_it_observes(
         assert seen["verbose"] == "1" and init.backoff == ConnectBackoff(1, 1000)
     else:  # the last rank: no log line between its dial and its listen
         assert seen["verbose"] is None and init.backoff is None
+
+
+def test_a_capture_inside_a_capture_leaves_fd_2_alone(tmp_path: Path) -> None:
+    """Several bootstraps in one process (tests, the scale bench) interleave: only the
+    first captures, and fd 2 is the process's own again after both."""
+    before = os.fstat(2)
+    outer = os.open(tmp_path / "outer", os.O_WRONLY | os.O_CREAT, 0o600)
+    inner = os.open(tmp_path / "inner", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        with ring_log_capture(outer):
+            assert capture_active()
+            with ring_log_capture(inner):
+                os.write(2, b"x\n")
+            assert capture_active()
+        assert not capture_active()
+    finally:
+        os.close(outer)
+        os.close(inner)
+    after = os.fstat(2)
+    assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)
+    assert (tmp_path / "outer").read_text() == "x\n" and (tmp_path / "inner").read_text() == ""
