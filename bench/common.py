@@ -69,7 +69,7 @@ def load_average() -> str:
     try:
         return f"{os.getloadavg()[0]:.1f}"
     except OSError:
-        return "?"
+        return "0.0"  # unknown (not Unix): numeric, so the rows can take a maximum
 
 
 class BusyCore:

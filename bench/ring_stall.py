@@ -147,7 +147,7 @@ def compare(label: str, n: int, runs: int, hosts: list[str],
     print(f"  window trials whose trace would name the back-off: {named}; failed "
           f"trials (a process exited with an error, not counted): {failed}")
     return row(f"Ring stall, init only, {label} ({runs} trials, one core hogged, "
-               f"load {loads[0]}-{max(loads)})",
+               f"load {loads[0]}-{max(loads, key=float)})",
                f"init window {slow['window']}/{done['window']} stalled (median "
                f"{median(times['window']) * 1000:.0f} ms)",
                f"raw MLX init {slow['raw']}/{done['raw']} stalled (median "

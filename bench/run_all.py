@@ -52,7 +52,8 @@ measured in one run of one benchmark, and its baseline in that same run.
 
 - **Machine:** {machine}
 - **Date:** {date}
-- **Rerun everything:** `.venv/bin/python bench/run_all.py` (about 3 minutes); each
+- **Rerun everything:** `.venv/bin/python bench/run_all.py` (about 15 minutes: the
+  time-to-group and ring-stall rows are 50 and 30 interleaved runs each); each
   bench also runs alone, e.g. `.venv/bin/python bench/time_to_group.py --runs 15`.
   Raw output of this run: the section at the end.
 
@@ -69,9 +70,12 @@ NOTES = """
   `all_sum` checked); raw is `mlx.launch --backend ring -n N python allsum.py` running
   the same check; runs interleaved A B A B. A run over 0.9 s paid MLX's ring connect
   back-off (a refused dial sleeps 1 s, then 2, 4 ...) or waited behind the machine's
-  other load; "named" counts, per rank, the runs whose trace names the back-off. The
-  load average is the machine's (shared by several engineers) at the start and the
-  highest seen during the rows' runs.
+  other load; "init >= 0.9 s" counts the runs where a rank spent that long in
+  `initializing_group` (the back-off; the rest of a slow run is start-up under load),
+  and "named" counts, per rank, the runs whose trace names the back-off. The load
+  average is the machine's (shared by several engineers) at the start and the highest
+  seen during the rows' runs: at a load of 6-9 on 2 CPUs every process start costs
+  several times what it costs on a quiet machine, for both columns.
 - **Ring stall, init only:** `bench/ring_stall.py`: the same N processes, released as
   our barrier releases them, call MLX's `init` directly (raw) or through our
   `GroupInitializer` with the ring's init window (docs/design.md section 3.5);

@@ -165,7 +165,7 @@ def measure(runs: int, rank_counts: list[int], hog: bool) -> list[dict[str, obje
             met = slow_ours == 0 and (target_median is None or m_ours <= target_median)
             rows.append(row(
                 f"Time to a working group, {n} ranks, {cond} (median of {runs}, wall, "
-                f"spawn to exit; load {loads[0]}-{max(loads)})",
+                f"spawn to exit; load {loads[0]}-{max(loads, key=float)})",
                 f"{m_ours * 1000:.0f} ms (worst {max(ours) * 1000:.0f}, "
                 f"{slow_ours} run(s) > {BACKOFF_S:g} s, {slow_init} with init >= "
                 f"{BACKOFF_S:g} s; named: {named_text})",
