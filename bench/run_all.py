@@ -137,7 +137,7 @@ NOTES = """
   the call: on Linux the ranks an accept wakes run `SCHED_BATCH` (no wake-up
   preemption), the last rank `SCHED_RR` where allowed, all undone afterwards with the
   threads MLX started; the last rank's go is sent as rank 0 calls init, and on one
-  host the last rank waits until rank 0 listens. A back-off that still happens is
+  host the last rank waits until the others listen. A back-off that still happens is
   named in the trace, the `serve` line and the reports ("MLX ring connect back-off:
   1 s ... not a hang"). What remains is a thread losing its CPU at a tick, or to the
   machine's other load, in those microseconds; the fix belongs in MLX (the last rank

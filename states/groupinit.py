@@ -51,7 +51,7 @@ from clusterfsm.states.errors import (
 from clusterfsm.states.ringwindow import (
     VERBOSE_ENV,
     ConnectBackoff,
-    await_first_listener,
+    await_ring_listeners,
     capture_active,
     no_wakeup_preemption,
     read_backoff,
@@ -290,8 +290,8 @@ def supports_all_gather_factory() -> bool:
 InitFn = Callable[[str, AllGatherFactory | None], Group]
 
 
-async def _await_first_listener(plan: InitPlan) -> None:
-    await await_first_listener(plan.backend, plan.rank, plan.world_size, plan.topology)
+async def _await_ring_listeners(plan: InitPlan) -> None:
+    await await_ring_listeners(plan.backend, plan.rank, plan.world_size, plan.topology)
 
 
 def _import_mlx() -> None:
@@ -370,8 +370,8 @@ class GroupInitializer:
         self.mlx_version: Callable[[], str] = mlx_version or installed_mlx_version
         #: Called in ``idle``: imports MLX (~80 ms) long before the timed init.
         self.prepare: Callable[[], None] = prepare or _import_mlx
-        #: ring's last rank: waits for rank 0's listener when it can see it (one host).
-        self.first_listener = first_listener or _await_first_listener
+        #: ring's last rank: waits for the other ranks' listeners where it sees them.
+        self.first_listener = first_listener or _await_ring_listeners
         #: What MLX's ring logged of its connect back-off in the last ``initialize``.
         self.backoff: ConnectBackoff | None = None
 

@@ -25,10 +25,10 @@ duration of the ``init`` call and undone right after:
   not ours to consume are written back to stderr. Only the ranks that get
   ``SCHED_BATCH`` log: the last rank's log line would sit between its dial and its
   listen, the very window of the race.
-- :func:`await_local_listener`: the other race, the last rank's first dial against
-  rank 0's ``listen`` (a fixed stagger loses it when rank 0 is descheduled for longer).
-  When rank 0's address is local (one host, Linux), the last rank waits until
-  /proc/net/tcp shows rank 0's listener, at most :data:`LISTENER_WAIT_LIMIT_S`.
+- :func:`await_ring_listeners`: the other races, the chain reaching a rank that is not
+  listening yet (a fixed stagger loses it when that rank is descheduled for longer).
+  For every other rank whose address is local (one host, Linux), the last rank waits
+  until /proc/net/tcp shows its listener, at most :data:`LISTENER_WAIT_LIMIT_S`.
 """
 
 from __future__ import annotations
@@ -192,8 +192,8 @@ def read_backoff(path: Path, keep_verbose: bool, echo_fd: int = 2) -> ConnectBac
     return ConnectBackoff(refusals, waited) if refusals else None
 
 
-#: How long the last rank waits at most for rank 0's listener to appear (then it dials
-#: anyway, and MLX's back-off is what it was before).
+#: How long the last rank waits at most for the other ranks' listeners to appear (then
+#: it dials anyway, and MLX's back-off is what it was before).
 LISTENER_WAIT_LIMIT_S = 0.25
 #: /proc/net/tcp's state code for LISTEN.
 _TCP_LISTEN = "0A"
@@ -218,52 +218,76 @@ def _is_local(host: str) -> bool:
     return True
 
 
+def _listening() -> set[str] | None:
+    """The local addresses in LISTEN state (/proc/net/tcp's form); None off Linux."""
+    if not sys.platform.startswith("linux"):
+        return None
+    found: set[str] = set()
+    try:
+        with open("/proc/net/tcp", encoding="ascii") as table:
+            next(table, None)  # header
+            for line in table:
+                fields = line.split(maxsplit=4)
+                if len(fields) > 3 and fields[3] == _TCP_LISTEN:
+                    found.add(fields[1])
+    except OSError:
+        return None
+    return found
+
+
+def _local_key(endpoint: str) -> str | None:
+    """``endpoint``'s /proc/net/tcp key if its address is local here, else None."""
+    host, _, port_text = endpoint.rpartition(":")
+    key = _proc_key(host, int(port_text)) if port_text.isdigit() else None
+    return key if key is not None and _is_local(host) else None
+
+
 def listener_state(endpoint: str) -> bool | None:
     """Whether a TCP listener is up at ``endpoint`` (``"ip:port"``) in this namespace.
 
     None when it cannot be told from here: not Linux (no /proc/net/tcp), or the address
     is not local (another host: the go signal's network trip is the head start there).
     """
-    host, _, port_text = endpoint.rpartition(":")
-    key = _proc_key(host, int(port_text)) if port_text.isdigit() else None
-    if key is None or not sys.platform.startswith("linux") or not _is_local(host):
-        return None
-    try:
-        with open("/proc/net/tcp", encoding="ascii") as table:
-            next(table, None)  # header
-            for line in table:
-                fields = line.split(maxsplit=4)
-                if len(fields) > 3 and fields[1] == key and fields[3] == _TCP_LISTEN:
-                    return True
-    except OSError:
-        return None
-    return False
+    key = _local_key(endpoint)
+    listening = _listening() if key is not None else None
+    return None if key is None or listening is None else key in listening
 
 
-def first_dial_target(backend: str, rank: int, world_size: int,
-                      topology: tuple[tuple[object, ...], ...]) -> str | None:
-    """The ring's last rank dials rank 0 before it listens: rank 0's first address."""
-    if backend != "ring" or world_size < 2 or rank != world_size - 1 or not topology:
-        return None
-    first = topology[0][0] if topology[0] else None
-    return first if isinstance(first, str) else None
+def listeners_before_dial(backend: str, rank: int, world_size: int,
+                          topology: tuple[tuple[object, ...], ...]) -> list[str]:
+    """What the ring's last rank waits for: every other rank's first address.
+
+    Its dial to rank 0 starts the chain, and each rank in it dials its right neighbour
+    the moment its accept returns: a rank released with the others but not yet
+    listening when the chain reaches it is refused too.
+    """
+    if backend != "ring" or world_size < 2 or rank != world_size - 1:
+        return []
+    out = []
+    for entry in topology[:world_size - 1]:
+        first = entry[0] if entry else None
+        if isinstance(first, str):
+            out.append(first)
+    return out
 
 
-async def await_first_listener(backend: str, rank: int, world_size: int,
+async def await_ring_listeners(backend: str, rank: int, world_size: int,
                                topology: tuple[tuple[object, ...], ...]) -> None:
-    """The ring's last rank, before init: wait for rank 0's listener if it is local."""
-    await await_local_listener(first_dial_target(backend, rank, world_size, topology))
+    """The ring's last rank, before init: wait for the other ranks' local listeners."""
+    await await_local_listeners(listeners_before_dial(backend, rank, world_size, topology))
 
 
-async def await_local_listener(endpoint: str | None,
-                               limit: float = LISTENER_WAIT_LIMIT_S) -> None:
-    """Wait (polling every ms, at most ``limit``) until ``endpoint`` listens, if that can
-    be told here (:func:`listener_state`); return at once otherwise."""
-    if endpoint is None:
+async def await_local_listeners(endpoints: list[str],
+                                limit: float = LISTENER_WAIT_LIMIT_S) -> None:
+    """Wait (polling every ms, at most ``limit``) until every endpoint of ``endpoints``
+    that is local (:func:`listener_state`) listens; return at once if none is."""
+    keys = {key for key in map(_local_key, endpoints) if key is not None}
+    if not keys:
         return
     # Polled: nothing wakes a process when another one starts listening.
     deadline = trio.current_time() + limit
     for _ in range(int(limit / 0.001) + 1):
-        if listener_state(endpoint) is not False or trio.current_time() >= deadline:
+        listening = _listening()
+        if listening is None or keys <= listening or trio.current_time() >= deadline:
             return
         await trio.sleep(0.001)

@@ -23,10 +23,10 @@ from clusterfsm.states.groupinit import (
 from clusterfsm.states.ringwindow import (
     VERBOSE_ENV,
     ConnectBackoff,
-    await_local_listener,
+    await_local_listeners,
     capture_active,
-    first_dial_target,
     listener_state,
+    listeners_before_dial,
     no_wakeup_preemption,
     read_backoff,
     ring_log_capture,
@@ -150,22 +150,26 @@ def test_listener_state_sees_a_local_listen_and_cannot_see_another_host(
     assert listener_state("not-an-ip:5000") is None
 
 
-def test_only_the_last_ring_rank_waits_and_for_rank_0() -> None:
+def test_only_the_last_ring_rank_waits_and_for_every_other_rank() -> None:
     topo = (("127.0.0.1:1000",), ("127.0.0.1:1001",), ("127.0.0.1:1002",))
-    assert first_dial_target("ring", 2, 3, topo) == "127.0.0.1:1000"
-    assert [first_dial_target("ring", r, 3, topo) for r in (0, 1)] == [None, None]
-    assert first_dial_target("jaccl", 1, 2, ((None, "rdma_en3"), ("rdma_en3", None))) is None
+    assert listeners_before_dial("ring", 2, 3, topo) == ["127.0.0.1:1000", "127.0.0.1:1001"]
+    assert [listeners_before_dial("ring", r, 3, topo) for r in (0, 1)] == [[], []]
+    assert listeners_before_dial("jaccl", 1, 2, ((None, "rdma_en3"), ("rdma_en3", None))) == []
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/net/tcp is Linux")
-def test_the_wait_ends_when_rank_0_listens_and_is_bounded_if_it_never_does(
+def test_the_wait_ends_when_every_rank_listens_and_is_bounded_if_one_never_does(
     bound_port: socket.socket,
 ) -> None:
-    endpoint = f"127.0.0.1:{bound_port.getsockname()[1]}"
+    other = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    other.bind(("127.0.0.1", 0))
+    other.listen(0)
+    endpoints = [f"127.0.0.1:{bound_port.getsockname()[1]}",
+                 f"127.0.0.1:{other.getsockname()[1]}", "192.0.2.1:5000"]  # not ours
 
     async def main() -> tuple[float, float]:
         start = trio.current_time()
-        await await_local_listener(endpoint, limit=0.25)
+        await await_local_listeners(endpoints, limit=0.25)
         never = trio.current_time() - start
         async with trio.open_nursery() as nursery:
             async def listen_later() -> None:
@@ -173,11 +177,14 @@ def test_the_wait_ends_when_rank_0_listens_and_is_bounded_if_it_never_does(
                 bound_port.listen(0)
             nursery.start_soon(listen_later)
             start = trio.current_time()
-            await await_local_listener(endpoint, limit=5.0)
+            await await_local_listeners(endpoints, limit=5.0)
             later = trio.current_time() - start
         return never, later
 
-    never, later = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    try:
+        never, later = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    finally:
+        other.close()
     assert 0.25 <= never < 0.3
     assert 0.01 <= later < 0.02
 
