@@ -25,6 +25,7 @@ from common import ROOT, machine
 FULL = {
     "time_to_group.py": ["--runs", "50", "--ranks", "2,3,4", "--hog"],
     "ring_stall.py": ["--runs", "30", "--ranks", "2,3,4", "--netns"],
+    "startup.py": ["--runs", "5"],
     "engine_overhead.py": ["--transitions", "30000"],
     "readiness.py": ["--sessions", "300"],
     "scale.py": ["--sessions", "1000"],
@@ -36,6 +37,7 @@ FULL = {
 QUICK = {
     "time_to_group.py": ["--runs", "1", "--ranks", "2"],
     "ring_stall.py": ["--runs", "1", "--ranks", "2"],
+    "startup.py": ["--runs", "1"],
     "engine_overhead.py": ["--transitions", "2000"],
     "readiness.py": ["--sessions", "5"],
     "scale.py": ["--sessions", "5"],
@@ -84,6 +86,11 @@ NOTES = """
   joined by a veth pair.
 - **Per-state latency:** from the 2-rank demo runs' traces; per run the slower rank's
   total time in every state before `ready` except `initializing_group`.
+- **Start-up:** `bench/startup.py`: what `clusterfsm serve` imports before its machine
+  runs (the CLI, `serve`, and `api` with the machine, activities, links and watchdog),
+  from `python -X importtime`, best of 5 fresh interpreters, less what every
+  interpreter imports at start; MLX is imported later, in `idle`, and shown apart. The
+  biggest items are named by their own time (a package counts with its submodules).
 - **Readiness latency:** from the first Pong that makes a link healthy to the entry
   into `exchanging_bootstrap` (event-driven, no polling).
 - **Scale:** 1,000 two-rank bootstraps (2,000 machines) at once in one process on the
