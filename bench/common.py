@@ -62,3 +62,30 @@ def emit(rows: list[dict[str, Any]], argv: list[str]) -> None:
     if "--json" in argv:
         path = Path(argv[argv.index("--json") + 1])
         path.write_text(json.dumps(rows, indent=1))
+
+
+def load_average() -> str:
+    """The 1-minute load average now (the machine is shared: figures need it)."""
+    try:
+        return f"{os.getloadavg()[0]:.1f}"
+    except OSError:
+        return "0.0"  # unknown (not Unix): numeric, so the rows can take a maximum
+
+
+class BusyCore:
+    """One busy-loop process for the block (``with BusyCore():``): a core kept busy, as a
+    provider's model keeps it. Killed and reaped on exit, also on failure."""
+
+    def __init__(self) -> None:
+        import subprocess
+
+        # Busy until this process goes, even if it is killed before __exit__.
+        loop = "import os\nparent = os.getppid()\nwhile os.getppid() == parent: pass"
+        self._proc = subprocess.Popen([sys.executable, "-c", loop])
+
+    def __enter__(self) -> BusyCore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._proc.kill()
+        self._proc.wait()

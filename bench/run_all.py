@@ -5,8 +5,10 @@ row(s) as JSON; each row of the table is therefore measured in one run, with its
 baseline measured in that same run. The text around the table lives here too, so
 the whole page is regenerated, never hand-edited.
 
-Run: python bench/run_all.py [--quick]   (--quick: tiny parameters, a smoke run;
-it prints the table but does not touch docs/performance.md)
+Run: python bench/run_all.py [--quick] [--save RUN.json] [--render RUN.json]
+(--quick: tiny parameters, a smoke run; it prints the table but does not touch
+docs/performance.md. --save keeps the run's rows and output; --render rewrites the page
+from a saved run, e.g. after the text here changed.)
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from pathlib import Path
 from common import ROOT, machine
 
 FULL = {
-    "time_to_group.py": ["--runs", "15", "--ranks", "2,3,4"],
+    "time_to_group.py": ["--runs", "50", "--ranks", "2,3,4", "--hog"],
+    "ring_stall.py": ["--runs", "30", "--ranks", "2,3,4", "--netns"],
+    "startup.py": ["--runs", "5"],
     "engine_overhead.py": ["--transitions", "30000"],
     "readiness.py": ["--sessions", "300"],
     "scale.py": ["--sessions", "1000"],
@@ -32,6 +36,8 @@ FULL = {
 }
 QUICK = {
     "time_to_group.py": ["--runs", "1", "--ranks", "2"],
+    "ring_stall.py": ["--runs", "1", "--ranks", "2"],
+    "startup.py": ["--runs", "1"],
     "engine_overhead.py": ["--transitions", "2000"],
     "readiness.py": ["--sessions", "5"],
     "scale.py": ["--sessions", "5"],
@@ -48,7 +54,8 @@ measured in one run of one benchmark, and its baseline in that same run.
 
 - **Machine:** {machine}
 - **Date:** {date}
-- **Rerun everything:** `.venv/bin/python bench/run_all.py` (about 3 minutes); each
+- **Rerun everything:** `.venv/bin/python bench/run_all.py` (about 15 minutes: the
+  time-to-group and ring-stall rows are 50 and 30 interleaved runs each); each
   bench also runs alone, e.g. `.venv/bin/python bench/time_to_group.py --runs 15`.
   Raw output of this run: the section at the end.
 
@@ -60,12 +67,30 @@ NOTES = """
 ## What the rows mean
 
 - **Time to a working group:** wall clock from spawning the command to its exit,
-  process start included. Ours is `clusterfsm demo --ranks N` (N ranks, `all_sum`
-  checked); raw is `mlx.launch --backend ring -n N python allsum.py` running the same
-  check; runs interleaved A B A B. Raw `mlx.launch` is bimodal: ~0.2 s, or >= 1.2 s
-  when MLX's ring connect is refused and sleeps 1 s (then 2, 4 ...) before retrying.
+  process start included, with one busy-loop process keeping a core busy for the whole
+  measurement (a provider's model does). Ours is `clusterfsm demo --ranks N` (N ranks,
+  `all_sum` checked); raw is `mlx.launch --backend ring -n N python allsum.py` running
+  the same check; runs interleaved A B A B. A run over 0.9 s paid MLX's ring connect
+  back-off (a refused dial sleeps 1 s, then 2, 4 ...) or waited behind the machine's
+  other load; "init >= 0.9 s" counts the runs where a rank spent that long in
+  `initializing_group` (the back-off; the rest of a slow run is start-up under load),
+  and "named" counts, per rank, the runs whose trace names the back-off. The load
+  average is the machine's (shared by several engineers) at the start and the highest
+  seen during the rows' runs: at a load of 6-9 on 2 CPUs every process start costs
+  several times what it costs on a quiet machine, for both columns.
+- **Ring stall, init only:** `bench/ring_stall.py`: the same N processes, released as
+  our barrier releases them, call MLX's `init` directly (raw) or through our
+  `GroupInitializer` with the ring's init window (docs/design.md section 3.5);
+  interleaved, one core kept busy; a trial stalled when its slowest rank's `init`
+  took 0.9 s or more. The namespace row runs the 2 ranks in two network namespaces
+  joined by a veth pair.
 - **Per-state latency:** from the 2-rank demo runs' traces; per run the slower rank's
   total time in every state before `ready` except `initializing_group`.
+- **Start-up:** `bench/startup.py`: what `clusterfsm serve` imports before its machine
+  runs (the CLI, `serve`, and `api` with the machine, activities, links and watchdog),
+  from `python -X importtime`, best of 5 fresh interpreters, less what every
+  interpreter imports at start; MLX is imported later, in `idle`, and shown apart. The
+  biggest items are named by their own time (a package counts with its submodules).
 - **Readiness latency:** from the first Pong that makes a link healthy to the entry
   into `exchanging_bootstrap` (event-driven, no polling).
 - **Scale:** 1,000 two-rank bootstraps (2,000 machines) at once in one process on the
@@ -109,20 +134,21 @@ NOTES = """
   fork must not inherit Metal state on macOS); each rank forks its watchdog while it
   is still single-threaded (Linux; elsewhere `python -I -S -c` as before), and the
   joiner's first connect retries are 1, 2, 4 ms instead of 10 ms.
-- **What is left is MLX's own race at the ring's last rank.** Our barrier releases
-  rank 0 first and the last rank 5 ms later, so the last rank's first connect always
-  finds rank 0 listening. But the last rank only starts listening after that connect
-  returned, while the chain it starts runs on without waiting: rank 0 accepts and
-  connects to rank 1, rank 1 accepts and connects to rank 2, ..., and rank N-2
-  connects to the last rank. With 2 ranks the chain is one hop (rank 0 connects to
-  rank 1 the moment its accept returns); with 3 or 4 it is a few more. On one host
-  with shared CPUs, when the last rank is descheduled between its connect and its
-  listen for longer than the chain takes, rank N-2's connect is refused and MLX
-  sleeps 1 s (seen in a 3-rank trace: rank 0 done in 40 ms, ranks 1 and 2 in
-  1057 ms). No release order can prevent it from outside MLX (a listener of ours on
-  that port would steal the connection); across hosts the network round trips give
-  the last rank its head start. The fix belongs in MLX: let the last rank listen
-  before it connects, or retry a refused connect after a few ms instead of 1 s.
+- **What is left is MLX's own race at the ring's last rank** (docs/design.md section
+  3.5 has the source, the proof that no release order prevents it, and the rejected
+  mechanisms). The last rank dials rank 0 and only then listens, while the chain its
+  dial starts (rank 0 accepts and dials rank 1, ..., rank N-2 dials the last rank) runs
+  without waiting; a dial that arrives before the `listen` is refused and MLX sleeps
+  1 s. On one busy host the chain wins through the scheduler: the woken rank preempts
+  the last rank between its `connect` and its `listen`. Group init now acts only for
+  the call: on Linux the ranks an accept wakes run `SCHED_BATCH` (no wake-up
+  preemption), the last rank `SCHED_RR` where allowed, all undone afterwards with the
+  threads MLX started; the last rank's go is sent as rank 0 calls init, and on one
+  host the last rank waits until the others listen. A back-off that still happens is
+  named in the trace, the `serve` line and the reports ("MLX ring connect back-off:
+  1 s ... not a hang"). What remains is a thread losing its CPU at a tick, or to the
+  machine's other load, in those microseconds; the fix belongs in MLX (the last rank
+  listens before it dials, or a first retry after a few ms).
 - **Heartbeats start in `ready`.** Before it every state has a deadline and pings
   when it needs an answer; periodic pings there only cost CPU. Deferring them took
   the 1,000-bootstrap scale run from 18.0 s to 7.3 s on this machine.
@@ -134,6 +160,11 @@ def main(argv: list[str]) -> int:
     benches = QUICK if quick else FULL
     rows: list[dict[str, object]] = []
     outputs: list[str] = []
+    if "--render" in argv:  # the page again from a saved run (--save), e.g. after a text fix
+        saved = json.loads(Path(argv[argv.index("--render") + 1]).read_text())
+        (ROOT / "docs" / "performance.md").write_text(_page(**saved))
+        print("wrote docs/performance.md")
+        return 0
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         for script, args in benches.items():
             out = Path(tmp) / f"{script}.json"
@@ -146,19 +177,31 @@ def main(argv: list[str]) -> int:
                 return 1
             outputs.append(f"$ python bench/{script} {' '.join(args)}\n{done.stdout}")
             rows.extend(json.loads(out.read_text()))
-    table = "".join(
-        f"| {r['name']} | {r['ours']} | {r['baseline']} | {r['ratio']} | {r['target']} | "
-        f"{'-' if r['met'] is None else 'yes' if r['met'] else 'no'} |\n" for r in rows)
-    details = "".join(f"- {r['name']}: {r['detail']}\n" for r in rows if r.get("detail"))
-    page = (HEADER.format(machine=machine(), date=datetime.date.today().isoformat())
-            + table + ("\nPer-state medians (ms, slower rank): \n" + details if details else "")
-            + NOTES + "\n## Raw output of this run\n\n```\n" + "\n".join(outputs) + "```\n")
+    date = datetime.date.today().isoformat()
+    if "--save" in argv:
+        Path(argv[argv.index("--save") + 1]).write_text(json.dumps(
+            {"rows": rows, "outputs": outputs, "machine_text": machine(), "date": date}))
     if quick:
-        print(table)
+        print(_table(rows))
     else:
-        (ROOT / "docs" / "performance.md").write_text(page)
+        (ROOT / "docs" / "performance.md").write_text(_page(rows, outputs, machine(), date))
         print("wrote docs/performance.md")
     return 0
+
+
+def _table(rows: list[dict[str, object]]) -> str:
+    return "".join(
+        f"| {r['name']} | {r['ours']} | {r['baseline']} | {r['ratio']} | {r['target']} | "
+        f"{'-' if r['met'] is None else 'yes' if r['met'] else 'no'} |\n" for r in rows)
+
+
+def _page(rows: list[dict[str, object]], outputs: list[str], machine_text: str,
+          date: str) -> str:
+    details = "".join(f"- {r['name']}: {r['detail']}\n" for r in rows if r.get("detail"))
+    return (HEADER.format(machine=machine_text, date=date)
+            + _table(rows) + ("\nPer-state medians (ms, slower rank): \n" + details
+                              if details else "")
+            + NOTES + "\n## Raw output of this run\n\n```\n" + "\n".join(outputs) + "```\n")
 
 
 if __name__ == "__main__":

@@ -3,10 +3,13 @@
 A = ``clusterfsm demo --ranks N`` (N ranks on loopback, ``all_sum`` checked);
 B = ``mlx.launch --backend ring -n N python allsum.py`` running the same ``all_sum``
 check. Runs are interleaved A B A B ..., each timed from spawn to exit (wall clock,
-process start included), for each N. The 2-rank demo runs also keep their traces,
-from which the per-state latency decomposition is taken (rank 0 and rank 1).
+process start included), for each N. With ``--hog`` one busy-loop process runs for
+the whole measurement (a provider's model keeps a core busy: the case of MLX's ring
+stall, docs/design.md section 3.5). Every demo run keeps its traces: a run whose
+``initializing_group`` record carries a note paid MLX's connect back-off (the note
+names it), and the 2-rank traces give the per-state latency decomposition.
 
-Run: python bench/time_to_group.py [--runs 15] [--ranks 2,3,4] [--json OUT]
+Run: python bench/time_to_group.py [--runs 15] [--ranks 2,3,4] [--hog] [--json OUT]
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from common import emit, median, row
+from common import BusyCore, emit, load_average, median, row
 
 from clusterfsm.fsm import read_trace, state_totals
 
@@ -59,7 +64,9 @@ def run_ours(n: int, trace: Path | None) -> float:
     return wall
 
 
-def run_raw(n: int, script: Path) -> float:
+def run_raw(n: int, script: Path) -> float | None:
+    """The wall time of one ``mlx.launch`` run; None if it failed (under load MLX's
+    ring sometimes loses a peer at start: counted and shown, not fatal)."""
     cmd = [*_tool("mlx.launch", "mlx.launch"), "--backend", "ring", "-n", str(n),
            sys.executable, str(script)]
     start = time.perf_counter()
@@ -67,8 +74,24 @@ def run_raw(n: int, script: Path) -> float:
     wall = time.perf_counter() - start
     expected = f"all_sum = {n * (n + 1) // 2:g}"
     if done.returncode != 0 or done.stdout.count(expected) != n:
-        raise RuntimeError(f"mlx.launch failed:\n{done.stdout}\n{done.stderr}")
+        last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        print(f"  mlx.launch run failed (exit {done.returncode}): {last}")
+        return None
     return wall
+
+
+def _rank_trace(trace_base: Path, rank: int) -> Path:
+    return trace_base.with_name(f"{trace_base.stem}.rank{rank}{trace_base.suffix}")
+
+
+def backoff_notes(trace_base: Path, ranks: int) -> list[int]:
+    """The ranks whose trace names a connect back-off (MLX's refused dial)."""
+    out = []
+    for r in range(ranks):
+        path = _rank_trace(trace_base, r)
+        if any(rec.note and "back-off" in rec.note for rec in read_trace(path).records):
+            out.append(r)
+    return out
 
 
 def state_times(trace_base: Path, ranks: int) -> list[dict[str, float]]:
@@ -79,7 +102,7 @@ def state_times(trace_base: Path, ranks: int) -> list[dict[str, float]]:
     return out
 
 
-def measure(runs: int, rank_counts: list[int]) -> list[dict[str, object]]:
+def measure(runs: int, rank_counts: list[int], hog: bool) -> list[dict[str, object]]:
     rows: list[dict[str, object]] = []
     with tempfile.TemporaryDirectory(prefix="bench-ttg-") as tmp:
         per_state: list[list[dict[str, float]]] = []  # per run: per rank: state -> ms
@@ -89,16 +112,39 @@ def measure(runs: int, rank_counts: list[int]) -> list[dict[str, object]]:
             run_ours(n, None), run_raw(n, script)  # warm the page cache for both
             ours: list[float] = []
             raw: list[float] = []
-            for i in range(runs):
-                trace = Path(tmp) / f"t{n}-{i}.jsonl" if n == 2 else None
-                ours.append(run_ours(n, trace))
-                raw.append(run_raw(n, script))
-                if trace is not None:
-                    per_state.append(state_times(trace, n))
+            noted: dict[int, int] = {}  # rank -> runs in which its trace names a back-off
+            slow_unnamed = 0
+            slow_init = 0  # runs whose slowest rank spent >= 0.9 s in initializing_group
+            raw_failed = 0
+            loads = [load_average()]
+            with BusyCore() if hog else _nothing():
+                for i in range(runs):
+                    trace = Path(tmp) / f"t{n}-{i}.jsonl"
+                    ours.append(run_ours(n, trace))
+                    raw_wall = run_raw(n, script)
+                    if raw_wall is None:
+                        raw_failed += 1
+                    else:
+                        raw.append(raw_wall)
+                    named = backoff_notes(trace, n)
+                    init_ms = max(state_totals(read_trace(_rank_trace(trace, r)).records)
+                                  .get("initializing_group", 0.0) for r in range(n))
+                    slow_init += init_ms >= BACKOFF_S * 1000
+                    for r in named:
+                        noted[r] = noted.get(r, 0) + 1
+                    slow_unnamed += ours[-1] > BACKOFF_S and not named
+                    if n == 2:
+                        per_state.append(state_times(trace, n))
+                    for f in Path(tmp).glob(f"t{n}-{i}.rank*.jsonl"):
+                        f.unlink()
+                    if i % 10 == 9:
+                        loads.append(load_average())
             m_ours, m_raw = median(ours), median(raw)
             slow_raw = sum(t > BACKOFF_S for t in raw)
             slow_ours = sum(t > BACKOFF_S for t in ours)
-            print(f"\n{n} ranks, {runs} runs each, interleaved A B A B:")
+            cond = "one core hogged" if hog else "no hog"
+            print(f"\n{n} ranks, {runs} runs each, interleaved A B A B, {cond}, "
+                  f"load average {' '.join(loads)}:")
             print(f"  clusterfsm demo : median {m_ours * 1000:6.0f} ms  min "
                   f"{min(ours) * 1000:5.0f}  max {max(ours) * 1000:6.0f}  "
                   f"(runs over {BACKOFF_S:g} s: {slow_ours})")
@@ -107,20 +153,36 @@ def measure(runs: int, rank_counts: list[int]) -> list[dict[str, object]]:
                   f"(runs over {BACKOFF_S:g} s: {slow_raw})")
             print(f"  ratio of medians ours/raw: {m_ours / m_raw:.2f}x; worst ours "
                   f"{max(ours) * 1000:.0f} ms vs raw median {m_raw * 1000:.0f} ms")
+            named_text = ", ".join(f"rank {r}: {c}" for r, c in sorted(noted.items())) or "none"
+            print(f"  ours, back-off named in the trace (runs per rank): {named_text}; "
+                  f"slow runs with no note: {slow_unnamed}; runs with a rank >= "
+                  f"{BACKOFF_S:g} s in initializing_group: {slow_init}")
+            if raw_failed:
+                print(f"  mlx.launch runs that failed (not counted): {raw_failed}")
             print("  ours sorted (ms): " + " ".join(f"{t * 1000:.0f}" for t in sorted(ours)))
             print("  raw  sorted (ms): " + " ".join(f"{t * 1000:.0f}" for t in sorted(raw)))
+            target_median = 0.35 if n == 2 else None
+            met = slow_ours == 0 and (target_median is None or m_ours <= target_median)
             rows.append(row(
-                f"Time to a working group, {n} ranks (median of {runs}, wall, spawn to exit)",
+                f"Time to a working group, {n} ranks, {cond} (median of {runs}, wall, "
+                f"spawn to exit; load {loads[0]}-{max(loads, key=float)})",
                 f"{m_ours * 1000:.0f} ms (worst {max(ours) * 1000:.0f}, "
-                f"{slow_ours} run(s) > {BACKOFF_S:g} s)",
+                f"{slow_ours} run(s) > {BACKOFF_S:g} s, {slow_init} with init >= "
+                f"{BACKOFF_S:g} s; named: {named_text})",
                 f"mlx.launch {m_raw * 1000:.0f} ms (best {min(raw) * 1000:.0f}, "
-                f"{slow_raw} run(s) > {BACKOFF_S:g} s)",
+                f"{slow_raw} run(s) > {BACKOFF_S:g} s"
+                + (f", {raw_failed} failed" if raw_failed else "") + ")",
                 f"{m_ours / m_raw:.2f}x",
-                "median <= 0.4x raw; worst < raw median",
-                m_ours <= 0.4 * m_raw and max(ours) < m_raw))
+                "0 runs > 0.9 s" + ("; median <= 0.35 s" if target_median else ""),
+                met))
         if per_state:
             rows.extend(_decomposition(per_state))
     return rows
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
 
 
 def _decomposition(per_state: list[list[dict[str, float]]]) -> list[dict[str, object]]:
@@ -151,7 +213,7 @@ def main(argv: list[str]) -> None:
     runs = int(argv[argv.index("--runs") + 1]) if "--runs" in argv else 15
     ranks = ([int(x) for x in argv[argv.index("--ranks") + 1].split(",")]
              if "--ranks" in argv else [2, 3, 4])
-    emit(measure(runs, ranks), argv)
+    emit(measure(runs, ranks, "--hog" in argv), argv)
 
 
 if __name__ == "__main__":

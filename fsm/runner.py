@@ -124,11 +124,12 @@ class StateDeadline:
 class _StateCell:
     """What the runner shares with the activity of the state it is in."""
 
-    __slots__ = ("deadline", "text")
+    __slots__ = ("deadline", "note", "text")
 
     def __init__(self, deadline: StateDeadline) -> None:
         self.deadline = deadline
         self.text = ""
+        self.note: str | None = None
 
 
 _current: ContextVar[_StateCell | None] = ContextVar("fsm_current_state", default=None)
@@ -144,6 +145,18 @@ def report_progress(text: str) -> None:
     cell = _current.get()
     if cell is not None:
         cell.text = text
+
+
+def note_outcome(text: str) -> None:
+    """Note how the current state's step went; the note goes on its trace record.
+
+    For what an operator would otherwise misread: a state that took a second because
+    a library slept in a retry, not because something hung. Outside a run it does
+    nothing; a later note replaces an earlier one.
+    """
+    cell = _current.get()
+    if cell is not None:
+        cell.note = text
 
 
 def current_deadline() -> StateDeadline:
@@ -338,7 +351,7 @@ class Runner(Generic[C]):
                 TypeError(f"activity returned {event!r}, not an event name"),
             )
         else:
-            self._advance(model, event, entered, None)
+            self._advance(model, event, entered, None, note=cell.note)
 
     def _advance_error(
         self, model: RunModel, state: State, entered: float, exc: Exception
@@ -357,7 +370,8 @@ class Runner(Generic[C]):
         self._advance(model, UNEXPECTED, entered, UnexpectedError(state.name, exc))
 
     def _advance(
-        self, model: RunModel, trigger: str, entered: float, error: BaseException | None
+        self, model: RunModel, trigger: str, entered: float, error: BaseException | None,
+        note: str | None = None,
     ) -> None:
         source = model.state
         try:
@@ -376,6 +390,7 @@ class Runner(Generic[C]):
             dest=dest,
             elapsed_ms=(now - entered) * 1000.0,
             error=None if error is None else type(error).__name__,
+            note=note,
         )
         if error is not None:
             self._error = error

@@ -43,6 +43,9 @@ class TraceRecord:
     dest: str
     elapsed_ms: float
     error: str | None = None
+    #: What the activity noted about how this step went (:func:`note_outcome`), e.g.
+    #: that a library call paid a retry back-off; absent for most records.
+    note: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -54,6 +57,8 @@ class TraceRecord:
         }
         if self.error is not None:
             out["error"] = self.error
+        if self.note is not None:
+            out["note"] = self.note
         return out
 
     @classmethod
@@ -65,6 +70,7 @@ class TraceRecord:
             dest=str(obj["dest"]),
             elapsed_ms=float(obj["elapsed_ms"]),
             error=None if obj.get("error") is None else str(obj["error"]),
+            note=None if obj.get("note") is None else str(obj["note"]),
         )
 
 

@@ -17,7 +17,7 @@ from typing import TypeVar
 import attrs
 import trio
 
-from clusterfsm.fsm import current_deadline, deadline_trace, report_progress
+from clusterfsm.fsm import current_deadline, deadline_trace, note_outcome, report_progress
 from clusterfsm.states.admission import Admission, join
 from clusterfsm.states.codec import (
     BootstrapAck,
@@ -301,8 +301,9 @@ async def initializing_group(ctx: ClusterContext) -> str:
     """Barrier, then ``mx.distributed.init`` under the hard deadline.
 
     Nobody enters init (which freezes its process) until every rank said it is about
-    to; rank 0 then releases all ranks at once and the ring's last rank a few ms
-    later, so MLX's 1 s connect back-off never triggers.
+    to; rank 0 then releases all ranks at once and the ring's last rank only as it
+    calls init itself (its go says to wait a few ms more), so that rank's first dial
+    finds rank 0 listening. The race MLX keeps inside init is docs/design.md section 3.5.
     """
     ctx.mark_links("initializing_group")
     plan = ctx.plan
@@ -326,9 +327,19 @@ async def initializing_group(ctx: ClusterContext) -> str:
             report_progress(f"barrier: waiting for rank {rank} to be ready for init")
             await _expect(link, InitReady, "initializing_group", ctx.session_id,
                           "barrier arrival (InitReady)")
+        late: list[tuple[ControlLink, int]] = []
         for rank, link in ctx.links.items():
             delay = release_delay(plan.backend, rank, ctx.world_size, ctx.config.release_delay_s)
-            await link.send(InitGo(ctx.session_id, round(delay * 1000)))
+            if delay:  # the ring's last rank: released as this rank calls init
+                late.append((link, round(delay * 1000)))
+            else:
+                await link.send(InitGo(ctx.session_id, 0))
+
+        async def release_late() -> None:
+            session_id = ctx.session_id
+            assert session_id is not None
+            for link, delay_ms in late:
+                await link.send(InitGo(session_id, delay_ms))
     else:
         link = ctx.links[0]
         await link.send(InitReady(ctx.session_id))
@@ -336,6 +347,9 @@ async def initializing_group(ctx: ClusterContext) -> str:
         go = await _expect(link, InitGo, "initializing_group", ctx.session_id, "go signal")
         if go.delay_ms:
             await trio.sleep(go.delay_ms / 1000)
+
+        async def release_late() -> None:
+            await trio.lowlevel.checkpoint()
     report_progress(f"in mx.distributed.init ({plan.backend}, rank {ctx.rank})")
     await _arm_watchdog(ctx)
     side_channel = None
@@ -345,7 +359,10 @@ async def initializing_group(ctx: ClusterContext) -> str:
             side_channel = JacclSideChannel(ctx.rank, ctx.world_size, ctx.session_id,
                                             ctx.links)
     try:
-        ctx.group = await ctx.initializer.initialize(plan, ctx.files, side_channel)
+        ctx.group = await ctx.initializer.initialize(plan, ctx.files, side_channel,
+                                                     before_call=release_late)
+        if ctx.initializer.backoff is not None:
+            note_outcome(ctx.initializer.backoff.describe())
     finally:
         # Shielded: a cancelled state must still disarm, or the watchdog would kill
         # this rank during its (orderly) teardown.

@@ -31,6 +31,7 @@ import attrs
 
 from clusterfsm.fsm import read_trace, state_totals
 from clusterfsm.states.config import MAX_WORLD_SIZE, Address, BackendChoice, ClusterConfig
+from clusterfsm.states.errors import printable
 from clusterfsm.states.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from clusterfsm.states.keys import load_key, write_key
 from clusterfsm.states.lines import AllSumLine, ReadyLine
@@ -270,6 +271,15 @@ def read_summary(trace: Path) -> tuple[list[str], dict[str, float], str]:
     return parsed.path, state_totals(parsed.records), end
 
 
+def read_notes(trace: Path) -> list[str]:
+    """The trace's step notes as ``state: note`` (e.g. MLX's connect back-off)."""
+    try:
+        records = read_trace(trace).records
+    except (OSError, ValueError):
+        return []
+    return [f"{r.source}: {printable(r.note)}" for r in records if r.note is not None]
+
+
 def _report(results: list[subprocess.CompletedProcess[bytes] | None],
             traces: Sequence[Path],
             ranks: int, wall: float) -> int:
@@ -282,6 +292,8 @@ def _report(results: list[subprocess.CompletedProcess[bytes] | None],
             print(f"  path: {' -> '.join(path)}")
         for state, ms in totals.items():
             print(f"  {state:<22} {ms:9.2f} ms")
+        for note in read_notes(trace):
+            print(f"  note: {note}")
         if result is None:
             print("  killed: the demo timed out")
             ok = False

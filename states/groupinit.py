@@ -48,6 +48,17 @@ from clusterfsm.states.errors import (
     GroupSizeMismatch,
     PrecheckFailed,
 )
+from clusterfsm.states.ringwindow import (
+    VERBOSE_ENV,
+    ConnectBackoff,
+    await_ring_listeners,
+    capture_active,
+    no_wakeup_preemption,
+    read_backoff,
+    ring_log_capture,
+    runs_first,
+    wants_no_preemption,
+)
 from clusterfsm.states.sidechannel import AllGatherFactory, JacclSideChannel
 from clusterfsm.states.topology import Topology
 
@@ -139,6 +150,13 @@ class TopologyDir:
         finally:
             os.close(fd)
         return target
+
+    def open_private(self, name: str) -> tuple[Path, int]:
+        """A new private file (0600, created exclusively) for writing; removed on close."""
+        target = self.path / name
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._written.append(target)
+        return target, fd
 
     def close(self) -> None:
         """Remove the directory and everything in it (idempotent)."""
@@ -272,6 +290,10 @@ def supports_all_gather_factory() -> bool:
 InitFn = Callable[[str, AllGatherFactory | None], Group]
 
 
+async def _await_ring_listeners(plan: InitPlan) -> None:
+    await await_ring_listeners(plan.backend, plan.rank, plan.world_size, plan.topology)
+
+
 def _import_mlx() -> None:
     _mlx_distributed()
 
@@ -334,6 +356,7 @@ class GroupInitializer:
         side_channel_supported: Callable[[], bool] = supports_all_gather_factory,
         groups: InitializedGroups = PROCESS_GROUPS,
         mlx_version: Callable[[], str] | None = None,
+        first_listener: Callable[[InitPlan], Awaitable[None]] | None = None,
     ) -> None:
         self.init_fn = init_fn
         self.run_blocking = run_blocking
@@ -347,10 +370,20 @@ class GroupInitializer:
         self.mlx_version: Callable[[], str] = mlx_version or installed_mlx_version
         #: Called in ``idle``: imports MLX (~80 ms) long before the timed init.
         self.prepare: Callable[[], None] = prepare or _import_mlx
+        #: ring's last rank: waits for the other ranks' listeners where it sees them.
+        self.first_listener = first_listener or _await_ring_listeners
+        #: What MLX's ring logged of its connect back-off in the last ``initialize``.
+        self.backoff: ConnectBackoff | None = None
 
     async def initialize(self, plan: InitPlan, files: TopologyDir,
-                         side_channel: JacclSideChannel | None = None) -> Group:
+                         side_channel: JacclSideChannel | None = None,
+                         before_call: Callable[[], Awaitable[None]] | None = None) -> Group:
+        """Init for ``plan``; ``before_call`` is awaited right before the blocking call
+        (rank 0 releases the ring's last rank there: the least time between that go
+        and rank 0's own listen)."""
         if os.environ.get(FAULT_ENV) == "never-init":
+            if before_call is not None:
+                await before_call()
             # Fault injection for tests: pass the barrier, then never call init (the
             # peer that hangs everyone else's init). Documented in docs/states.md.
             await trio.sleep_forever()
@@ -361,10 +394,27 @@ class GroupInitializer:
                                  f"topology file in {files.path}: {exc}") from exc
         factory = side_channel.factory if side_channel is not None else None
         self.groups.check_fresh(plan.backend)  # checked before the barrier too
-        with patched_env(env, clear):
+        self.backoff = None
+        await self.first_listener(plan)
+        calm = wants_no_preemption(plan.backend, plan.rank, plan.world_size)
+
+        def call() -> Group:
+            last = plan.backend == "ring" and not calm and plan.world_size > 1
+            # in the thread that calls init
+            with no_wakeup_preemption(calm), runs_first(last):
+                return self.init_fn(plan.backend, factory)
+
+        # MLX's log of a refused dial, on the ranks whose dial races (not the last
+        # rank: its log line would sit between its dial and its listen, the race).
+        observe = calm
+        keep_verbose = VERBOSE_ENV in os.environ
+        if observe:
+            env = {**env, VERBOSE_ENV: os.environ.get(VERBOSE_ENV, "1")}
+        with patched_env(env, clear), self._ring_log(observe, plan, files, keep_verbose):
+            if before_call is not None:
+                await before_call()
             try:
-                group: Group = await self.run_blocking(
-                    lambda: self.init_fn(plan.backend, factory))
+                group: Group = await self.run_blocking(call)
             except RuntimeError as exc:
                 # A round cut short because this state was cancelled (its deadline,
                 # the app): the cancellation wins, not the side channel's note of it.
@@ -376,5 +426,27 @@ class GroupInitializer:
         if group.size() != plan.world_size:
             raise GroupSizeMismatch(plan.world_size, group.size())
         return group
+
+    @contextmanager
+    def _ring_log(self, observe: bool, plan: InitPlan, files: TopologyDir,
+                  keep_verbose: bool) -> Iterator[None]:
+        """MLX's log of the call goes to a private file and is read afterwards
+        (:mod:`clusterfsm.states.ringwindow`); ``self.backoff`` names a back-off."""
+        if not observe or capture_active():
+            # fd 2 is the process's: a second bootstrap in this process (tests, the
+            # scale bench) must not capture over the first one's capture
+            yield
+            return
+        try:
+            path, fd = files.open_private(f"mlx-init-{plan.session_id.hex()[:8]}.log")
+        except OSError:
+            yield  # no private file: init runs unobserved rather than not at all
+            return
+        try:
+            with ring_log_capture(fd):
+                yield
+        finally:
+            os.close(fd)
+            self.backoff = read_backoff(path, keep_verbose)
 
 

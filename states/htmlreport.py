@@ -136,6 +136,16 @@ def _errors(runs: Sequence[RankRun]) -> str:
     return '<section id="errors"><h2>What went wrong</h2>' + "".join(boxes) + "</section>"
 
 
+def _notes(runs: Sequence[RankRun]) -> str:
+    """Steps that went slowly for a named reason (MLX's connect back-off): not a hang."""
+    items = [f"<li>{html.escape(r.label)}, <b>{html.escape(v.state)}</b> "
+             f"({_duration(v.spent_ms or 0.0)}): {html.escape(v.note)}</li>"
+             for r in runs for v in r.visits if v.note is not None]
+    if not items:
+        return ""
+    return '<section id="notes"><h2>Notes</h2><ul>' + "".join(items) + "</ul></section>"
+
+
 def _timeline(runs: Sequence[RankRun], colours: dict[str, str]) -> str:
     scale = max((r.total_ms for r in runs), default=0.0) or 1.0
     lanes = []
@@ -146,7 +156,7 @@ def _timeline(runs: Sequence[RankRun], colours: dict[str, str]) -> str:
                 continue
             pct = 100.0 * v.spent_ms / scale
             tip = f"{v.state}: {v.spent_ms:.2f} ms, entered at {v.entered_ms:.2f} ms, " \
-                  f"left by {v.event}"
+                  f"left by {v.event}" + ("" if v.note is None else f"; {v.note}")
             text = f"{v.state} {_duration(v.spent_ms)}" if pct >= 8 else ""
             segs.append(f'<div class="seg" style="width:{pct:.3f}%;'
                         f'background:{colours[v.state]}" title="{html.escape(tip)}">'
@@ -211,7 +221,7 @@ def build_html(runs: Sequence[RankRun]) -> str:
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<title>{title}</title><style>{_CSS}</style></head>"
         f'<body data-verdict="{"ok" if ok else "failed"}">{_verdict(runs)}<main>'
-        f"{_errors(runs)}{_timeline(runs, colours)}{_table(runs)}"
+        f"{_errors(runs)}{_notes(runs)}{_timeline(runs, colours)}{_table(runs)}"
         '<section><h2>The path on the machine</h2><p class="note">Blue: visited; double '
         "border: where a rank ended (green fine, red error, orange cut off); dashed rose: "
         "error states not reached; (n) on an edge: the step that took it.</p>"

@@ -23,7 +23,9 @@ R`` (the init watchdog, speaking for the rank it killed) or ``supervisor rank R`
 Each kind, its stream, and its text:
 
 - :class:`TransitionLine` (stdout): ``SPEAKER: SOURCE --EVENT--> DEST (12.3 ms)``, one
-  per transition of the speaker's machine (a rank's: not with ``--quiet``).
+  per transition of the speaker's machine (a rank's: not with ``--quiet``), followed by
+  `` note: TEXT`` when the step's trace record has a note (``initializing_group``:
+  ``MLX ring connect back-off: 1 s (1 refused connect(s), retried by MLX; not a hang)``).
 - :class:`ReadyLine` (stdout): ``DistributedGroup ready rank=R size=N backend=B
   session=HEX``, the group works (after ``--verify``'s ``all_sum``). Never prefixed;
   ``session=`` is always last.
@@ -94,22 +96,26 @@ class TransitionLine:
 
     stream: ClassVar[Stream] = "stdout"
     _PATTERN: ClassVar[re.Pattern[str]] = re.compile(
-        rf"^({_SPEAKER}): (\w+) --(\w+)--> (\w+) \((\d+(?:\.\d+)?) ms\)$")
+        rf"^({_SPEAKER}): (\w+) --(\w+)--> (\w+) \((\d+(?:\.\d+)?) ms\)"
+        r"(?: note: ([^\x00-\x1f\x7f]+))?$")
 
     speaker: str
     source: str
     event: str
     dest: str
     elapsed_ms: float
+    #: The step's trace note (our own words, e.g. "MLX ring connect back-off: 1 s ...").
+    note: str | None = None
 
     def format(self) -> str:
-        return (f"{self.speaker}: {self.source} --{self.event}--> {self.dest} "
+        text = (f"{self.speaker}: {self.source} --{self.event}--> {self.dest} "
                 f"({self.elapsed_ms:.1f} ms)")
+        return text if self.note is None else f"{text} note: {printable(self.note)}"
 
     @classmethod
     def parse(cls, line: str) -> TransitionLine | None:
         m = cls._PATTERN.match(line)
-        return None if m is None else cls(m[1], m[2], m[3], m[4], float(m[5]))
+        return None if m is None else cls(m[1], m[2], m[3], m[4], float(m[5]), m[6])
 
 
 @attrs.frozen

@@ -180,7 +180,7 @@ async def _serve_async(config: ClusterConfig, options: ServeOptions) -> int:
     def log(record: TraceRecord) -> None:
         if not options.quiet:
             _emit(TransitionLine(speaker, record.source, record.event, record.dest,
-                                 record.elapsed_ms))
+                                 record.elapsed_ms, record.note))
 
     stop = trio.Event()
     code = EXIT_OK

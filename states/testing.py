@@ -308,7 +308,13 @@ def fake_initializer(
                             plan_check=plan_check or matrix_only,
                             side_channel_supported=lambda: side_channel_supported,
                             groups=groups if groups is not None else InitializedGroups(),
-                            mlx_version=(lambda: mlx_version) if mlx_version else None)
+                            mlx_version=(lambda: mlx_version) if mlx_version else None,
+                            first_listener=_no_listener_wait)
+
+
+async def _no_listener_wait(_plan: InitPlan) -> None:
+    """Fake ranks have no MLX listener to wait for."""
+    await trio.lowlevel.checkpoint()
 
 
 def _fake_jaccl_rounds(factory: AllGatherFactory, rounds: int) -> Group:

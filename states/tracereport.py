@@ -31,6 +31,7 @@ import attrs
 from clusterfsm.fsm import MachineSpec
 from clusterfsm.fsm.diagram import to_dot, to_mermaid
 from clusterfsm.fsm.trace import Trace, TraceEnd, read_trace
+from clusterfsm.states.errors import printable
 from clusterfsm.states.exitcodes import EXIT_OK, EXIT_USAGE
 from clusterfsm.states.machine import BOOTSTRAP
 
@@ -59,6 +60,8 @@ class Visit:
     event: str
     dest: str
     error: str | None = None
+    #: The step's trace note (e.g. MLX's connect back-off during group init).
+    note: str | None = None
 
 
 @attrs.frozen
@@ -130,7 +133,8 @@ def decompose(trace: Trace) -> tuple[Visit, ...]:
     origin = first.t - first.elapsed_ms / 1000.0
     visits = [
         Visit(state=r.source, entered_ms=max(0.0, (r.t - origin) * 1000.0 - r.elapsed_ms),
-              spent_ms=r.elapsed_ms, event=r.event, dest=r.dest, error=r.error)
+              spent_ms=r.elapsed_ms, event=r.event, dest=r.dest, error=r.error,
+              note=r.note)
         for r in trace.records
     ]
     last = trace.records[-1]
@@ -183,6 +187,8 @@ def format_rank(run: RankRun) -> list[str]:
         else:
             left = f"{v.event} -> {v.dest}"
         lines.append(f"  {v.state:<24} {v.entered_ms:>11.2f} {_ms(v.spent_ms):>11}  {left}")
+        if v.note is not None:
+            lines.append(f"  {'':<24} note: {printable(v.note)}")
     if run.end is not None and run.end.error:
         lines.append(f"  error: {run.end.error} in {run.end.state}: {run.end.message or ''}")
     return lines

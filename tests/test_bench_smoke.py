@@ -25,6 +25,7 @@ def test_every_bench_runs_and_reports_a_row() -> None:
                  "Readiness latency", "Scale:", "Codec: bootstrap frame", "Codec: heartbeat",
                  "Provider example: decode rate", "Provider example: time to first token",
                  "Seal: heartbeat frames", "Seal: 64 KiB frames", "Seal: AEAD",
-                 "Seal: handshake", "Seal: import", "Seal: time to a 2-rank group"):
+                 "Seal: handshake", "Seal: import", "Seal: time to a 2-rank group",
+                 "Ring stall, init only, 2 ranks", "Start-up: imports of the serve path"):
         assert f"| {name}" in done.stdout, name
     assert (ROOT / "docs" / "performance.md").read_bytes() == before

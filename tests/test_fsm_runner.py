@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 import trio
@@ -15,9 +16,12 @@ from clusterfsm.fsm import (
     IllegalTransition,
     MachineCancelled,
     Runner,
+    TraceWriter,
     UnexpectedError,
     current_deadline,
     effective_deadlines,
+    note_outcome,
+    read_trace,
     report_progress,
     time_left,
 )
@@ -67,6 +71,23 @@ def test_deadline_fires_the_states_timeout_error_with_progress_detail() -> None:
     assert out.error == WorkTimeout("working", 5.0, "waiting for 2 of 3 peers") or (
         isinstance(out.error, WorkTimeout) and out.error.detail == "waiting for 2 of 3 peers")
     assert out.records[-1].elapsed_ms == pytest.approx(5000.0)
+
+
+def test_a_noted_outcome_goes_on_that_steps_record_only(tmp_path: Path) -> None:
+    async def slow_but_fine(_ctx: object) -> str:
+        note_outcome("a library slept in its retry; not a hang")
+        return "done"
+
+    spec = Script({"idle": "start", "warming": "warm", "serving": "stop"}).apply(
+        TOY).with_activities({"working": slow_but_fine})
+    path = tmp_path / "t.jsonl"
+    writer = TraceWriter(path)
+    out = run_scripted(spec, {}, observers=[writer.record])
+    writer.close()
+    assert [r.note for r in out.records] == [
+        None, None, "a library slept in its retry; not a hang", None]
+    assert [r.note for r in read_trace(path).records] == [r.note for r in out.records]
+    note_outcome("outside a run: nothing happens")
 
 
 def test_deadline_override_per_run() -> None:

@@ -36,6 +36,13 @@ EXAMPLES: list[tuple[LineKind, str]] = [
      "node 0a1b2c3d: idle --start--> discovering (7.0 ms)"),
     (TransitionLine("supervisor rank 0", "running", "child_lost", "stopping", 1.0),
      "supervisor rank 0: running --child_lost--> stopping (1.0 ms)"),
+    (TransitionLine("rank 0", "initializing_group", "group_initialized",
+                    "confirming_group", 1130.25,
+                    "MLX ring connect back-off: 1 s (1 refused connect(s), retried by MLX; "
+                    "not a hang)"),
+     "rank 0: initializing_group --group_initialized--> confirming_group (1130.2 ms) "
+     "note: MLX ring connect back-off: 1 s (1 refused connect(s), retried by MLX; "
+     "not a hang)"),
     (ReadyLine(0, 2, "ring", "abcd"),
      "DistributedGroup ready rank=0 size=2 backend=ring session=abcd"),
     (AllSumLine("rank 0", 3.0, 3.0), "rank 0: all_sum = 3 (expected 3)"),

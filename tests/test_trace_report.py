@@ -106,6 +106,28 @@ def test_trace_command_prints_each_rank_and_the_ranks_side_by_side(
     assert re.search(r"total +17\.00 +27\.00\n", side)
 
 
+BACKOFF_NOTE = ("MLX ring connect back-off: 1 s (1 refused connect(s), retried by MLX; "
+                "not a hang)")
+
+
+def test_a_noted_backoff_is_named_in_the_text_and_html_reports(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = good_rank(tmp_path, 0, slow_ms=1130.0)
+    lines = path.read_text().splitlines()
+    noted = [json.loads(line) for line in lines]
+    for rec in noted:
+        if rec.get("source") == "initializing_group":
+            rec["note"] = BACKOFF_NOTE
+    path.write_text("\n".join(json.dumps(rec) for rec in noted) + "\n")
+    (run,) = load_runs([path])
+    assert run.visits[HAPPY.index("initializing_group")].note == BACKOFF_NOTE
+    assert main(["trace", str(path)]) == 0
+    assert f"note: {BACKOFF_NOTE}" in capsys.readouterr().out
+    need_dot()
+    page = build_html([run])
+    assert 'id="notes"' in page and "MLX ring connect back-off: 1 s" in page
+
+
 def test_a_failed_run_names_error_type_state_and_message_per_rank(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["trace", *map(str, wrong_key(tmp_path))]) == 0
