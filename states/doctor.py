@@ -35,8 +35,9 @@ from clusterfsm.states.discovery import (
 from clusterfsm.states.errors import BackendUnavailable, InterfaceUnavailable, PrecheckFailed
 from clusterfsm.states.exitcodes import EXIT_FAILED, EXIT_OK
 from clusterfsm.states.keys import KeyFileError, load_key
+from clusterfsm.states.localfiles import LocalFileError
 from clusterfsm.states.netif import InterfaceStatus, interface_status
-from clusterfsm.states.nodeid import default_node_id_path
+from clusterfsm.states.nodeid import NodeIdFileInvalid, default_node_id_path, read_node_id
 from clusterfsm.states.preflight import (
     Finding,
     Verdict,
@@ -236,20 +237,24 @@ def key_check(options: DoctorOptions) -> tuple[Finding, bytes | None]:
 
 
 def node_id_check(options: DoctorOptions) -> Finding:
+    """The node-id file through serve's own reader (:func:`read_node_id`): a FIFO or a
+    device is refused without being opened for a blocking read, and only a file that
+    holds no id is one to delete."""
     path = Path(options.node_id_file) if options.node_id_file else default_node_id_path()
-    if not path.exists():
+    try:
+        node_id = read_node_id(path)
+    except LocalFileError as exc:
+        return failed("node_id", f"node-id file {exc}",
+                      "pass --node-id-file naming a regular file (serve creates it if "
+                      "it does not exist)")
+    except NodeIdFileInvalid as exc:
+        return failed("node_id", str(exc), f"delete {path} to make a new id")
+    if node_id is None:
         parent = next((p for p in path.parents if p.exists()), Path("/"))
         if not parent.is_dir() or not _writable(parent):
             return failed("node_id", f"{path} does not exist and {parent} is not writable",
                           "pass --node-id-file in a writable directory")
         return passed("node_id", f"{path} will be created on the first serve")
-    try:
-        node_id = bytes.fromhex(path.read_text().strip())
-    except (OSError, ValueError) as exc:
-        return failed("node_id", f"{path}: {exc}", f"delete {path} to make a new id")
-    if len(node_id) != 16:
-        return failed("node_id", f"{path} does not hold 32 hex digits",
-                      f"delete {path} to make a new id")
     return passed("node_id", f"{path}: node {node_id.hex()[:8]}")
 
 

@@ -218,3 +218,29 @@ def test_the_watchdog_still_reports_and_kills_when_the_trace_cannot_be_written(
     err = capsys.readouterr().err.splitlines()
     assert err[0] == "rank 1: state group_init_timeout"
     assert err[1].startswith(f"trace {tmp_path}: not written (")
+
+
+@pytest.mark.parametrize("kind", sorted(EXPECTED))
+def test_doctor_refuses_a_bad_node_id_file_like_serve_without_reading_it(
+    bad_files: dict[str, Path], kind: str,
+) -> None:
+    """doctor's node-id check goes through serve's reader: a FIFO fails at once (it
+    hung doctor forever), /dev/zero is never read (it exhausted memory), and the remedy
+    never tells the operator to delete what is not a node-id file (a directory)."""
+    from clusterfsm.states.doctor import DoctorOptions, node_id_check
+
+    path = bad_files[kind]
+    finding = node_id_check(DoctorOptions(node_id_file=str(path)))
+    assert finding.failed
+    assert finding.detail == f"node-id file {path}: {EXPECTED[kind]}"
+    assert "delete" not in finding.remedy
+
+
+def test_doctor_says_delete_only_for_a_node_id_file_that_holds_no_id(tmp_path: Path) -> None:
+    from clusterfsm.states.doctor import DoctorOptions, node_id_check
+
+    path = tmp_path / "node-id"
+    path.write_text("not hex\n")
+    finding = node_id_check(DoctorOptions(node_id_file=str(path)))
+    assert finding.failed and finding.remedy == f"delete {path} to make a new id"
+    assert str(path) in finding.detail
