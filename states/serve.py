@@ -235,7 +235,9 @@ async def _serve_async(config: ClusterConfig, options: ServeOptions) -> int:
                 code = EXIT_FAILED
         if scope.cancelled_caught:
             _emit(StoppedLine(speaker))
-            code = EXIT_INTERRUPTED if code == EXIT_OK and options.once else code
+            # Only a stop before ready cancels the scope (in ready it closes the
+            # cluster): interrupted, with or without --once (exitcodes).
+            code = EXIT_INTERRUPTED if code == EXIT_OK else code
         nursery.cancel_scope.cancel()
     return code
 

@@ -64,3 +64,20 @@ def test_sigint_before_ready_cancels_with_exit_130(
     assert code == 130, err
     assert "stopped by signal" in err
     assert trace_end(trace)["state"] == "cancelled"
+
+
+def test_sigterm_before_ready_without_once_also_exits_130(
+    ranks: Ranks, tmp_path: Path,  # noqa: F811 - fixture
+) -> None:
+    """A long-running serve (no --once) stopped before ready was interrupted too: exit
+    130 as documented (exitcodes, lines, design.md), not 0 as if it had served."""
+    trace = tmp_path / "r0.jsonl"
+    r0 = ranks.start("--rank", "0", "--world-size", "2", "--listen",
+                     f"127.0.0.1:{free_port()}", "--key-file", str(ranks.key()),
+                     "--trace-json", str(trace))
+    wait_for_line(r0, "--peers_found--> handshaking")
+    r0.send_signal(signal.SIGTERM)
+    ((code, _, err),) = ranks.finish(timeout=30)
+    assert code == 130, err
+    assert "stopped by signal" in err
+    assert trace_end(trace)["state"] == "cancelled"
