@@ -23,8 +23,11 @@ import attrs
 
 from clusterfsm.states.config import BACKENDS, Address, ClusterConfig
 from clusterfsm.states.epochs import EPOCH_ENV, EPOCH_FLOORS_ENV, parse_epoch, parse_floors
+from clusterfsm.states.localfiles import LocalFileError, read_small_text
 
 ENV_PREFIX = "CLUSTERFSM_"
+#: A config file is a few hundred bytes; anything this large is not one.
+MAX_CONFIG_FILE_BYTES = 1 << 20
 
 
 @attrs.frozen(auto_exc=True)
@@ -47,7 +50,10 @@ class _Bad(ValueError):
 
 def _int(value: object) -> int:
     if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
-        return int(value)
+        try:
+            return int(value)
+        except ValueError:  # more digits than int() converts (sys.int_info)
+            raise _Bad(f"expected an integer, got {len(value.strip())} digits") from None
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     raise _Bad(f"expected an integer, got {value!r}")
@@ -218,16 +224,21 @@ def config_from_toml(path: str | os.PathLike[str], *, table: str | None = None,
               environ: Mapping[str, str] | None = None) -> ClusterConfig:
     """A config from the TOML file at ``path`` (its top level, or ``[table]``).
 
+    The file is read like the key file (:mod:`clusterfsm.states.localfiles`): a small
+    regular UTF-8 file, so a FIFO or a device is a ``ConfigError`` naming it, never a
+    hang or a read without end.
+
     Keys are the settings' names (``world_size = 2``, ``peers = ["10.0.0.1:7700"]``,
     ``[deadlines]``); an unknown key is an error, not ignored. The supervisor's
     epoch variables still come from ``environ`` (``os.environ``).
     """
     where = str(path)
     try:
-        with open(path, "rb") as f:
-            document = tomllib.load(f)
-    except OSError as exc:
-        raise ConfigError((where,), f"cannot read the file: {exc}") from None
+        text = read_small_text(path, limit=MAX_CONFIG_FILE_BYTES)[0]
+    except LocalFileError as exc:
+        raise ConfigError((where,), f"cannot read the file: {exc.problem}") from None
+    try:
+        document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError((where,), f"not valid TOML: {exc}") from None
     prefix = f"{where}: "

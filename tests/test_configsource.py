@@ -43,6 +43,7 @@ def test_from_env_reads_every_kind_of_setting(key_file: str) -> None:
     ({"CLUSTERFSM_RANK": None}, ("CLUSTERFSM_RANK",), "required"),
     ({"CLUSTERFSM_RANK": "one"}, ("CLUSTERFSM_RANK",), "integer or 'auto'"),
     ({"CLUSTERFSM_WORLD_SIZE": "2.5"}, ("CLUSTERFSM_WORLD_SIZE",), "integer"),
+    ({"CLUSTERFSM_WORLD_SIZE": "9" * 5000}, ("CLUSTERFSM_WORLD_SIZE",), "5000 digits"),
     ({"CLUSTERFSM_PEERS": "nohost"}, ("CLUSTERFSM_PEERS",), "HOST:PORT"),
     ({"CLUSTERFSM_BACKEND": "mpi"}, ("CLUSTERFSM_BACKEND",), "ring, jaccl, any"),
     ({"CLUSTERFSM_DEADLINES": "ready=3"}, ("CLUSTERFSM_DEADLINES",), "steady"),
@@ -113,6 +114,27 @@ def test_from_toml_errors_name_the_key(tmp_path: Path, key_file: str, text: str,
         config_from_toml(path, environ={})
     assert caught.value.names == tuple(n.format(p=path) for n in names)
     assert says in str(caught.value)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "zero", "latin", "folder", "missing"])
+def test_from_toml_reads_only_a_small_regular_utf8_file(tmp_path: Path, kind: str) -> None:
+    """A FIFO hung config_from_toml, /dev/zero was read without end, and a file in
+    another encoding escaped as a bare UnicodeDecodeError: each is a ConfigError
+    naming the file."""
+    import os
+
+    path = {"zero": Path("/dev/zero"), "missing": tmp_path / "absent.toml"}.get(
+        kind, tmp_path / kind)
+    if kind == "fifo":
+        os.mkfifo(path, 0o600)
+    elif kind == "latin":
+        path.write_bytes(b"rank = 0\nworld_size = '\xff'\n")
+    elif kind == "folder":
+        path.mkdir()
+    with pytest.raises(ConfigError) as caught:
+        config_from_toml(path, environ={})
+    assert caught.value.names == (str(path),)
+    assert "cannot read the file" in str(caught.value)
 
 
 def test_every_setting_is_a_config_field_and_documented() -> None:
