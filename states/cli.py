@@ -218,6 +218,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if args.report:
             from clusterfsm.states.htmlreport import run_demo_with_report
+            from clusterfsm.states.serve import check_output_path
+
+            try:  # before the ranks run, not after
+                check_output_path(args.report, "--report")
+            except ValueError as exc:
+                print(f"clusterfsm demo: {exc}", file=sys.stderr)
+                return EXIT_USAGE
 
             def traced(base: str) -> tuple[int, Sequence[Path]]:
                 run = demo(base)

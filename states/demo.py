@@ -35,7 +35,7 @@ from clusterfsm.states.errors import printable
 from clusterfsm.states.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from clusterfsm.states.keys import load_key, write_key
 from clusterfsm.states.lines import AllSumLine, ReadyLine
-from clusterfsm.states.serve import ServeOptions, check_config, serve
+from clusterfsm.states.serve import ServeOptions, check_config, check_output_path, serve
 
 #: After a timeout or an interrupt, how long ranks get to exit on SIGTERM before SIGKILL.
 STOP_GRACE = 1.0
@@ -98,6 +98,9 @@ def run_demo(*, ranks: int, backend: BackendChoice, trace_json: str | None,
             configs = [rank_config(r, ranks, port, key, backend, deadlines)
                        for r in range(ranks)]
             check_config(configs[0])
+            if trace_json:
+                for trace in traces:
+                    check_output_path(str(trace))
         except ValueError as exc:
             print(f"clusterfsm demo: {exc}", file=sys.stderr)
             return DemoRun(EXIT_USAGE, traces)

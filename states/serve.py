@@ -105,7 +105,7 @@ def run_serve(args: argparse.Namespace) -> int:
         config = _config_from(args)
         check_config(config)
         if args.trace_json:
-            _check_trace_path(args.trace_json)
+            check_output_path(args.trace_json)
         worker = load_worker(args.worker) if args.worker else None
     except (ValueError, KeyFileError) as exc:
         _emit(UsageLine("serve", str(exc)))
@@ -140,20 +140,22 @@ def serve(config: ClusterConfig, options: ServeOptions) -> int:
     return trio.run(_serve_async, config, options)
 
 
-def _check_trace_path(path: str) -> None:
-    """Refuse a ``--trace-json`` path that cannot be created, before the machine runs.
+def check_output_path(path: str, flag: str = "--trace-json") -> None:
+    """Refuse an output path (``--trace-json``, ``demo --report``) that cannot be
+    created, before anything runs.
 
     The trace file is opened when the machine starts; a missing directory found there
-    would end the run in ``unexpected`` (a FileNotFoundError) instead of a usage error.
+    would end the run in ``unexpected`` (a FileNotFoundError) instead of a usage error,
+    or, in the demo's ranks, leave no trace and no word of it.
     """
     target = Path(path)
     parent = target.parent
     if not parent.is_dir():
-        raise ValueError(f"--trace-json {path}: directory {str(parent)!r} does not exist")
+        raise ValueError(f"{flag} {path}: directory {str(parent)!r} does not exist")
     if target.is_dir():
-        raise ValueError(f"--trace-json {path}: is a directory")
+        raise ValueError(f"{flag} {path}: is a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"--trace-json {path}: directory {str(parent)!r} is not writable")
+        raise ValueError(f"{flag} {path}: directory {str(parent)!r} is not writable")
 
 
 def _emit(line: RankLine) -> None:

@@ -83,6 +83,27 @@ def test_demo_refuses_a_bad_deadline_before_starting_ranks(
         "clusterfsm demo: deadline handshaking=inf: the deadline must be a positive, finite")
 
 
+@pytest.mark.parametrize(("flag", "name"), [("--trace-json", "t.jsonl"),
+                                           ("--report", "r.html")])
+def test_demo_refuses_an_output_in_a_missing_directory_before_starting_ranks(
+    flag: str, name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``--trace-json`` in a missing directory printed "demo OK" with no trace (the
+    ranks' traces were silently not written); ``--report`` there ran the whole demo
+    and only then refused. Both are usage errors before any rank starts."""
+    import clusterfsm.states.demo as demo
+
+    def no_ranks(*_args: object) -> None:
+        raise AssertionError("ranks started")
+
+    monkeypatch.setattr(demo, "run_ranks", no_ranks)
+    out = tmp_path / "missing" / name
+    assert main(["demo", flag, str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"clusterfsm demo: {flag} ") and "does not exist" in err, err
+
+
 def test_ci_runs_exactly_the_readme_test_command() -> None:
     readme = (ROOT / "README.md").read_text()
     commands = re.findall(r"```sh\n(.*?)\n```", readme, flags=re.S)
