@@ -208,12 +208,18 @@ async def _serve_async(config: ClusterConfig, options: ServeOptions) -> int:
                 async with bootstrap_cluster(config, observers=[log],
                                              trace_path=options.trace_json) as cluster:
                     if config.verify:
-                        total = await _verify(cluster.group)
-                        expected = config.world_size * (config.world_size + 1) / 2
-                        _emit(AllSumLine(speaker, total, expected))
-                        if total != expected:
-                            _emit(VerifyFailedLine(speaker))
+                        try:
+                            total = await _verify(cluster.group)
+                        except VerifyFailed as exc:
+                            _emit(ErrorLine(speaker, cluster.state, type(exc).__name__,
+                                            str(exc)))
                             code = EXIT_FAILED
+                        else:
+                            expected = config.world_size * (config.world_size + 1) / 2
+                            _emit(AllSumLine(speaker, total, expected))
+                            if total != expected:
+                                _emit(VerifyFailedLine(speaker))
+                                code = EXIT_FAILED
                     if code == EXIT_OK:
                         _emit(ReadyLine(cluster.rank, cluster.group.size(), cluster.backend,
                                         cluster.session_id.hex()))
@@ -244,8 +250,28 @@ async def _serve_async(config: ClusterConfig, options: ServeOptions) -> int:
     return code
 
 
+#: ``--verify``'s ``all_sum`` runs once every rank has confirmed the group, and takes
+#: milliseconds; a peer that never joins it (started without ``--verify``) would leave
+#: this rank waiting inside MLX for as long as the peer lives.
+VERIFY_TIMEOUT_S = 10.0
+
+
+@attrs.frozen(auto_exc=True)
+class VerifyFailed(Exception):
+    """``--verify``'s ``all_sum`` did not complete: MLX failed it (a peer's connection
+    was lost), or it did not finish within :data:`VERIFY_TIMEOUT_S`."""
+
+    detail: str
+
+    def __str__(self) -> str:
+        return self.detail
+
+
 async def _verify(group: Any) -> float:
-    """``all_sum`` of ``rank + 1`` over the group, in a worker thread."""
+    """``all_sum`` of ``rank + 1`` over the group, in a worker thread, bounded.
+
+    The thread is abandoned at the bound (MLX cannot be interrupted; the process exits
+    soon after, its peers learn of it by the close)."""
 
     def all_sum() -> float:
         import mlx.core as mx
@@ -255,4 +281,10 @@ async def _verify(group: Any) -> float:
         value: Any = out.item()
         return float(value)
 
-    return await trio.to_thread.run_sync(all_sum)
+    with trio.move_on_after(VERIFY_TIMEOUT_S):
+        try:
+            return await trio.to_thread.run_sync(all_sum, abandon_on_cancel=True)
+        except RuntimeError as exc:  # MLX: "[ring] connection to a peer was lost"
+            raise VerifyFailed(f"--verify: the all_sum failed: {exc}") from None
+    raise VerifyFailed(f"--verify: the all_sum did not complete within {VERIFY_TIMEOUT_S:g} s "
+                       "(does every rank run with --verify?)")
