@@ -202,9 +202,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "doctor":
         from clusterfsm.states.doctor import DoctorOptions, run_doctor
 
-        return run_doctor(DoctorOptions(
-            tuple(args.interface), args.backend, args.key_file, args.node_id_file,
-            args.beacon_port, args.listen, args.listen_seconds), as_json=args.json)
+        try:
+            options = DoctorOptions(
+                tuple(args.interface), args.backend, args.key_file, args.node_id_file,
+                args.beacon_port, args.listen, args.listen_seconds)
+        except ValueError as exc:
+            print(f"clusterfsm doctor: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        return run_doctor(options, as_json=args.json)
     if args.command == "serve":
         from clusterfsm.states.serve import run_serve
 

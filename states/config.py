@@ -95,6 +95,12 @@ def _compat(_inst: object, _attr: object, value: Mapping[str, str]) -> None:
                          f"strings of at most {MAX_FIELD_CHARS} characters")
 
 
+def check_beacon_port(port: int) -> None:
+    """The discovery beacons' UDP port rule (``serve`` and ``doctor`` alike)."""
+    if not 1 <= port <= 65535:
+        raise ValueError(f"beacon_port {port} is out of range")
+
+
 @attrs.frozen
 class ClusterConfig:
     """One rank's configuration.
@@ -163,8 +169,7 @@ class ClusterConfig:
                                  "(static addresses), not both")
             if len(set(self.interfaces)) != len(self.interfaces):
                 raise ValueError(f"interface listed twice: {list(self.interfaces)}")
-            if not 1 <= self.beacon_port <= 65535:
-                raise ValueError(f"beacon_port {self.beacon_port} is out of range")
+            check_beacon_port(self.beacon_port)
         elif self.rank is None:
             raise ValueError("rank auto (election) needs interface discovery: give "
                              "interfaces, or an explicit rank")

@@ -17,6 +17,7 @@ the command for the other Mac.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import sys
@@ -26,8 +27,9 @@ from pathlib import Path
 import attrs
 import trio
 
-from clusterfsm.states.config import Address
+from clusterfsm.states.config import Address, check_beacon_port
 from clusterfsm.states.discovery import (
+    DEFAULT_BEACON_PORT,
     BeaconIgnored,
     UdpDiscoveryNet,
     decode_beacon,
@@ -54,15 +56,29 @@ from clusterfsm.states.topology import device_name
 DEFAULT_LISTEN_SECONDS = 1.5
 
 
+def _beacon_port(_inst: object, _attr: object, port: int) -> None:
+    check_beacon_port(port)
+
+
+def _listen_seconds(_inst: object, _attr: object, seconds: float) -> None:
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise ValueError(f"--listen-seconds must be a finite number of seconds >= 0, "
+                         f"got {seconds}")
+
+
 @attrs.frozen
 class DoctorOptions:
+    """What to check; the same port rule as ``serve``, and a bounded listen (an
+    infinite one would never end)."""
+
     interfaces: tuple[str, ...] = ()
     backend: str = "ring"
     key_file: str | None = None
     node_id_file: str | None = None
-    beacon_port: int = 52417
+    beacon_port: int = attrs.field(default=DEFAULT_BEACON_PORT, validator=_beacon_port)
     listen: Address | None = None
-    listen_seconds: float = DEFAULT_LISTEN_SECONDS
+    listen_seconds: float = attrs.field(default=DEFAULT_LISTEN_SECONDS,
+                                        validator=_listen_seconds)
 
 
 @attrs.frozen

@@ -146,3 +146,20 @@ def test_the_key_length_rule_is_the_same_for_file_config_and_handshake(
         else:
             with pytest.raises((KeyFileError, ValueError), match=f"at least {MIN_KEY_BYTES}"):
                 build()
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--beacon-port", "70000"], "beacon_port 70000 is out of range"),
+    (["--beacon-port", "0"], "beacon_port 0 is out of range"),
+    (["--listen-seconds", "inf"], "--listen-seconds must be a finite number"),
+    (["--listen-seconds", "nan"], "--listen-seconds must be a finite number"),
+    (["--listen-seconds", "-1"], "--listen-seconds must be a finite number"),
+])
+def test_doctor_refuses_what_serve_would_refuse_and_an_endless_listen(
+    args: list[str], says: str, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """doctor passed a beacon port serve refuses ("a bootstrap could start"), and
+    ``--listen-seconds inf`` listened for beacons forever."""
+    assert main(["doctor", "--interface", "lo", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("clusterfsm doctor: ") and says in err, err
