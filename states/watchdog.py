@@ -180,8 +180,12 @@ class InitWatchdog:
         await self._write(b"ARM " + json.dumps(payload).encode() + b"\n")
 
     async def disarm(self) -> None:
-        """Stop the deadline; registered cleanup paths stay registered."""
-        await self._write(b"DISARM\n")
+        """Stop the deadline; registered cleanup paths stay registered. A watchdog that
+        is gone has nothing left to disarm (it can no longer kill this rank)."""
+        try:
+            await self._write(b"DISARM\n")
+        except PrecheckFailed:
+            return
 
     async def remove_on_exit(self, paths: list[str]) -> None:
         """Register ``paths`` (directories) for removal when this process is gone.
@@ -192,9 +196,17 @@ class InitWatchdog:
         await self._write(b"CLEANUP " + json.dumps(paths).encode() + b"\n")
 
     async def _write(self, data: bytes) -> None:
+        """One command; a watchdog that is not there (never started, or gone: killed
+        by someone, out of memory) is :class:`PrecheckFailed`, typed, in the state that
+        needs it, never a bare pipe error that would end the run in ``unexpected``."""
         if self._process is None or self._process.stdin is None:
-            raise RuntimeError("watchdog not started")
-        await self._process.stdin.send_all(data)
+            raise PrecheckFailed("watchdog", "the init watchdog process was not started")
+        try:
+            await self._process.stdin.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise PrecheckFailed("watchdog", "the init watchdog process is gone (the "
+                                 f"hard deadline on init): {exc or type(exc).__name__}"
+                                 ) from exc
 
     async def aclose(self) -> None:
         """Close its stdin (it exits on EOF) and reap it; kill it if it lingers."""

@@ -84,3 +84,25 @@ def test_the_watchdog_program_needs_only_the_standard_library() -> None:
                           input=b"DISARM\n", capture_output=True, timeout=30)
     assert done.returncode == 0, done.stderr
     assert watchdog.WATCHDOG_PROGRAM.name == "watchdog_main.py"
+
+
+async def test_a_watchdog_that_died_is_a_typed_failure_and_disarm_is_harmless(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A watchdog killed before init (an operator's kill, the OOM killer) made arm()
+    raise a bare BrokenResourceError, so the run ended in ``unexpected``; and disarm()
+    in initializing_group's finally replaced a successful init with the same error."""
+    monkeypatch.setattr(watchdog, "_single_threaded_linux", lambda: False)
+    dog = watchdog.InitWatchdog()
+    await dog.start()
+    await dog.ready()
+    process = dog._process
+    assert process is not None
+    process.kill()
+    await process.wait()
+    with pytest.raises(PrecheckFailed) as info:
+        await dog.remove_on_exit(["/nonexistent"])
+        await dog.arm(1.0, message="m", trace=None, record={}, end={}, t_armed=0.0,
+                      elapsed_before_ms=0.0)
+    assert info.value.check == "watchdog" and "gone" in info.value.detail
+    await dog.disarm()  # nothing left to disarm: no error
+    await dog.aclose()
