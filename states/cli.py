@@ -261,6 +261,11 @@ def _keygen(path: str) -> int:
 def _diagram(root: Path, *, check: bool) -> int:
     from clusterfsm.states import generated
 
+    if not generated.is_checkout(root):
+        print(f"clusterfsm diagram: {str(root)!r} is not a clusterfsm repository (no "
+              "README.md with the generated diagram); run it in the repository's root, "
+              "or pass --root", file=sys.stderr)
+        return EXIT_USAGE
     if check:
         stale = generated.stale(root)
         for path in stale:

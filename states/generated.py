@@ -69,6 +69,17 @@ def with_diagram(text: str, spec: MachineSpec = BOOTSTRAP) -> str:
     return pattern.sub(lambda _m: _mermaid_block(spec), text)
 
 
+def is_checkout(root: Path) -> bool:
+    """True if ``root`` is the repository: its README carries the generated diagram.
+    Elsewhere (an installed package, a home directory) there is nothing to check, and
+    writing would scatter ``diagrams/`` and ``docs/`` there."""
+    readme = root / "README.md"
+    try:
+        return readme.is_file() and START in readme.read_text(errors="replace")
+    except OSError:
+        return False
+
+
 def expected_files(root: Path) -> dict[Path, str]:
     out = {root / name: text for name, text in diagram_files().items()}
     out[root / "docs/errors.md"] = errors_doc()

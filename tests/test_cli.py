@@ -34,7 +34,10 @@ def test_diagram_check_passes_on_this_checkout_and_fails_on_a_stale_file(
     tmp_path: Path,
 ) -> None:
     assert main(["diagram", "--check", "--root", str(ROOT)]) == 0
+    # a checkout (its README carries the generated diagram), written from scratch
+    (tmp_path / "README.md").write_text((ROOT / "README.md").read_text())
     assert main(["diagram", "--root", str(tmp_path)]) == 0
+    assert main(["diagram", "--check", "--root", str(tmp_path)]) == 0
     (tmp_path / "diagrams" / "bootstrap.mmd").write_text("stale\n")
     assert main(["diagram", "--check", "--root", str(tmp_path)]) == 1
 
@@ -163,3 +166,15 @@ def test_doctor_refuses_what_serve_would_refuse_and_an_endless_listen(
     assert main(["doctor", "--interface", "lo", *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("clusterfsm doctor: ") and says in err, err
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_diagram_outside_the_repository_is_a_usage_error_that_writes_nothing(
+    check: bool, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Run from anywhere else, ``diagram --check`` said five files were "out of date"
+    and ``diagram`` created diagrams/ and docs/ in that directory."""
+    argv = ["diagram", "--root", str(tmp_path), *(["--check"] if check else [])]
+    assert main(argv) == 2
+    assert "is not a clusterfsm repository" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
