@@ -205,7 +205,13 @@ _REDIAL_ERRNOS = frozenset({
 
 
 def worth_redialing(exc: BaseException) -> bool:
-    """True for the connect errors that mean "not now" rather than "never" (retry)."""
+    """True for the connect errors that mean "not now" rather than "never" (retry).
+
+    A name lookup that failed *temporarily* (``EAI_AGAIN``: no resolver reachable yet,
+    as on a Mac whose network is still coming up) is "not now" too; a name that does
+    not exist (``EAI_NONAME``) is "never"."""
+    if isinstance(exc, socket.gaierror):
+        return exc.errno == socket.EAI_AGAIN
     return isinstance(exc, OSError) and (
         exc.errno in _REDIAL_ERRNOS or "all attempts to connect" in str(exc).lower()
     )

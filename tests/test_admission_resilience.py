@@ -268,3 +268,17 @@ async def test_a_far_joiner_gets_in_through_a_flood(monkeypatch: pytest.MonkeyPa
             await stream.aclose()
     _assert_all_ready(r0, r1)
     assert len(silent) > admission.MAX_PENDING_HANDSHAKES * 2, len(silent)
+
+
+def test_a_temporary_name_lookup_failure_is_redialled_a_missing_name_is_not() -> None:
+    """``--peer mac2.local:7700`` while the resolver is not reachable yet (EAI_AGAIN)
+    ended the joiner in peer_disconnected at once, inside its deadline."""
+    import socket
+
+    from clusterfsm.states.transport import worth_redialing
+
+    assert worth_redialing(socket.gaierror(socket.EAI_AGAIN,
+                                           "Temporary failure in name resolution"))
+    assert not worth_redialing(socket.gaierror(socket.EAI_NONAME,
+                                               "Name or service not known"))
+    assert worth_redialing(ConnectionRefusedError(111, "refused"))
