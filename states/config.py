@@ -128,7 +128,9 @@ class ClusterConfig:
     peer_lost_after: float = 3.0
     #: How long the ring's last rank waits after the go signal (see states.groupinit).
     release_delay_s: float = 0.005
-    #: Do an ``all_sum`` over the group before reporting ready (``--verify``).
+    #: ``clusterfsm serve`` only (``--verify``): an ``all_sum`` over the group before it
+    #: prints the ready line. :func:`~clusterfsm.states.api.bootstrap_cluster` does not
+    #: read it (an app checks its own group).
     verify: bool = False
     #: Discover the peers by beacons on these interfaces (``--interface``).
     interfaces: tuple[str, ...] = attrs.field(default=(), converter=tuple)

@@ -205,7 +205,8 @@ SETTINGS: tuple[Setting, ...] = (
             "after ready, seconds of silence before a peer is lost (default 3.0)"),
     Setting("release_delay_s", "release_delay_s", _float,
             "ring: the last rank's delay after the go signal (default 0.005)"),
-    Setting("verify", "verify", _bool, "all_sum over the group before ready (true/false)"),
+    Setting("verify", "verify", _bool,
+            "serve only: all_sum over the group before its ready line (true/false)"),
 )
 
 _BY_KEY = {s.key: s for s in SETTINGS}
