@@ -310,6 +310,7 @@ def _report(results: list[subprocess.CompletedProcess[bytes] | None],
             err = result.stderr.decode(errors="replace").strip().splitlines()
             print(f"  FAILED (exit {result.returncode}): {err[-1] if err else end}")
     verdict = "OK" if ok else "FAILED"
-    print(f"demo {verdict}: {ranks} ranks, expected all_sum {expected:g}, "
+    counted = f"{ranks} rank" if ranks == 1 else f"{ranks} ranks"
+    print(f"demo {verdict}: {counted}, expected all_sum {expected:g}, "
           f"wall time {wall * 1000:.0f} ms (process start included)")
     return EXIT_OK if ok else EXIT_FAILED
