@@ -33,6 +33,7 @@ FULL = {
     "provider_tp.py": ["--runs", "3", "--tokens", "256", "--requests", "3"],
     "seal_bench.py": ["--seconds", "1.5", "--import-runs", "7"],
     "seal_time_to_group.py": ["--runs", "15"],
+    "app_messages.py": ["--idle", "10", "--flood", "10", "--count", "2000"],
 }
 QUICK = {
     "time_to_group.py": ["--runs", "1", "--ranks", "2"],
@@ -45,6 +46,7 @@ QUICK = {
     "provider_tp.py": ["--runs", "1", "--tokens", "16", "--requests", "1"],
     "seal_bench.py": ["--seconds", "0.03", "--import-runs", "1"],
     "seal_time_to_group.py": ["--runs", "1"],
+    "app_messages.py": ["--idle", "0.2", "--flood", "0.3", "--count", "50"],
 }
 
 HEADER = """# Performance
@@ -122,6 +124,16 @@ NOTES = """
   cryptography up in `idle` (the demo once, before it forks its ranks): the first
   X25519/AES-GCM use in a fresh process costs 5-15 ms, which would otherwise land in
   the handshake.
+- **App messages:** two ranks in two processes on loopback (group init faked):
+  `cluster.send` round trips of 1 KiB (rank 1's app sends each one back), 100 MiB of
+  64 KiB messages, then both ranks flooding each other with 64 KiB messages while
+  reading everything (both must still be `ready`, every message counted on both
+  sides); baseline: the same traffic over a raw trio TCP stream between the same
+  processes. A 64 KiB message is two frames (a frame carries at most 65,533 app
+  bytes). The full run floods for 10 s; `--flood 60` runs a minute.
+- **Heartbeat CPU:** both ranks idle in `ready` (heartbeats every 100 ms, answered by
+  the heartbeat thread): each process's CPU time over the window, the worse rank;
+  baseline: a trio process that only sleeps.
 
 ## Where the time goes (how the demo was made faster)
 

@@ -19,7 +19,9 @@ import trio
 
 from clusterfsm.fsm import current_deadline, deadline_trace, note_outcome, report_progress
 from clusterfsm.states.admission import Admission, join
+from clusterfsm.states.beats import Beats
 from clusterfsm.states.codec import (
+    BeatPort,
     BootstrapAck,
     BootstrapPayload,
     GroupConfirm,
@@ -37,6 +39,7 @@ from clusterfsm.states.errors import (
     BootstrapRejected,
     LinkTampered,
     PeerAborted,
+    PeerDisconnected,
     PeerLost,
     PrecheckFailed,
 )
@@ -443,10 +446,11 @@ async def ready(ctx: ClusterContext) -> str:
     and none sees the others' links close under it.
     """
     ctx.mark_links("ready")
-    for link in ctx.links.values():
-        link.start_heartbeats(ctx.nursery, ctx.config.heartbeat_interval)
     assert ctx.session_id is not None
     session_id = ctx.session_id
+    ctx.app()
+    await _start_heartbeats(ctx, session_id)
+    ctx.serving.set()  # the API hands the cluster to the app only now
     lost_after = ctx.config.peer_lost_after
     left: list[int] = []
     async with trio.open_nursery() as nursery:
@@ -469,6 +473,51 @@ async def ready(ctx: ClusterContext) -> str:
             if link.goodbye_sent:
                 await link.wait_goodbye_for(session_id)
     return "close"
+
+
+async def _start_heartbeats(ctx: ClusterContext, session_id: bytes) -> None:
+    """Off the app's loop where the links are real sockets (``states/beats.py``: a
+    busy app must not look dead), else (in-memory links) pings on the links."""
+    beats = _open_beats(ctx, session_id)
+    if beats is None:
+        for link in ctx.links.values():
+            link.start_heartbeats(ctx.nursery, ctx.config.heartbeat_interval)
+        return
+    ctx.beats = beats
+    beats.status = ctx.status
+    ctx.nursery.start_soon(beats.run, name="beats")
+    for link in ctx.links.values():
+        link.mark_heartbeats_started()
+        ctx.nursery.start_soon(_beat_with, beats, link)
+        try:
+            await link.send(BeatPort(session_id, beats.port))
+        except PeerDisconnected:
+            continue  # recorded as the link's failure: the watcher reports the loss
+
+
+def _open_beats(ctx: ClusterContext, session_id: bytes) -> Beats | None:
+    links = list(ctx.links.values())
+    if not links or not all(isinstance(link.conn.stream, trio.SocketStream)
+                            for link in links):
+        return None
+    hosts = {link.conn.local_host for link in links}
+    host = hosts.pop() if len(hosts) == 1 else ("::" if ":" in next(iter(hosts)) else "0.0.0.0")
+    try:
+        return Beats(host, ctx.config.key, session_id, ctx.rank,
+                     ctx.config.heartbeat_interval, links)
+    except OSError as exc:
+        # Not worth losing a group over: the links' own heartbeats still work, only a
+        # busy app loop could then look dead. Said in the trace.
+        report_progress(f"no heartbeat UDP socket on {host} ({exc}); heartbeats run on "
+                        "the control links, answered by the app's loop")
+        return None
+
+
+async def _beat_with(beats: Beats, link: ControlLink) -> None:
+    """Register the peer with the heartbeat thread once it said where it listens."""
+    await wait_any(link.beat_port_known, link.failed)
+    if link.peer_beat_port is not None:
+        beats.set_address(link.peer_rank, link.conn.remote_host, link.peer_beat_port)
 
 
 async def _watch_peer(rank: int, link: ControlLink, lost_after: float, session_id: bytes,

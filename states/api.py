@@ -29,13 +29,15 @@ from collections.abc import AsyncIterator, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast, overload
 
+import attrs
 import trio
 
 from clusterfsm.fsm import Outcome, Runner, TraceRecord, TraceWriter, effective_deadlines
 from clusterfsm.fsm.errors import UnexpectedError
 from clusterfsm.fsm.runner import Observer
 from clusterfsm.states.admission import ADMISSION_GRACE
-from clusterfsm.states.codec import NO_SESSION, Abort
+from clusterfsm.states.appmsg import MAX_APP_MESSAGE, MessageTooLarge, UnknownRank
+from clusterfsm.states.codec import MAX_STATUS, NO_SESSION, Abort
 from clusterfsm.states.config import ClusterConfig
 from clusterfsm.states.configsource import ConfigError, config_from_env, config_from_toml
 from clusterfsm.states.context import ClusterContext, PortAllocator, PortReservation
@@ -43,6 +45,7 @@ from clusterfsm.states.discovery import DiscoveryNet, UdpDiscoveryNet
 from clusterfsm.states.errors import ClusterError, InternalError
 from clusterfsm.states.groupinit import Group, GroupInitializer
 from clusterfsm.states.health import Health, HealthChanges, HealthPublisher
+from clusterfsm.states.link import wait_any
 from clusterfsm.states.machine import BOOTSTRAP
 from clusterfsm.states.transport import TcpTransport, Transport
 from clusterfsm.states.watchdog import InitWatchdog, NoWatchdog
@@ -59,6 +62,19 @@ ENDED_STATES = ("closed", "peer_lost", "peer_left", "link_lost", "link_tampered"
 
 #: How long a failing rank spends telling its peers (ABORT) before closing.
 ABORT_GRACE = 0.25
+
+
+@attrs.frozen
+class PeerInfo:
+    """What this rank knows of one peer, from its heartbeats."""
+
+    rank: int
+    #: The peer's latest ``set_status`` payload (empty until it sets one).
+    status: bytes
+    #: The latest heartbeat round trip in seconds (None until one was measured).
+    rtt: float | None
+    #: When the peer was last heard, on ``trio.current_time()``'s clock.
+    last_heard: float
 
 
 class Cluster(Generic[G]):
@@ -113,6 +129,40 @@ class Cluster(Generic[G]):
     @property
     def trace(self) -> tuple[TraceRecord, ...]:
         return self._runner.records
+
+    # -- app messages (states/appmsg.py) ----------------------------------------------
+
+    async def send(self, rank: int, data: bytes) -> None:
+        """Send ``data`` (at most ``MAX_APP_MESSAGE``, 1 MiB) to ``rank``: ordered per
+        peer; waits while the peer's app does not read (back-pressure). Raises
+        ``MessageTooLarge``/``UnknownRank`` (nothing sent), or the link's failure."""
+        await self._ctx.app().send(rank, data)
+
+    async def broadcast(self, data: bytes) -> None:
+        """Send ``data`` to every other rank (as :meth:`send`, in rank order)."""
+        await self._ctx.app().broadcast(data)
+
+    def messages(self) -> trio.MemoryReceiveChannel[tuple[int, bytes]]:
+        """``async for rank, data in cluster.messages()``: every message sent to this
+        rank, in order per sender, until the cluster closes (one reader)."""
+        return self._ctx.app().messages()
+
+    # -- status and peers ----------------------------------------------------------------
+
+    def set_status(self, status: bytes) -> None:
+        """Carry ``status`` (app-defined, at most ``MAX_STATUS`` = 256 bytes) on every
+        heartbeat from now on; peers read it in ``cluster.peers``."""
+        if len(status) > MAX_STATUS:
+            raise MessageTooLarge(len(status), MAX_STATUS)
+        self._ctx.set_status(bytes(status))
+
+    @property
+    def peers(self) -> dict[int, PeerInfo]:
+        """Each linked peer's latest status, heartbeat RTT and last-heard time (a
+        joiner has one link, to rank 0; rank 0 has one to every joiner)."""
+        return {rank: PeerInfo(rank, link.peer_status, link.rtt,
+                               max(link.last_heard, link.beat_heard))
+                for rank, link in self._ctx.links.items()}
 
     def health(self) -> Health:
         """``healthy``, ``degraded`` (an answer older than 3 heartbeat intervals) or
@@ -251,6 +301,11 @@ async def _bootstrap(
             try:
                 state = await runner.wait_for("ready")
                 if state == "ready":
+                    # Not before ``ready`` has started the heartbeats: an app that
+                    # blocks its loop at once must not look dead (states/beats.py).
+                    await wait_any(ctx.serving, ended)
+                    state = runner.state
+                if state == "ready":
                     health = HealthPublisher(lambda: session_health(ctx))
                     nursery.start_soon(_publish_health, runner, health,
                                        config.heartbeat_interval)
@@ -347,6 +402,8 @@ async def _tell_peers(ctx: ClusterContext, runner: Runner[ClusterContext]) -> No
 
 
 async def _teardown(ctx: ClusterContext) -> None:
+    if ctx.router is not None:
+        ctx.router.close()  # ends the app's ``async for ... in cluster.messages()``
     for link in ctx.links.values():
         await link.aclose()
     if ctx.listener is not None:
@@ -363,10 +420,15 @@ async def _teardown(ctx: ClusterContext) -> None:
 
 
 __all__ = [
+    "MAX_APP_MESSAGE",
+    "MAX_STATUS",
     "Cluster",
     "ClusterConfig",
     "ClusterError",
     "ConfigError",
+    "MessageTooLarge",
+    "PeerInfo",
+    "UnknownRank",
     "bootstrap_cluster",
     "config_from_env",
     "config_from_toml",

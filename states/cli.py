@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--once", action="store_true", help="exit 0 once ready")
     serve.add_argument("--deadline", type=_deadline, action="append", default=[],
                        metavar="STATE=SECONDS")
+    serve.add_argument("--peer-lost-after", type=float, default=3.0, metavar="SECONDS",
+                       help="in ready, a peer silent this long is lost (default 3; more "
+                            "than two heartbeat intervals of 0.1 s)")
     serve.add_argument("--quiet", action="store_true", help="do not log transitions")
     serve.add_argument("--worker", metavar="MODULE:FUNCTION",
                        help="run this async function with the ready cluster (the app's "

@@ -58,14 +58,19 @@ __all__ = [
     "FRAME_VERSION",
     "HEADER_SIZE",
     "MAGIC",
+    "MAX_APP_CHUNK",
     "MAX_PAYLOAD",
     "MAX_SEALED_PAYLOAD",
+    "MAX_STATUS",
     "MAX_STR",
     "MESSAGE_TYPES",
     "NO_SESSION",
     "SEAL_OVERHEAD",
     "Abort",
+    "AppCredit",
+    "AppData",
     "Auth",
+    "BeatPort",
     "BootstrapAck",
     "BootstrapPayload",
     "Challenge",
@@ -87,8 +92,6 @@ __all__ = [
     "Pong",
     "Reject",
     "Sealed",
-    "Step",
-    "Token",
     "Welcome",
     "WireBackend",
     "decode_message",
@@ -137,8 +140,9 @@ class ClusterMsgType(enum.IntEnum):
     GATHER_RESULT = 0x11
     GOODBYE = 0x12
     COMPAT = 0x13
-    STEP = 0x20
-    TOKEN = 0x21
+    BEAT_PORT = 0x14
+    APP_DATA = 0x20
+    APP_CREDIT = 0x21
     SEALED = 0x30
 
 
@@ -414,6 +418,11 @@ REST = Rest(MAX_PAYLOAD)
 NOISE_MESSAGE1 = Raw(32 + 17 + 16)
 #: Noise message 2: the joiner's ephemeral key (32) and its sealed data port (2), tag (16).
 NOISE_MESSAGE2 = Raw(32 + 2 + 16)
+#: Limit of the app-defined status a heartbeat carries (``cluster.set_status``).
+MAX_STATUS: Final = 256
+STATUS = Rest(MAX_STATUS)
+#: The most app bytes one APP_DATA frame carries (its payload less src, dst, more).
+MAX_APP_CHUNK: Final = MAX_PAYLOAD - 3
 
 
 # ---------------------------------------------------------------------------------------
@@ -508,16 +517,19 @@ class Welcome(Message):
 
 @message(ClusterMsgType.PING)
 class Ping(Message):
-    """Heartbeat request; ``seq`` pairs it with its Pong."""
+    """Heartbeat request; ``seq`` pairs it with its Pong. ``status``: the sender's
+    app-defined status (``cluster.set_status``), empty until it sets one."""
 
     seq: int = wire(U64)
+    status: bytes = wire(STATUS, default=b"")
 
 
 @message(ClusterMsgType.PONG)
 class Pong(Message):
-    """Heartbeat answer, echoing the Ping's ``seq``."""
+    """Heartbeat answer, echoing the Ping's ``seq``, with the answering rank's status."""
 
     seq: int = wire(U64)
+    status: bytes = wire(STATUS, default=b"")
 
 
 def _topology_fits(inst: BootstrapPayload, _attr: Any, value: Topology) -> None:
@@ -659,18 +671,35 @@ class Compat(Message):
     info: str = wire(Str(MAX_COMPAT_TEXT), default="{}")
 
 
-@message(ClusterMsgType.STEP)
-class Step(Message):
-    """Application message, opaque to clusterfsm (routed by the embedding app)."""
+@message(ClusterMsgType.BEAT_PORT)
+class BeatPort(Message):
+    """Either direction, on entering ``ready``: the UDP port of my off-loop heartbeat
+    socket (same host as this link), so heartbeats survive a busy app loop
+    (``states/beats.py``)."""
 
-    body: bytes = wire(REST, default=b"")
+    session_id: bytes = wire(BYTES16)
+    port: int = wire(UInt(16, lo=1))
 
 
-@message(ClusterMsgType.TOKEN)
-class Token(Message):
-    """Application message, opaque to clusterfsm (routed by the embedding app)."""
+@message(ClusterMsgType.APP_DATA)
+class AppData(Message):
+    """One chunk of an app message (``cluster.send``), opaque to clusterfsm. A message
+    is one or more chunks, in order, on one link; ``more`` is set on all but the last.
+    ``src``/``dst`` are ranks: rank 0 relays a chunk between two joiners. Sent only
+    against credit (``AppCredit``): ``states/appmsg.py``."""
 
-    body: bytes = wire(REST, default=b"")
+    src: int = wire(U8)
+    dst: int = wire(U8)
+    more: bool = wire(BOOL)
+    body: bytes = wire(Rest(MAX_APP_CHUNK), default=b"")
+
+
+@message(ClusterMsgType.APP_CREDIT)
+class AppCredit(Message):
+    """The receiver has taken ``frames`` more APP_DATA frames off its queue: the
+    sender may send that many more (flow control, ``states/appmsg.py``)."""
+
+    frames: int = wire(UInt(16, lo=1))
 
 
 @message(ClusterMsgType.SEALED)

@@ -18,6 +18,8 @@ from typing import Protocol
 import attrs
 import trio
 
+from clusterfsm.states.appmsg import AppRouter
+from clusterfsm.states.beats import Beats
 from clusterfsm.states.config import Address, ClusterConfig
 from clusterfsm.states.dataplane import reservation_host
 from clusterfsm.states.discovery import DiscoveryNet, UdpDiscoveryNet
@@ -99,6 +101,13 @@ class ClusterContext:
     peer_interfaces: dict[bytes, tuple[str, ...]] = attrs.field(factory=dict)
     listeners_by_interface: dict[str, Listener] = attrs.field(factory=dict)
     beacons: trio.CancelScope | None = None
+    #: In ``ready``: app messages (made on first use, :meth:`app`), the off-loop
+    #: heartbeat thread (None on links without real sockets), the app's status.
+    router: AppRouter | None = None
+    beats: Beats | None = None
+    status: bytes = b""
+    #: Set by ``ready`` once heartbeats run: from then on the app may block its loop.
+    serving: trio.Event = attrs.field(factory=trio.Event)
 
     @property
     def rank(self) -> int:
@@ -121,6 +130,22 @@ class ClusterContext:
         """Name the state link failures are reported in."""
         for link in self.links.values():
             link.state = state
+
+    def app(self) -> AppRouter:
+        """The app-message router, started on first use (by ``ready`` or the app,
+        whichever comes first: the app may send before ``ready``'s activity ran)."""
+        if self.router is None:
+            self.router = AppRouter(self.rank, self.world_size, self.links)
+            self.router.start(self.nursery)
+        return self.router
+
+    def set_status(self, status: bytes) -> None:
+        """Our app status, carried from now on by every heartbeat we send."""
+        self.status = status
+        for link in self.links.values():
+            link.local_status = status
+        if self.beats is not None:
+            self.beats.status = status
 
     def release_port(self) -> None:
         if self.reservation is not None:

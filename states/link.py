@@ -5,11 +5,17 @@ A link has two phases.
 1. **Handshake** (no background tasks): the state's activity calls :meth:`send` and
    :meth:`receive` directly; every read is bounded by the caller's deadline.
 2. **Session** (after :meth:`start`): a reader task owns the stream's receive side. It
-   answers pings, records pongs (health), turns an ``ABORT`` frame into
-   :class:`~states.errors.PeerAborted`, records a ``GOODBYE`` (the peer is closing
-   on purpose, see :meth:`say_goodbye`), and queues every other message in a small
-   bounded inbox that activities read with :meth:`next_message`. A heartbeat task
-   pings every ``interval``.
+   answers pings, records pongs (health, RTT, the peer's status), turns an ``ABORT``
+   frame into :class:`~states.errors.PeerAborted`, records a ``GOODBYE`` (the peer is
+   closing on purpose, see :meth:`say_goodbye`), hands app frames to :attr:`app`
+   (``states/appmsg.py``) and queues every other message in a small bounded inbox
+   that activities read with :meth:`next_message`. A heartbeat task pings every
+   ``interval``.
+
+   The reader never waits behind app traffic: app frames go to a queue that the
+   credit protocol keeps from overflowing, and pongs are sent by their own task (a
+   reader waiting to send could deadlock two ranks that both flood each other). So
+   heartbeats and control frames are read however much app data is in flight.
 
 Sealing: once the handshake has derived the session keys, :meth:`install_keys` makes
 every frame either way a SEALED frame (``states/seal.py``): :meth:`send` seals, and a
@@ -29,12 +35,17 @@ it lands in the right error state.
 from __future__ import annotations
 
 import math
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 import trio
 
+from clusterfsm.states.appmsg import AppLane
 from clusterfsm.states.codec import (
     Abort,
+    AppCredit,
+    AppData,
+    BeatPort,
     ClusterMsgType,
     Frame,
     FrameDecoder,
@@ -59,7 +70,8 @@ from clusterfsm.states.transport import Conn
 _SEALED = ClusterMsgType.SEALED
 _TYPES = {int(t): t for t in ClusterMsgType if t is not _SEALED}
 
-_READ_CHUNK = 65536
+#: Up to a few frames per read: fewer wake-ups for bulk app traffic.
+_READ_CHUNK = 262144
 _INBOX = 32
 #: A rank whose app closed the cluster waits this long for its peers' GOODBYE before it
 #: closes its links (ranks closing together then all end in ``closed``); a rank that
@@ -112,6 +124,22 @@ class ControlLink:
         #: Replaced on every GOODBYE: lets a waiter see the next one, whatever session.
         self._goodbye_arrived = trio.Event()
         self.goodbye_sent = False
+        #: App messages on this link (states/appmsg.py).
+        self.app = AppLane(self)
+        #: Our app-defined status, sent in our pings and pongs (``cluster.set_status``).
+        self.local_status = b""
+        #: The peer's latest status and heartbeat round trip (None until measured).
+        self.peer_status = b""
+        self.rtt: float | None = None
+        #: When the off-loop heartbeat thread last heard the peer (``states/beats.py``;
+        #: written by that thread, in trio's clock).
+        self.beat_heard = -math.inf
+        #: The peer's heartbeat UDP port (BEAT_PORT), once it said.
+        self.peer_beat_port: int | None = None
+        self.beat_port_known = trio.Event()
+        self._ping_sent: tuple[int, float] = (-1, 0.0)
+        self._pong_owed: int | None = None
+        self._pong_wanted = trio.Event()
 
     @property
     def peer(self) -> str:
@@ -152,16 +180,21 @@ class ControlLink:
     async def send(self, msg: Message) -> None:
         """Send one message (sealed once keys are installed); a broken stream becomes
         :class:`PeerDisconnected`."""
+        await self.send_many((msg,))
+
+    async def send_many(self, msgs: Sequence[Message]) -> None:
+        """Send messages back to back, in one write (the chunks of one app message:
+        half the system calls and wake-ups of one write each), as :meth:`send` does."""
         async with self._send_lock:
             sealer = self._sealer
             if sealer is None:
-                data = encode_message(msg)
+                data = b"".join([encode_message(msg) for msg in msgs])
             else:
                 # Sealing spends a counter value: it must reach the wire, in order. So
                 # no cancellation between sealing and sending (send_all's first
                 # checkpoint cannot fire after this one) ...
                 await trio.lowlevel.checkpoint_if_cancelled()
-                data = sealer.seal(msg.TYPE, msg.encode())
+                data = b"".join([sealer.seal(msg.TYPE, msg.encode()) for msg in msgs])
             try:
                 await self.conn.stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
@@ -209,14 +242,20 @@ class ControlLink:
             raise RuntimeError("link already started")
         self._started = True
         nursery.start_soon(self._guarded, self._reader, name=f"link-reader[{self.peer}]")
+        nursery.start_soon(self._guarded, self._ponger, name=f"link-ponger[{self.peer}]")
         if heartbeat_interval is not None:
             self.start_heartbeats(nursery, heartbeat_interval)
 
     @property
     def quiet_since(self) -> float:
-        """When the peer last spoke, or when our periodic heartbeats started if that is
-        later: a peer is not silent for the time nobody was asking it anything."""
-        return max(self.last_heard, self._heartbeats_since)
+        """When the peer last spoke (on the link or to the heartbeat thread), or when
+        our periodic heartbeats started if that is later: a peer is not silent for the
+        time nobody was asking it anything."""
+        return max(self.last_heard, self.beat_heard, self._heartbeats_since)
+
+    def mark_heartbeats_started(self) -> None:
+        """Count silence from now (heartbeats run elsewhere: the off-loop thread)."""
+        self._heartbeats_since = trio.current_time()
 
     def start_heartbeats(self, nursery: trio.Nursery, interval: float) -> None:
         """Ping every ``interval`` from now on (the reader answers the peer's pings
@@ -263,7 +302,8 @@ class ControlLink:
     async def ping_now(self) -> None:
         """Send a ping immediately (used to learn health without waiting a period)."""
         self.pings_sent += 1
-        await self.send(Ping(self.pings_sent))
+        self._ping_sent = (self.pings_sent, trio.current_time())
+        await self.send(Ping(self.pings_sent, self.local_status))
 
     async def _guarded(self, task: object, *args: object) -> None:
         try:
@@ -272,10 +312,17 @@ class ControlLink:
             # Recorded by _fail(); nothing more is read from, or sent to, a link
             # someone else writes into.
             await self.aclose()
-        except (PeerDisconnected, PeerAborted, FrameError):
-            pass  # already recorded by _fail(); the waiting activity raises it
+        except FrameError as exc:
+            self._fail(_with_peer(exc, self.peer))  # a no-op if already recorded
+        except (PeerDisconnected, PeerAborted) as exc:
+            self._fail(exc)  # usually recorded already: the first failure wins
         except Exception as exc:  # noqa: BLE001 - stored, re-raised by next_message()
             self._fail(exc)
+
+    async def run_guarded(self, task: Callable[[], Awaitable[None]]) -> None:
+        """Run a task that serves this link (app delivery): its failure fails the
+        link, as the reader's does, instead of raising into the nursery."""
+        await self._guarded(task)
 
     async def _reader(self) -> None:
         # Messages that arrived in the same read as the handshake's last one.
@@ -302,11 +349,25 @@ class ControlLink:
     async def _dispatch(self, msg: Message) -> None:
         now = trio.current_time()
         self.last_heard = now
-        if isinstance(msg, Ping):
+        if isinstance(msg, AppData):
+            self.app.received(msg)
+        elif isinstance(msg, AppCredit):
+            self.app.credited(msg.frames)
+        elif isinstance(msg, Ping):
             self.first_ping.set()
-            await self.send(Pong(msg.seq))
+            self.peer_status = msg.status
+            self._pong_owed = msg.seq
+            self._pong_wanted.set()
         elif isinstance(msg, Pong):
+            self.peer_status = msg.status
+            seq, sent = self._ping_sent
+            if msg.seq == seq:
+                self.rtt = now - sent
             self.first_pong.set()
+        elif isinstance(msg, BeatPort):
+            if self.peer_beat_port is None:
+                self.peer_beat_port = msg.port
+                self.beat_port_known.set()
         elif isinstance(msg, Abort):
             raise self._fail(PeerAborted(self.peer_rank, msg.error,
                                          f"{msg.state}: {msg.detail}"))
@@ -322,6 +383,15 @@ class ControlLink:
         else:
             await self._inbox_send.send(msg)
 
+    async def _ponger(self) -> None:
+        """Answer the latest ping (pongs for older ones are folded into it)."""
+        while True:
+            await self._pong_wanted.wait()
+            self._pong_wanted = trio.Event()
+            seq, self._pong_owed = self._pong_owed, None
+            if seq is not None:
+                await self.send(Pong(seq, self.local_status))
+
     async def _heartbeat(self, interval: float) -> None:
         while True:
             await self.ping_now()
@@ -335,6 +405,7 @@ class ControlLink:
             self.failure = exc
             self.failed.set()
             self._inbox_send.close()
+            self.app.close()
         return self.failure
 
     async def aclose(self) -> None:

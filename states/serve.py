@@ -93,6 +93,7 @@ def _config_from(args: argparse.Namespace) -> ClusterConfig:
         backend=args.backend,
         deadlines=dict(args.deadline),
         verify=args.verify,
+        peer_lost_after=args.peer_lost_after,
         interfaces=tuple(args.interface),
         compat=dict(getattr(args, "compat", [])),
         **extra,  # type: ignore[arg-type]

@@ -26,6 +26,8 @@ def test_every_bench_runs_and_reports_a_row() -> None:
                  "Provider example: decode rate", "Provider example: time to first token",
                  "Seal: heartbeat frames", "Seal: 64 KiB frames", "Seal: AEAD",
                  "Seal: handshake", "Seal: import", "Seal: time to a 2-rank group",
-                 "Ring stall, init only, 2 ranks", "Start-up: imports of the serve path"):
+                 "Ring stall, init only, 2 ranks", "Start-up: imports of the serve path",
+                 "App message 1 KiB round trip", "App messages 64 KiB throughput",
+                 "App flood", "Heartbeat CPU in ready"):
         assert f"| {name}" in done.stdout, name
     assert (ROOT / "docs" / "performance.md").read_bytes() == before

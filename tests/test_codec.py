@@ -21,11 +21,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from clusterfsm.states.codec import (
+    MAX_APP_CHUNK,
     MAX_PAYLOAD,
     MAX_SEALED_PAYLOAD,
+    MAX_STATUS,
     MESSAGE_TYPES,
     Abort,
+    AppCredit,
+    AppData,
     Auth,
+    BeatPort,
     BootstrapAck,
     BootstrapPayload,
     Challenge,
@@ -47,8 +52,6 @@ from clusterfsm.states.codec import (
     Pong,
     Reject,
     Sealed,
-    Step,
-    Token,
     Welcome,
     WireBackend,
     decode_message,
@@ -121,12 +124,20 @@ SAMPLES: list[Message] = [
     GatherPart(SID, 0, b"\x01" * 64),
     GatherResult(SID, 65535, b""),
     Goodbye(SID),
-    Step(b""),
-    Step(b"\x00" * MAX_PAYLOAD),
-    Token(b"token bytes"),
     Sealed(bytes(17)),
     Sealed(b"\xff" * MAX_SEALED_PAYLOAD),
+    AppData(0, 1, False, b""),
+    AppData(1, 0, True, b"\x00" * MAX_APP_CHUNK),  # a payload of exactly MAX_PAYLOAD
+    AppCredit(16),
+    BeatPort(b"s" * 16, 40000),
+    Ping(7, b"loaded"),
+    Pong(7, b"\xff" * MAX_STATUS),
 ]
+
+
+def _is_big(m: Message) -> bool:
+    """The max-size sample, left out of the mixed streams."""
+    return isinstance(m, AppData) and len(m.body) == MAX_APP_CHUNK
 
 
 def frame_bytes(msg: Message) -> bytes:
@@ -230,9 +241,10 @@ messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(GroupConfirmed, ids16),
     st.builds(Abort, ids16, text(64), text(64), text(1024)),
     st.builds(Reject, st.sampled_from(RejectReason), text(1024)),
-    st.builds(Step, st.binary(max_size=200)),
-    st.builds(Token, st.binary(max_size=200)),
     st.builds(Sealed, st.binary(max_size=200)),
+    st.builds(AppData, st.integers(0, 255), st.integers(0, 255), st.booleans(),
+              st.binary(max_size=200)),
+    st.builds(AppCredit, st.integers(1, 65535)),
 )
 
 
@@ -246,14 +258,14 @@ def test_round_trip_property(msg: Message) -> None:
 
 
 def test_byte_by_byte_equals_whole() -> None:
-    data = b"".join(frame_bytes(m) for m in SAMPLES if not isinstance(m, Step))
+    data = b"".join(frame_bytes(m) for m in SAMPLES if not _is_big(m))
     dec = FrameDecoder()
     got: list[Frame] = []
     for i in range(len(data)):
         got += dec.feed(data[i : i + 1])
         assert dec.buffered <= HEADER_LIMIT
     dec.close()
-    assert [decode_message(f) for f in got] == [m for m in SAMPLES if not isinstance(m, Step)]
+    assert [decode_message(f) for f in got] == [m for m in SAMPLES if not _is_big(m)]
 
 
 @scaled(200)
@@ -277,7 +289,7 @@ def test_empty_feeds_and_frame_boundaries() -> None:
 
 
 def test_large_frame_in_small_chunks_is_linear_enough() -> None:
-    step = encode_message(Step(bytes(MAX_PAYLOAD)))
+    step = encode_message(AppData(0, 0, False, bytes(MAX_APP_CHUNK)))
     dec = FrameDecoder()
     out: list[Frame] = []
     for i in range(0, len(step), 100):
@@ -360,12 +372,12 @@ def test_check_order_is_magic_version_type_length() -> None:
 
 
 def test_max_payload_is_accepted_and_one_more_is_not() -> None:
-    ok = _payload(ClusterMsgType.TOKEN, bytes(MAX_PAYLOAD))
-    assert decode_all(ok) == [Token(bytes(MAX_PAYLOAD))]
+    ok = _payload(ClusterMsgType.APP_DATA, bytes(MAX_PAYLOAD))
+    assert decode_all(ok) == [AppData(0, 0, False, bytes(MAX_APP_CHUNK))]
     with pytest.raises(ValueError):
-        encode_frame(Frame(ClusterMsgType.TOKEN, bytes(MAX_PAYLOAD + 1)))
+        encode_frame(Frame(ClusterMsgType.APP_DATA, bytes(MAX_PAYLOAD + 1)))
     with pytest.raises(ValueError):
-        Token(bytes(MAX_PAYLOAD + 1))
+        AppData(0, 0, False, bytes(MAX_APP_CHUNK + 1))
 
 
 def test_a_sealed_frame_may_carry_a_full_payload_plus_type_byte_and_tag() -> None:
@@ -555,6 +567,7 @@ DOC_VECTORS: dict[str, Message] = {
         "23b7bb8c91ae008711fb12846780bcdf1e065f821bdfec49f57e7c7dcd4c4823"
         "8ca3aaa843ac288a40e8c8b3bb16029f2f72")),
     "welcome": Welcome(SID),
+    "app-data": AppData(1, 0, False, b"hello"),
 }
 
 
@@ -579,7 +592,7 @@ def test_doc_vector(name: str) -> None:
 
 # --------------------------------------------------------------------------- fuzzing
 
-VALID_STREAM = b"".join(encode_message(m) for m in SAMPLES if not isinstance(m, Step))
+VALID_STREAM = b"".join(encode_message(m) for m in SAMPLES if not _is_big(m))
 
 
 @st.composite

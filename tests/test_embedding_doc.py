@@ -45,6 +45,7 @@ def test_trio_and_asyncio_examples_run_as_two_ranks(tmp_path: Path) -> None:
         assert p.returncode == 0, err
         assert f"rank {r}: ready, health healthy, all_sum 3, backend ring" in out
     assert "hosted by asyncio" in outs[1][0]
+    assert "rank 1: got b'hello from 0' from rank 0" in outs[1][0]
 
 
 def test_toml_example_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
