@@ -122,7 +122,7 @@ def test_serve_world_size_one_is_ready_with_mlx_single_process_group(
 def test_demo_with_one_rank() -> None:
     done = _run(["demo", "--ranks", "1"])
     assert done.returncode == 0, done.stderr
-    assert "demo OK: 1 ranks" in done.stdout
+    assert "demo OK: 1 rank," in done.stdout
 
 
 @pytest.mark.integration
