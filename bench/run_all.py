@@ -34,6 +34,7 @@ FULL = {
     "seal_bench.py": ["--seconds", "1.5", "--import-runs", "7"],
     "seal_time_to_group.py": ["--runs", "15"],
     "app_messages.py": ["--idle", "10", "--flood", "10", "--count", "2000"],
+    "detection.py": ["--runs", "5", "--peer-lost-after", "3"],
 }
 QUICK = {
     "time_to_group.py": ["--runs", "1", "--ranks", "2"],
@@ -47,6 +48,7 @@ QUICK = {
     "seal_bench.py": ["--seconds", "0.03", "--import-runs", "1"],
     "seal_time_to_group.py": ["--runs", "1"],
     "app_messages.py": ["--idle", "0.2", "--flood", "0.3", "--count", "50"],
+    "detection.py": ["--runs", "1", "--peer-lost-after", "0.5"],
 }
 
 HEADER = """# Performance

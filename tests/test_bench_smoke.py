@@ -28,6 +28,7 @@ def test_every_bench_runs_and_reports_a_row() -> None:
                  "Seal: handshake", "Seal: import", "Seal: time to a 2-rank group",
                  "Ring stall, init only, 2 ranks", "Start-up: imports of the serve path",
                  "App message 1 KiB round trip", "App messages 64 KiB throughput",
-                 "App flood", "Heartbeat CPU in ready"):
+                 "App flood", "Heartbeat CPU in ready",
+                 "Detecting a lost peer, SIGSTOP", "Detecting a lost peer, SIGKILL"):
         assert f"| {name}" in done.stdout, name
     assert (ROOT / "docs" / "performance.md").read_bytes() == before
