@@ -17,11 +17,13 @@ prints them all). Each check is a field failure seen on real Macs:
   active only when the Macs at *both* ends have RDMA enabled, so the detail says what
   ``system_profiler SPThunderboltDataType -json`` shows of the other end: no cable in
   that receptacle, or a peer without the RDMA service (then: what to run on the peer).
-  No IPv4-mapped GID (``no_ipv4_gid``): RTR fails with errno 22.
+  No IPv4-mapped GID (``no_ipv4_gid``): RTR fails with errno 22. One at an index other
+  than 1 (``gid_index``, a warning): an older jaccl always used index 1.
 - ``ifconfig enX``: the interface of ``rdma_enX`` has no IPv4 address (``no_ipv4``,
   also RTR errno 22), or is a member of the Thunderbolt Bridge (``bridge_member``).
 - The matrix row would open more than 10 queue pairs on one device (``qp_limit``:
-  EBUSY on the 11th).
+  EBUSY on the 11th), or register more than 100 memory regions on one device
+  (``mr_limit``: a NULL region, then a segfault on model load).
 - The link trained at 40 Gb/s (a TB3/TB4 cable): a warning only.
 
 Parsing lives in :mod:`clusterfsm.states.macos_output`; running the tools is one
@@ -39,6 +41,7 @@ from clusterfsm.states.errors import PrecheckFailed
 from clusterfsm.states.macos_output import (
     ThunderboltReceptacle,
     UnreadableOutput,
+    VerbsPort,
     parse_hardware_ports,
     parse_ibv_devices,
     parse_ibv_devinfo,
@@ -60,6 +63,14 @@ from clusterfsm.states.topology import RDMA_PREFIX, Topology, check_matrix, devi
 TOOL_TIMEOUT = 5.0
 #: Queue pairs one Thunderbolt RDMA device accepts (the 11th fails with EBUSY).
 MAX_QPS_PER_DEVICE = 10
+#: Memory regions one Thunderbolt RDMA device accepts (reported on macOS 26.3; past it
+#: registration returns a NULL region and jaccl segfaults while the model loads).
+MAX_MRS_PER_DEVICE = 100
+#: jaccl's send/receive buffers per peer and buffer size (its default; clusterfsm does
+#: not change it).
+JACCL_NUM_BUFFERS = 4
+#: Buffer size classes jaccl registers for each peer.
+JACCL_BUFFER_SIZES = 8
 
 ENABLE_RDMA = ("boot into macOS Recovery, run `rdma_ctl enable` in Terminal, reboot "
                "(on every Mac)")
@@ -116,6 +127,39 @@ def qp_budget(topology: Topology, rank: int) -> Finding:
                       "use fewer peers per cable")
     return passed("qp_limit", f"at most {max(counts.values(), default=0)} queue pair(s) "
                   f"per device (limit {MAX_QPS_PER_DEVICE})")
+
+
+def planned_mrs(peers: int, num_buffers: int = JACCL_NUM_BUFFERS) -> int:
+    """Memory regions jaccl registers on one device that serves ``peers`` peers.
+
+    Where the formula comes from (a field report, not read from jaccl's source here):
+    jaccl registers one region per buffer, with ``JACCL_BUFFER_SIZES`` (8) size classes,
+    ``num_buffers`` buffers of each, for sending and for receiving (x 2), for every peer
+    on the device. With the default 4 buffers and one peer that is 64 regions; users
+    who raised the buffers to 8 reached 128 and crashed on model load, because the
+    device accepts only 100. The same report says "2 peers = 64" for the defaults,
+    which fits two *nodes* (one peer each way), so a peer here is one other rank.
+    """
+    return JACCL_BUFFER_SIZES * num_buffers * peers * 2
+
+
+def mr_budget(topology: Topology, rank: int,
+              num_buffers: int = JACCL_NUM_BUFFERS) -> Finding:
+    """Memory regions this rank's row registers per device, against the limit."""
+    peers: Counter[str] = Counter()
+    for cell in topology[rank]:
+        names = cell if isinstance(cell, tuple) else (cell,) if cell is not None else ()
+        peers.update(set(names))  # one peer counts once per device, whatever the rails
+    counts = {d: planned_mrs(n, num_buffers) for d, n in peers.items()}
+    over = {d: n for d, n in counts.items() if n > MAX_MRS_PER_DEVICE}
+    if over:
+        return failed("mr_limit", f"rank {rank} would register {over} memory regions, "
+                      f"more than the {MAX_MRS_PER_DEVICE} a Thunderbolt RDMA device "
+                      f"accepts ({JACCL_BUFFER_SIZES} x {num_buffers} buffers x peers x 2)",
+                      "give each peer its own cable and port, and keep jaccl's default "
+                      f"of {JACCL_NUM_BUFFERS} buffers")
+    return passed("mr_limit", f"at most {max(counts.values(), default=0)} memory "
+                  f"region(s) per device (limit {MAX_MRS_PER_DEVICE})")
 
 
 async def rdma_enabled(run: ToolRunner) -> Finding:
@@ -198,6 +242,33 @@ async def port_active(device: str, run: ToolRunner) -> list[Finding]:
             "fails with 'Changing queue pair to RTR failed with errno 22'",
             f"give {interface} an IPv4 address: `sudo ifconfig {interface} inet "
             "169.254.0.1 netmask 255.255.0.0 alias` (another last byte per Mac)"))
+    else:
+        found.extend(gid_index(device, info.ports))
+    return found
+
+
+def gid_index(device: str, ports: Sequence[VerbsPort]) -> list[Finding]:
+    """Where the IPv4-mapped GID sits: older jaccl always used index 1.
+
+    On some ports (``rdma_en3``/``en4`` of an M4 Pro Mac mini) the IPv4-mapped GID is at
+    index 2, and index 0 may hold an address that routes elsewhere: an mlx from before
+    jaccl scanned the GID table then fails with RTR errno 22 or 60. The field reports
+    name no mlx version for the scan, so this warns whenever the index is not 1.
+    """
+    found = []
+    for port in ports:
+        index = port.ipv4_gid_index
+        if index is None:
+            continue
+        if index != 1:
+            found.append(warned(
+                "gid_index", f"{device} has its IPv4-mapped GID at index {index}, not 1: "
+                "an mlx whose jaccl does not scan the GID table fails with 'Changing "
+                "queue pair to RTR failed with errno 22' (or 60)",
+                "use an mlx whose jaccl scans the GID table (the version that does is "
+                "not known here: if init fails with RTR errno 22 or 60, upgrade mlx)"))
+        else:
+            found.append(passed("gid_index", f"{device} has its IPv4-mapped GID at index 1"))
     return found
 
 
@@ -269,6 +340,6 @@ async def check_jaccl_plan(topology: Topology, rank: int, world_size: int,
                            run: ToolRunner = run_tool) -> None:
     """Everything about this rank's jaccl setup that can be known before ``init``."""
     check_matrix(topology, world_size)
-    raise_first_failure([qp_budget(topology, rank)])
+    raise_first_failure([qp_budget(topology, rank), mr_budget(topology, rank)])
     devices = list(dict.fromkeys(devices_in_row(topology, rank)))
     raise_first_failure(await rdma_findings(devices, run))

@@ -23,8 +23,11 @@ from clusterfsm.states.macos_output import (
 from clusterfsm.states.preflight import Verdict
 from clusterfsm.states.rdma import (
     check_jaccl_plan,
+    gid_index,
     interface_addressed,
     link_speed,
+    mr_budget,
+    planned_mrs,
     port_active,
     qp_budget,
     rdma_findings,
@@ -100,6 +103,30 @@ def test_gid_table_finds_the_ipv4_mapped_entry() -> None:
         "\t\t\tGID[  1]:\t\t0000:0000:0000:0000:0000:ffff:a9fe:0102\n")
     port = parse_ibv_devinfo(text)[-1].ports[0]
     assert port.gids[1] == (1, "::ffff:169.254.1.2") and port.ipv4_gid_index == 1
+
+
+def test_a_gid_index_other_than_1_is_a_warning() -> None:
+    # Field failure: older jaccl hard-coded GID index 1; on some M4 Pro ports the
+    # IPv4-mapped GID is at index 2. No real macOS GID table was found: the block is
+    # written in rdma-core's format onto the real device block (as above).
+    text = sample(DEVINFO_EN4_ACTIVE) + (
+        "\t\t\tGID[  0]:\t\tfe80:0000:0000:0000:08ad:a6c6:6857:65f6\n"
+        "\t\t\tGID[  1]:\t\tfe80:0000:0000:0000:1c2a:0bff:fe33:0001\n"
+        "\t\t\tGID[  2]:\t\t0000:0000:0000:0000:0000:ffff:a9fe:0102\n")
+    port = parse_ibv_devinfo(text)[-1].ports[0]
+    assert port.ipv4_gid_index == 2
+    (finding,) = gid_index("rdma_en4", [port])
+    assert finding.verdict is Verdict.WARN and "index 2" in finding.detail
+    assert finding.remedy
+
+
+async def test_port_active_reports_the_gid_index() -> None:
+    good = sample(DEVINFO_EN4_ACTIVE) + (
+        "\t\t\tGID[  0]:\t\tfe80:0000:0000:0000:08ad:a6c6:6857:65f6\n"
+        "\t\t\tGID[  1]:\t\t0000:0000:0000:0000:0000:ffff:a9fe:0102\n")
+    found = await port_active("rdma_en4", mac(**{"ibv_devinfo -v -d rdma_en4": good}))
+    assert [(f.check, f.verdict) for f in found] == [
+        ("port_down", Verdict.PASS), ("gid_index", Verdict.PASS)]
 
 
 def test_en_numbers_are_not_in_port_order() -> None:
@@ -249,6 +276,24 @@ def test_more_queue_pairs_than_a_device_accepts() -> None:
     topology: Topology = ((None, ("rdma_en2",) * 11), ("rdma_en3", None))
     assert qp_budget(topology, 0).check == "qp_limit" and qp_budget(topology, 0).failed
     assert not qp_budget(ROW_EN4, 0).failed
+
+
+async def test_more_memory_regions_than_a_device_accepts() -> None:
+    # 8 x 4 buffers x 1 peer x 2 = 64 (jaccl's defaults, one peer per port) passes;
+    # raised buffers (8 -> 128) or one port serving two peers (128) do not.
+    assert planned_mrs(1) == 64 and planned_mrs(1, num_buffers=8) == 128
+    assert not mr_budget(ROW_EN4, 0).failed and "64" in mr_budget(ROW_EN4, 0).detail
+    assert mr_budget(ROW_EN4, 0, num_buffers=8).failed
+    two_rails: Topology = ((None, ("rdma_en2", "rdma_en3"), "rdma_en4"),
+                           ("rdma_en5", None, "rdma_en6"), ("rdma_en7", "rdma_en8", None))
+    assert not mr_budget(two_rails, 0).failed
+    shared: Topology = ((None, "rdma_en2", "rdma_en2"), ("rdma_en5", None, "rdma_en6"),
+                        ("rdma_en7", "rdma_en8", None))
+    finding = mr_budget(shared, 0)
+    assert finding.check == "mr_limit" and finding.failed and "rdma_en2': 128" in finding.detail
+    with pytest.raises(PrecheckFailed) as caught:
+        await check_jaccl_plan(shared, 0, 3, mac())
+    assert caught.value.check == "mr_limit"
 
 
 async def test_findings_list_every_check_for_the_doctor() -> None:
