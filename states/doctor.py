@@ -21,7 +21,7 @@ import math
 import os
 import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import attrs
@@ -48,7 +48,7 @@ from clusterfsm.states.preflight import (
     passed,
     warned,
 )
-from clusterfsm.states.rdma import ToolRunner, rdma_findings, run_tool
+from clusterfsm.states.rdma import ToolRunner, rdma_findings, route_to_peer, run_tool
 from clusterfsm.states.topology import device_name
 
 #: How long doctor listens for the peers' beacons on each interface (they beacon
@@ -135,8 +135,9 @@ def interface_findings(status: InterfaceStatus, macos: bool) -> list[Finding]:
 
 
 async def peers_heard(interface: str, options: DoctorOptions, key: bytes | None
-                      ) -> Finding:
-    """Listen (never send) for beacons on ``interface`` for a moment."""
+                      ) -> tuple[Finding, tuple[str, ...]]:
+    """Listen (never send) for beacons on ``interface`` for a moment; the finding and
+    the addresses of the nodes heard."""
     heard: dict[str, str] = {}
     ignored: dict[str, str] = {}
     try:
@@ -159,30 +160,34 @@ async def peers_heard(interface: str, options: DoctorOptions, key: bytes | None
     except InterfaceUnavailable as exc:
         return attrs.evolve(failed("ports", str(exc), "stop the process holding the "
                                    "beacon port, or pick another --beacon-port"),
-                            subject=interface)
+                            subject=interface), ()
     if heard:
         text = "; ".join(f"{host}: {what}" for host, what in sorted(heard.items()))
         return attrs.evolve(passed("peers", f"heard on {interface}: {text}"),
-                            subject=interface)
+                            subject=interface), tuple(sorted(heard))
     why = "".join(f"; ignored {host}: {what}" for host, what in sorted(ignored.items()))
     return attrs.evolve(warned(
         "peers", f"no clusterfsm node heard on {interface} in "
         f"{options.listen_seconds:g} s{why}",
         "start `clusterfsm serve` on the peer (it beacons while it looks for peers) "
-        "with the same key file and --world-size"), subject=interface)
+        "with the same key file and --world-size"), subject=interface), ()
 
 
 # -- RDMA, MLX, files, ports --------------------------------------------------------
 
 
-async def rdma_checks(options: DoctorOptions, host: Host, jaccl_wanted: bool
-                      ) -> list[Finding]:
+async def rdma_checks(options: DoctorOptions, host: Host, jaccl_wanted: bool,
+                      heard: Mapping[str, Sequence[str]] | None = None) -> list[Finding]:
+    """The RDMA findings of the interfaces, and for each peer heard on one of them,
+    whether the route to it leaves through that interface."""
     if not host.macos:
         return [not_applicable(
             "rdma", f"not applicable on {host.platform}: RDMA over Thunderbolt "
             "(rdma_ctl, ibv_devices, jaccl) exists only on macOS 26.2+")]
     devices = [device_name(name) for name in options.interfaces]
     found = await rdma_findings(devices, host.run, speed=True)
+    for interface, peers in (heard or {}).items():
+        found.extend([await route_to_peer(peer, interface, host.run) for peer in peers])
     if not jaccl_wanted:  # ring does not need RDMA: say it, do not fail on it
         found = [attrs.evolve(f, verdict=Verdict.WARN) if f.failed else f for f in found]
     return found
@@ -319,6 +324,7 @@ def listen_port_check(listen: Address) -> Finding:
 async def run_checks(options: DoctorOptions, host: Host | None = None) -> list[Finding]:
     host = host or Host()
     found: list[Finding] = []
+    heard: dict[str, tuple[str, ...]] = {}
     key_finding, key = key_check(options)
     for name in options.interfaces:
         try:
@@ -330,11 +336,12 @@ async def run_checks(options: DoctorOptions, host: Host | None = None) -> list[F
         facts = interface_findings(status, host.macos)
         found.extend(facts)
         if not any(f.failed for f in facts) and options.listen_seconds > 0:
-            found.append(await peers_heard(name, options, key))
+            finding, heard[name] = await peers_heard(name, options, key)
+            found.append(finding)
     backend_found, jaccl = backend_checks(options, host)
     found.extend(backend_found)
     if options.interfaces or jaccl:
-        found.extend(await rdma_checks(options, host, jaccl))
+        found.extend(await rdma_checks(options, host, jaccl, heard))
     found.append(key_finding)
     if options.interfaces:
         found.append(node_id_check(options))

@@ -15,6 +15,8 @@ What they had to learn from those recordings:
 - ``en`` numbers are not in port order (Thunderbolt 1/2/3 = en1/en6/en2), so the port
   number comes from ``networksetup -listallhardwareports``, never from the name.
 - ``rdma_ctl status`` prints one word; read the last line.
+- ``route -n get ADDR`` prints ``key: value`` lines (``interface: en1``), a gateway line
+  may carry more words after the address, and the metrics table has no colon.
 - ``system_profiler SPThunderboltDataType`` nests a peer behind a hub one or more
   levels down; the peer offers RDMA when it lists protocol id 64087 (0xFA57) among its
   services (``Service Key: rdma`` in text; the JSON key is mojibake, so match the id).
@@ -183,6 +185,32 @@ def parse_ibv_devinfo(text: str) -> tuple[VerbsDevice, ...]:
                 ports[-1][key] = value
     flush()
     return tuple(devices)
+
+
+# -- route -n get ADDR ---------------------------------------------------------------
+
+
+@attrs.frozen
+class RouteLookup:
+    """What ``route -n get ADDR`` says about the route the kernel picks for ADDR."""
+
+    interface: str
+    destination: str = ""
+    gateway: str = ""  # "" when ADDR is on a directly attached network
+
+
+def parse_route_get(text: str) -> RouteLookup:
+    """The ``key: value`` lines of ``route -n get``; one without ``interface:`` (no
+    route, or not route's output) is :class:`UnreadableOutput`."""
+    fields: dict[str, str] = {}
+    for line in _content_lines(text):
+        key, sep, value = line.strip().partition(":")
+        if sep and key in ("interface", "destination", "gateway") and value.split():
+            fields.setdefault(key, value.split()[0])
+    if "interface" not in fields:
+        raise UnreadableOutput(f"no 'interface:' line in route output: {text.strip()[:120]!r}")
+    return RouteLookup(fields["interface"], fields.get("destination", ""),
+                       fields.get("gateway", ""))
 
 
 # -- networksetup -listallhardwareports ---------------------------------------------

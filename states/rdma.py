@@ -25,6 +25,8 @@ prints them all). Each check is a field failure seen on real Macs:
   EBUSY on the 11th), or register more than 100 memory regions on one device
   (``mr_limit``: a NULL region, then a segfault on model load).
 - The link trained at 40 Gb/s (a TB3/TB4 cable): a warning only.
+- ``route -n get PEER`` leaves through another interface than the port cabled to that
+  peer (``peer_route``: RTR errno 60).
 
 Parsing lives in :mod:`clusterfsm.states.macos_output`; running the tools is one
 injectable function, so every check is tested on recorded real output.
@@ -33,12 +35,14 @@ injectable function, so every check is tested on recorded real output.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
+import attrs
 import trio
 
 from clusterfsm.states.errors import PrecheckFailed
 from clusterfsm.states.macos_output import (
+    RouteLookup,
     ThunderboltReceptacle,
     UnreadableOutput,
     VerbsPort,
@@ -47,6 +51,7 @@ from clusterfsm.states.macos_output import (
     parse_ibv_devinfo,
     parse_ifconfig,
     parse_rdma_ctl_status,
+    parse_route_get,
     parse_thunderbolt,
 )
 from clusterfsm.states.preflight import (
@@ -304,6 +309,29 @@ async def interface_addressed(interface: str, run: ToolRunner) -> list[Finding]:
     return found
 
 
+async def route_to_peer(peer: str, interface: str, run: ToolRunner) -> Finding:
+    """The kernel's route to ``peer`` leaves through ``interface``, the RDMA port
+    cabled to it. If it leaves elsewhere (another port, the default route), jaccl
+    cannot reach the peer's GID: 'RTR failed with errno 60' or 'Couldn't connect,
+    error 60'."""
+    try:
+        route: RouteLookup = parse_route_get(await run(["route", "-n", "get", peer]))
+    except PrecheckFailed as exc:
+        return attrs.evolve(_tool_finding(exc), subject=interface)
+    except UnreadableOutput as exc:
+        return attrs.evolve(failed("peer_route", str(exc), f"run `route -n get {peer}` "
+                                   "by hand"), subject=interface)
+    if route.interface != interface:
+        via = f" via {route.gateway}" if route.gateway else ""
+        return attrs.evolve(failed(
+            "peer_route", f"the route to {peer} leaves through {route.interface}{via}, "
+            f"not {interface} (the port cabled to it): jaccl would fail with RTR errno 60",
+            f"`sudo route -n add -host {peer} -interface {interface}` (or `route -n "
+            f"change` if a host route exists)"), subject=interface)
+    return attrs.evolve(passed("peer_route", f"the route to {peer} leaves through "
+                               f"{interface}"), subject=interface)
+
+
 async def link_speed(interface: str, run: ToolRunner) -> Finding | None:
     """40 Gb/s on an RDMA link means a TB3/TB4 cable or dock (warning only)."""
     receptacle = await _receptacle_of(interface, run)
@@ -337,9 +365,15 @@ async def rdma_findings(devices: Sequence[str], run: ToolRunner,
 
 
 async def check_jaccl_plan(topology: Topology, rank: int, world_size: int,
-                           run: ToolRunner = run_tool) -> None:
-    """Everything about this rank's jaccl setup that can be known before ``init``."""
+                           run: ToolRunner = run_tool,
+                           peer_routes: Mapping[str, str] | None = None) -> None:
+    """Everything about this rank's jaccl setup that can be known before ``init``.
+
+    ``peer_routes`` maps a peer's address (as discovery heard it) to the interface
+    cabled to that peer; each route is checked with ``route -n get``."""
     check_matrix(topology, world_size)
     raise_first_failure([qp_budget(topology, rank), mr_budget(topology, rank)])
     devices = list(dict.fromkeys(devices_in_row(topology, rank)))
     raise_first_failure(await rdma_findings(devices, run))
+    raise_first_failure([await route_to_peer(peer, interface, run)
+                         for peer, interface in (peer_routes or {}).items()])

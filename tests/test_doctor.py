@@ -152,6 +152,24 @@ async def test_doctor_on_a_tb4_mac_with_rdma_enabled_but_no_device(
         assert checks["no_rdma_devices"].verdict is verdict  # ring does not need RDMA
 
 
+async def test_doctor_checks_the_route_to_each_peer_heard(
+        tmp_path: Path, key: Path) -> None:
+    # A peer heard on en6 whose address the kernel routes through en1 (the real
+    # `route get` sample): jaccl would fail with RTR errno 60; for ring only a warning.
+    from clusterfsm.states.doctor import rdma_checks
+
+    host = mac_host(**{"route -n get 192.0.43.10": sample(
+        "route-get--default-route-via-en1-macpro-real-world-systems.txt")})
+    for backend, verdict in (("jaccl", Verdict.FAIL), ("ring", Verdict.WARN)):
+        options = DoctorOptions(("en6",), backend, str(key), str(tmp_path / "n"),
+                                listen_seconds=0.0)
+        found = await rdma_checks(options, host, backend == "jaccl",
+                                  {"en6": ("192.0.43.10",)})
+        (route,) = [f for f in found if f.check == "peer_route"]
+        assert route.verdict is verdict and route.subject == "en6"
+        assert "-interface en6" in route.remedy
+
+
 def test_a_name_no_interface_can_have_is_a_failure_not_a_crash() -> None:
     import trio
 

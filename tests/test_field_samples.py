@@ -12,11 +12,13 @@ import pytest
 
 from clusterfsm.states.errors import PrecheckFailed
 from clusterfsm.states.macos_output import (
+    UnreadableOutput,
     parse_hardware_ports,
     parse_ibv_devices,
     parse_ibv_devinfo,
     parse_ifconfig,
     parse_rdma_ctl_status,
+    parse_route_get,
     parse_thunderbolt,
     parse_thunderbolt_json,
 )
@@ -31,6 +33,7 @@ from clusterfsm.states.rdma import (
     port_active,
     qp_budget,
     rdma_findings,
+    route_to_peer,
     run_tool,
 )
 from clusterfsm.states.topology import Topology
@@ -50,6 +53,7 @@ IFCONFIG_DOWN = "ifconfig--tb-ports-down-no-address-mac-mini.txt"
 IFCONFIG_APIPA = "ifconfig--en8-self-assigned-169254-mac-mini.txt"
 BRIDGE = "ifconfig-bridge0--members-en2-en3-en4-mtu9000.txt"
 ENABLED = "rdma_ctl--enabled.txt"
+ROUTE_EN1 = "route-get--default-route-via-en1-macpro-real-world-systems.txt"
 DISABLED = "rdma_ctl--disabled-word-quoted-no-paste.txt"
 
 
@@ -294,6 +298,30 @@ async def test_more_memory_regions_than_a_device_accepts() -> None:
     with pytest.raises(PrecheckFailed) as caught:
         await check_jaccl_plan(shared, 0, 3, mac())
     assert caught.value.check == "mr_limit"
+
+
+def test_route_get_names_the_interface_and_gateway() -> None:
+    route = parse_route_get(sample(ROUTE_EN1))
+    assert (route.interface, route.destination, route.gateway) == (
+        "en1", "default", "192.168.1.1")  # the author's "(shows a gateway)" is dropped
+    with pytest.raises(UnreadableOutput):
+        parse_route_get("route: writing to routing socket: not in table\n")
+
+
+async def test_a_route_to_the_peer_through_another_interface_fails() -> None:
+    # Field failure: RTR errno 60 when the route to the peer's address leaves through
+    # another interface than the port cabled to it. The only real `route get` found is
+    # a default route through en1 (not Thunderbolt); the peer address is the sample's.
+    tools = mac(**{"route -n get 192.0.43.10": sample(ROUTE_EN1)})
+    wrong = await route_to_peer("192.0.43.10", "en4", tools)
+    assert wrong.check == "peer_route" and wrong.failed and wrong.subject == "en4"
+    assert "leaves through en1 via 192.168.1.1, not en4" in wrong.detail
+    assert wrong.remedy.startswith("`sudo route -n add -host 192.0.43.10 -interface en4`")
+    assert not (await route_to_peer("192.0.43.10", "en1", tools)).failed
+    with pytest.raises(PrecheckFailed) as caught:
+        await check_jaccl_plan(ROW_EN4, 0, 2, tools, peer_routes={"192.0.43.10": "en4"})
+    assert caught.value.check == "peer_route"
+    await check_jaccl_plan(ROW_EN4, 0, 2, tools, peer_routes={"192.0.43.10": "en1"})
 
 
 async def test_findings_list_every_check_for_the_doctor() -> None:
