@@ -283,27 +283,37 @@ def _writable(path: Path) -> bool:
     return os.access(path, os.W_OK | os.X_OK)
 
 
+def _is_rank(args: str) -> bool:
+    """A ``clusterfsm serve`` or an MLX program (``mlx.launch``, ``mlx_lm.server``...)."""
+    words = args.split()
+    if "clusterfsm" in args and "serve" in words:
+        return True
+    return any(w.rsplit("/", 1)[-1].startswith(("mlx.", "mlx_")) for w in words)
+
+
 async def leftover_ranks(host: Host) -> Finding:
-    """Other ``clusterfsm serve`` processes on this machine: a rank left over from an
-    earlier run keeps its RDMA protection domains and queue pairs (jaccl then fails
-    with "RTR errno 96" after an idle night), and holds the beacon and data ports."""
+    """Other ``clusterfsm serve`` or MLX processes of this user on this machine: a rank
+    left over from an earlier run keeps its RDMA protection domains and queue pairs
+    until it exits (one user measured 11 of each per device; jaccl then fails with "RTR errno 96"
+    after an idle night, and retrying ``init`` only leaks more), and holds the beacon
+    and data ports. A process that merely mentions MLX may be no rank: a warning."""
     try:
-        table = await host.run(["ps", "-A", "-o", "pid=,args="])
+        table = await host.run(["ps", "-U", str(os.getuid()), "-o", "pid=,args="])
     except PrecheckFailed as exc:
         return warned("leftover_ranks", f"cannot list processes: {exc.detail}",
-                      "check by hand: `pgrep -fl 'clusterfsm.*serve'`")
+                      "check by hand: `pgrep -fl 'clusterfsm.*serve|mlx'`")
     me = os.getpid()
     found = []
     for line in table.splitlines():
         pid, _, args = line.strip().partition(" ")
-        if pid.isdigit() and int(pid) != me and "clusterfsm" in args and " serve" in args:
-            found.append(pid)
+        if pid.isdigit() and int(pid) != me and _is_rank(args.strip()):
+            found.append(f"{pid} {args.strip()[:60]}")
     if found:
-        return warned("leftover_ranks", f"clusterfsm serve already runs here (pid "
-                      f"{', '.join(found)})", "if it is left over from an earlier run, "
-                      "stop it before serving (`kill PID`); a leaked rank holds RDMA "
-                      "resources until it exits")
-    return passed("leftover_ranks", "no other clusterfsm serve runs here")
+        return warned("leftover_ranks", f"rank processes already run here: "
+                      f"{'; '.join(found)}", "kill leftover ranks (`kill PID`) or reboot; "
+                      "do not loop init (each try can leak RDMA resources)")
+    return passed("leftover_ranks", "no other clusterfsm serve or MLX process of this "
+                  "user runs here")
 
 
 def listen_port_check(listen: Address) -> Finding:

@@ -170,6 +170,29 @@ async def test_doctor_checks_the_route_to_each_peer_heard(
         assert "-interface en6" in route.remedy
 
 
+async def test_leftover_mlx_ranks_are_a_warning_with_the_remedy() -> None:
+    # Field failure: RTR errno 96 the morning after; leaked ranks hold the RDMA
+    # resources. No real process table was recorded: these lines are written by hand.
+    import os
+
+    from clusterfsm.states.doctor import leftover_ranks
+
+    table = ("  101 /usr/bin/python3 -m mlx_lm.server --model m\n"
+             "  102 /opt/venv/bin/mlx.launch --backend jaccl run.py\n"
+             "  103 /opt/venv/bin/clusterfsm serve --world-size 2\n"
+             "  104 vim mlx-notes.txt\n"
+             "  105 /opt/venv/bin/clusterfsm doctor\n")
+    ps = f"ps -U {os.getuid()} -o pid=,args="
+    finding = await leftover_ranks(Host(run=FakeTools({ps: table})))
+    assert finding.verdict is Verdict.WARN
+    assert all(pid in finding.detail for pid in ("101", "102", "103"))
+    assert "104" not in finding.detail and "105" not in finding.detail
+    assert finding.remedy.startswith("kill leftover ranks (`kill PID`) or reboot; do not "
+                                     "loop init")
+    clean = await leftover_ranks(Host(run=FakeTools({ps: "  105 clusterfsm doctor\n"})))
+    assert clean.verdict is Verdict.PASS
+
+
 def test_a_name_no_interface_can_have_is_a_failure_not_a_crash() -> None:
     import trio
 
