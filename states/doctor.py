@@ -48,7 +48,13 @@ from clusterfsm.states.preflight import (
     passed,
     warned,
 )
-from clusterfsm.states.rdma import ToolRunner, rdma_findings, route_to_peer, run_tool
+from clusterfsm.states.rdma import (
+    ToolRunner,
+    cable_rails,
+    rdma_findings,
+    route_to_peer,
+    run_tool,
+)
 from clusterfsm.states.topology import device_name
 
 #: How long doctor listens for the peers' beacons on each interface (they beacon
@@ -188,6 +194,9 @@ async def rdma_checks(options: DoctorOptions, host: Host, jaccl_wanted: bool,
     found = await rdma_findings(devices, host.run, speed=True)
     for interface, peers in (heard or {}).items():
         found.extend([await route_to_peer(peer, interface, host.run) for peer in peers])
+    rails = await cable_rails(host.run)
+    if rails is not None:
+        found.append(rails)
     if not jaccl_wanted:  # ring does not need RDMA: say it, do not fail on it
         found = [attrs.evolve(f, verdict=Verdict.WARN) if f.failed else f for f in found]
     return found

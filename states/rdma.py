@@ -25,6 +25,8 @@ prints them all). Each check is a field failure seen on real Macs:
   EBUSY on the 11th), or register more than 100 memory regions on one device
   (``mr_limit``: a NULL region, then a segfault on model load).
 - The link trained at 40 Gb/s (a TB3/TB4 cable): a warning only.
+- A peer reached by two cables (``cable_rails``, doctor, a warning): the rails must be
+  the same cables at both ends.
 - ``route -n get PEER`` leaves through another interface than the port cabled to that
   peer (``peer_route``: RTR errno 60).
 
@@ -330,6 +332,44 @@ async def route_to_peer(peer: str, interface: str, run: ToolRunner) -> Finding:
             f"change` if a host route exists)"), subject=interface)
     return attrs.evolve(passed("peer_route", f"the route to {peer} leaves through "
                                f"{interface}"), subject=interface)
+
+
+async def cable_rails(run: ToolRunner) -> Finding | None:
+    """Peers reached by more than one cable (one domain UUID on several receptacles).
+
+    jaccl pairs the rails between two ranks by index, and the device matrix lists each
+    Mac's cables to a peer sorted by interface name; when rail k is not the same cable
+    at both ends, loading a model stalls forever (a field report). One Mac cannot see
+    which of its cables ends where on the peer, so this is a warning with what to
+    compare on both Macs. None when the tools cannot tell.
+    """
+    try:
+        ports = parse_hardware_ports(await run(["networksetup", "-listallhardwareports"]))
+        buses = parse_thunderbolt(await run(["system_profiler", "SPThunderboltDataType",
+                                             "-json"]))
+    except (PrecheckFailed, UnreadableOutput):
+        return None
+    interface = {p.thunderbolt_number: p.device for p in ports
+                 if p.thunderbolt_number is not None}
+    cables: dict[str, list[str]] = {}
+    names: dict[str, str] = {}
+    for bus in buses:
+        for peer in bus.peers:
+            port = (f"Thunderbolt {bus.receptacle} ({interface.get(bus.receptacle, '?')})"
+                    if bus.receptacle is not None else bus.bus)
+            cables.setdefault(peer.domain_uuid, []).append(port)
+            names[peer.domain_uuid] = peer.name
+    several = {uuid: where for uuid, where in cables.items() if len(where) > 1}
+    if not several:
+        return passed("cable_rails", "no peer is reached by more than one cable")
+    text = "; ".join(f"{names[uuid]} (domain {uuid}) by {', '.join(where)}"
+                     for uuid, where in sorted(several.items()))
+    return warned(
+        "cable_rails", f"two-cable rails: {text}; jaccl pairs rails by index, and the "
+        "matrix orders each Mac's cables by interface name",
+        "on both Macs run `networksetup -listallhardwareports` and `system_profiler "
+        "SPThunderboltDataType`, and cable so that rail k (the k-th enX by name) is the "
+        "same cable at both ends; or use one cable")
 
 
 async def link_speed(interface: str, run: ToolRunner) -> Finding | None:

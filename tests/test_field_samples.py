@@ -24,6 +24,7 @@ from clusterfsm.states.macos_output import (
 )
 from clusterfsm.states.preflight import Verdict
 from clusterfsm.states.rdma import (
+    cable_rails,
     check_jaccl_plan,
     gid_index,
     interface_addressed,
@@ -322,6 +323,29 @@ async def test_a_route_to_the_peer_through_another_interface_fails() -> None:
         await check_jaccl_plan(ROW_EN4, 0, 2, tools, peer_routes={"192.0.43.10": "en4"})
     assert caught.value.check == "peer_route"
     await check_jaccl_plan(ROW_EN4, 0, 2, tools, peer_routes={"192.0.43.10": "en1"})
+
+
+async def test_a_peer_on_two_cables_is_a_warning_naming_both_ports() -> None:
+    # Field failure: two cables between one pair, each end chose a different cable for
+    # rail 0 and the model load stalled. The real capture has one cable to the peer
+    # (receptacle 2 = en6); the same peer is copied onto receptacle 3 (en2, behind the
+    # Sabrent hub's bus) as a second cable.
+    ports = sample(PORTS_M5MAX)
+    one = await cable_rails(FakeTools({
+        "networksetup -listallhardwareports": ports,
+        "system_profiler SPThunderboltDataType -json": sample(TB_PEER_RDMA)}))
+    assert one is not None and one.verdict is Verdict.PASS
+    data = json.loads(sample(TB_PEER_RDMA))
+    buses = data["SPThunderboltDataType"]
+    buses[0]["_items"].append(dict(buses[1]["_items"][0]))
+    two = await cable_rails(FakeTools({
+        "networksetup -listallhardwareports": ports,
+        "system_profiler SPThunderboltDataType -json": json.dumps(data)}))
+    assert two is not None and two.check == "cable_rails" and two.verdict is Verdict.WARN
+    assert "Thunderbolt 3 (en2), Thunderbolt 2 (en6)" in two.detail
+    assert "00000003-0000-4000-8000-000000000003" in two.detail
+    assert "on both Macs run" in two.remedy
+    assert await cable_rails(FakeTools({})) is None  # the tools cannot tell
 
 
 async def test_findings_list_every_check_for_the_doctor() -> None:
