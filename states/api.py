@@ -25,6 +25,7 @@ Either way the links are closed, the watchdog reaped and the topology files dele
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast, overload
@@ -169,7 +170,10 @@ class Cluster(Generic[G]):
         ``unavailable`` (a link failed or never answered, or the cluster ended).
 
         Callable from any thread: it reads the value the cluster's trio loop
-        publishes every heartbeat interval (:mod:`clusterfsm.states.health`).
+        publishes (:mod:`clusterfsm.states.health`): ``degraded`` the moment a link's
+        silence passes three intervals, ``unavailable`` as soon as the loop runs after
+        a failure or the end, ``healthy`` again within one interval of the peer being
+        heard (``_publish_health`` below says why these bounds).
         """
         return self._health.value
 
@@ -195,9 +199,33 @@ def session_health(ctx: ClusterContext) -> Health:
     for link in ctx.links.values():
         if link.failure is not None or not link.first_pong.is_set():
             return "unavailable"
-        if now - link.quiet_since > stale_after:
+        # ``now > quiet_since + stale_after``, not ``now - quiet_since > ...``: the very
+        # sum :func:`next_health_check` wakes just after, so a wake-up there always sees
+        # the link stale (no float rounding leaving it a hair short, and a loop spinning).
+        if now > link.quiet_since + stale_after:
             health = "degraded"
     return health
+
+
+def next_health_check(ctx: ClusterContext) -> float:
+    """The earliest time :func:`session_health` could change with no event: the first
+    moment a fresh link turns stale (just after its ``quiet_since + 3 intervals``), or,
+    while a link is stale, one interval from now (it turns fresh again when the peer is
+    heard, which wakes nothing). ``inf`` when only an event can change it (a link
+    failed, or has not answered yet: see :func:`_publish_health`)."""
+    now = trio.current_time()
+    interval = ctx.config.heartbeat_interval
+    stale_after = 3 * interval
+    earliest = math.inf
+    for link in ctx.links.values():
+        if link.failure is not None:
+            return math.inf  # unavailable until the end: nothing but the end changes it
+        if not link.first_pong.is_set():
+            continue  # its first pong is an event
+        stale_at = link.quiet_since + stale_after
+        wake = now + interval if now > stale_at else math.nextafter(stale_at, math.inf)
+        earliest = min(earliest, wake)
+    return earliest
 
 
 @overload
@@ -307,8 +335,7 @@ async def _bootstrap(
                     state = runner.state
                 if state == "ready":
                     health = HealthPublisher(lambda: session_health(ctx))
-                    nursery.start_soon(_publish_health, runner, health,
-                                       config.heartbeat_interval)
+                    nursery.start_soon(_publish_health, runner, ctx, health)
                     try:
                         yield Cluster(ctx, runner, health)
                     except Exception:
@@ -357,15 +384,50 @@ def _app_error(error: BaseException | None, state: str) -> ClusterError:
     return internal
 
 
-async def _publish_health(runner: Runner[ClusterContext], health: HealthPublisher,
-                          interval: float) -> None:
-    """Recompute the health every heartbeat interval and at once when the cluster
-    leaves ``ready``; then publish the end (``unavailable``) to every reader."""
+async def _publish_health(runner: Runner[ClusterContext], ctx: ClusterContext,
+                          health: HealthPublisher) -> None:
+    """Recompute the health when it could have changed, until the cluster leaves
+    ``ready``; then publish the end (``unavailable``) to every reader.
+
+    It could change by time alone only when a link turns stale, or, while one is
+    stale, when its peer is heard again: :func:`next_health_check` says when. Else
+    only on an event: a link fails, a link's first pong, the end of ``ready``. So a
+    healthy cluster, whose peers are heard every interval, wakes this loop at most
+    once per two intervals, not every interval: at each wake-up every link was heard
+    at most one interval ago, so none turns stale (three intervals of silence) for
+    two more. The published value is:
+
+    - ``degraded`` as soon as the loop runs once a link's silence passes three
+      intervals (a timer set for that very moment);
+    - ``healthy`` again at most one ``interval`` after the peer was heard;
+    - ``unavailable`` as soon as the loop runs after a failure or the end.
+
+    (``interval`` is ``ctx.config.heartbeat_interval``.)
+    """
+    poke = trio.Event()
+
+    async def on(event: trio.Event) -> None:
+        await event.wait()
+        poke.set()
+
+    async def on_end() -> None:
+        await runner.wait_for(*ENDED_STATES)
+        poke.set()
+
     try:
-        while runner.state == "ready":
-            with trio.move_on_after(interval):
-                await runner.wait_for(*ENDED_STATES)
-            health.refresh()
+        async with trio.open_nursery() as watchers:
+            watchers.start_soon(on_end)
+            for link in ctx.links.values():
+                watchers.start_soon(on, link.failed)
+                if not link.first_pong.is_set():
+                    watchers.start_soon(on, link.first_pong)
+            while runner.state == "ready":
+                health.refresh()
+                with trio.move_on_at(next_health_check(ctx)):
+                    await poke.wait()
+                if poke.is_set():
+                    poke = trio.Event()
+            watchers.cancel_scope.cancel()
     finally:
         health.finish()
 

@@ -1,8 +1,9 @@
 """A cluster's health, computed by its trio loop and published for any thread.
 
 The loop that runs the cluster recomputes the health (from the links' heartbeats:
-:func:`clusterfsm.states.api.session_health`) every heartbeat interval and on every
-state change, and stores the result in one attribute. Reading it is one reference
+:func:`clusterfsm.states.api.session_health`) whenever it could have changed (a link
+turning stale, a failure, a first answer, the end: ``_publish_health`` in
+:mod:`clusterfsm.states.api`), and stores the result in one attribute. Reading it is one reference
 read: safe from any thread (an asyncio loop, a web server's worker, a signal-free
 monitoring thread), with no trio call made outside the loop. Readers inside the loop
 can also wait for changes (:meth:`HealthPublisher.changes`).

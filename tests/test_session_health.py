@@ -38,3 +38,106 @@ async def test_health_follows_the_heartbeats(autojump_clock: Any) -> None:
     # quiet before ready (heartbeats start there) is not stale on arrival
     assert session_health(ctx(link(now - 5, heartbeats_since=now - 0.01))) == "healthy"
     assert session_health(ctx(link(now - 5, heartbeats_since=now - 0.5))) == "degraded"
+
+
+class _Runner:
+    """Just what the health publisher reads of a runner: the state and its end."""
+
+    def __init__(self) -> None:
+        self.state = "ready"
+        self.ended = trio.Event()
+
+    async def wait_for(self, *states: str) -> str:
+        await self.ended.wait()
+        return self.state
+
+    def end(self) -> None:
+        self.state = "closed"
+        self.ended.set()
+
+
+def live_link() -> Any:
+    """A link as the publisher sees it: answered, and heard as its heartbeats say."""
+    pong = trio.Event()
+    pong.set()
+    return SimpleNamespace(quiet_since=trio.current_time(), first_pong=pong,
+                           failure=None, failed=trio.Event())
+
+
+async def test_the_publisher_wakes_rarely_and_reports_changes_in_time(
+        autojump_clock: Any) -> None:
+    from clusterfsm.states.api import _publish_health
+    from clusterfsm.states.health import Health, HealthPublisher
+
+    interval = 0.1
+    a, b = live_link(), live_link()
+    cluster = ctx(a, b)
+    runner = _Runner()
+    computed = [0]
+
+    def compute() -> Health:
+        computed[0] += 1
+        return session_health(cluster)
+
+    publisher = HealthPublisher(compute)
+    beating = {id(a): True, id(b): True}
+    seen: list[tuple[float, Health]] = []
+
+    async def heartbeats(link: Any, phase: float) -> None:
+        await trio.sleep(phase)
+        while True:
+            if beating[id(link)]:
+                link.quiet_since = trio.current_time()
+            await trio.sleep(interval)
+
+    async def watch() -> None:
+        async for health in publisher.changes():
+            seen.append((trio.current_time(), health))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(heartbeats, a, 0.03)
+        nursery.start_soon(heartbeats, b, 0.07)
+        nursery.start_soon(_publish_health, runner, cluster, publisher)
+        nursery.start_soon(watch)
+
+        # healthy, both peers answering: at most one recompute per two intervals
+        await trio.sleep(1.0)
+        start, before = trio.current_time(), computed[0]
+        await trio.sleep(10.0)
+        per_second = (computed[0] - before) / (trio.current_time() - start)
+        assert per_second <= 1 / (2 * interval)
+        assert publisher.value == "healthy"
+
+        # b falls silent: degraded the moment its silence passes three intervals
+        beating[id(b)] = False
+        await trio.sleep(interval)  # b's last beat is behind us now
+        last_heard = b.quiet_since
+        await trio.sleep(1.0)
+        assert publisher.value == "degraded"
+        degraded_at = next(t for t, h in seen if h == "degraded")
+        assert last_heard + 3 * interval < degraded_at <= last_heard + 3 * interval + 1e-9
+
+        # b answers again: healthy within one interval of being heard
+        beating[id(b)] = True
+        await trio.sleep(interval)
+        heard_again = b.quiet_since
+        await trio.sleep(1.0)
+        assert publisher.value == "healthy"
+        healthy_at = seen[-1][0]
+        assert seen[-1][1] == "healthy"
+        assert heard_again <= healthy_at <= heard_again + interval
+
+        # a link fails: unavailable at once (an event, not a timer)
+        a.failure = EOFError()
+        a.failed.set()
+        failed_at = trio.current_time()
+        await trio.sleep(1.0)
+        assert seen[-1] == (failed_at, "unavailable")
+        quiet_from = computed[0]
+        await trio.sleep(10.0)
+        assert computed[0] == quiet_from  # nothing but the end changes it now
+
+        runner.end()
+        await trio.sleep(1.0)
+        nursery.cancel_scope.cancel()
+    assert publisher.value == "unavailable" and publisher._ended
