@@ -4,9 +4,10 @@ process's tokens exactly.
 The test builds the tiny random-weight llama (nothing is downloaded: the children run
 with HF_HUB_OFFLINE=1), then runs the provider three times at once: one process
 (``--single``) and two ranks bootstrapped by clusterfsm over loopback. All get the same
-requests. The second request is the one that would break without the fix in
-examples/provider/tp_generation.py: it is broadcast right after a generation that
-stopped at ``max_tokens`` with one step (and its collectives) still in flight.
+requests, which rank 0 broadcasts on the app channel. The second request is the one
+the fix in examples/provider/tp_generation.py guards: its generation starts right
+after one that stopped at ``max_tokens`` with one step (and its collectives) still in
+flight.
 Every child is killed and reaped and the temp dir removed, pass or fail.
 """
 

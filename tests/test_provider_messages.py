@@ -1,5 +1,6 @@
 """examples/provider's input handling: request lines are hostile until checked, and the
-messages rank 0 broadcasts survive a round trip (no MLX, no processes)."""
+app-channel messages survive a round trip and come only from the expected rank (no
+MLX, no processes)."""
 
 from __future__ import annotations
 
@@ -61,12 +62,24 @@ def test_request_lines(ex: tuple[ModuleType, Any]) -> None:
 
 def test_broadcast_messages_round_trip(ex: tuple[ModuleType, Any]) -> None:
     m, _ = ex
-    for message in (m.Generate("a", "p\u00e9\n\"", 9), m.Idle(), m.Stop()):
+    for message in (m.Generate("a", "p\u00e9\n\"", 9), m.Stop(), m.Stopped()):
         assert m.decode(m.encode(message)) == message
     for data in (b"\x90\xbb", b"[1]", b'{"kind": "dance"}',
-                 b'{"kind": "generate", "id": "a", "prompt": "x", "max_tokens": -1}'):
+                 b'{"kind": "generate", "id": "a", "prompt": "x", "max_tokens": -1}',
+                 b'{"kind": "idle"}'):
         with pytest.raises(m.BadMessage):
             m.decode(data)
+
+
+def test_requests_come_from_rank0_only(ex: tuple[ModuleType, Any]) -> None:
+    m, _ = ex
+    import request_channel
+
+    stop = m.encode(m.Stop())
+    assert request_channel.checked(0, stop) == m.Stop()
+    with pytest.raises(m.BadMessage, match="from rank 2, expected rank 0"):
+        request_channel.checked(2, stop)
+    assert request_channel.checked(2, m.encode(m.Stopped()), None) == m.Stopped()
 
 
 @pytest.mark.parametrize("piece", [1000, 10**6])  # pieces smaller than a line, or all at once

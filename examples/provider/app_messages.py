@@ -1,11 +1,13 @@
 """What rank 0 tells the other ranks, and how a request line becomes one.
 
-Three messages go from rank 0 to every rank, as compact JSON:
+The messages of the app channel (request_channel.py), as compact JSON:
 
-- ``Generate``: a request; every rank runs the same generation (tensor parallel);
-- ``Idle``: nothing to do yet; sent every ``IDLE_TICK`` seconds while no request comes,
-  so no rank ever waits on a collective without a deadline;
-- ``Stop``: rank 0's input ended; every rank leaves the cluster (GOODBYE) and exits.
+- ``Generate`` (rank 0 to every rank): a request; every rank runs the same generation
+  (tensor parallel);
+- ``Stop`` (rank 0 to every rank): rank 0's input ended; every rank leaves the
+  cluster (GOODBYE) and exits;
+- ``Stopped`` (every other rank to rank 0): the answer to ``Stop``; rank 0 leaves the
+  cluster once every rank has sent it.
 
 Requests come to rank 0 one per line: a JSON object
 ``{"id": "a", "prompt": "...", "max_tokens": 64}`` (``id`` and ``max_tokens``
@@ -37,16 +39,16 @@ class Generate:
 
 
 @attrs.frozen
-class Idle:
-    pass
-
-
-@attrs.frozen
 class Stop:
     pass
 
 
-Message = Generate | Idle | Stop
+@attrs.frozen
+class Stopped:
+    pass
+
+
+Message = Generate | Stop | Stopped
 
 
 @attrs.frozen(auto_exc=True)
@@ -62,12 +64,12 @@ class BadRequest(Exception):
 
 @attrs.frozen(auto_exc=True)
 class BadMessage(Exception):
-    """A broadcast that is not one of ours: the ranks disagree about the protocol."""
+    """A message that is not one of ours: the ranks disagree about the protocol."""
 
     problem: str
 
     def __str__(self) -> str:
-        return f"bad message from rank 0: {self.problem}"
+        return f"bad app message: {self.problem}"
 
 
 def encode(message: Message) -> bytes:
@@ -75,10 +77,10 @@ def encode(message: Message) -> bytes:
     if isinstance(message, Generate):
         body = {"kind": "generate", "id": message.request_id, "prompt": message.prompt,
                 "max_tokens": message.max_tokens}
-    elif isinstance(message, Idle):
-        body = {"kind": "idle"}
-    else:
+    elif isinstance(message, Stop):
         body = {"kind": "stop"}
+    else:
+        body = {"kind": "stopped"}
     return json.dumps(body, separators=(",", ":")).encode()
 
 
@@ -90,10 +92,10 @@ def decode(data: bytes) -> Message:
     if not isinstance(body, dict):
         raise BadMessage("not an object")
     kind = body.get("kind")
-    if kind == "idle":
-        return Idle()
     if kind == "stop":
         return Stop()
+    if kind == "stopped":
+        return Stopped()
     if kind == "generate":
         try:
             return _checked(body.get("id"), body.get("prompt"), body.get("max_tokens"))

@@ -2,10 +2,11 @@
 
 Every rank runs this script. They bootstrap one MLX group with clusterfsm, load the
 model sharded over it (``mlx_lm.utils.sharded_load``, which calls ``Model.shard``),
-and then loop in step: rank 0 reads requests from its stdin, one per line, and hands
-each to every rank (:func:`rank0_channel.share_from_rank0`); every rank generates
-(each holds half of every layer; the layers' ``all_sum`` joins the halves); rank 0
-writes the tokens to stdout as JSON lines as they come::
+and then serve: rank 0 reads requests from its stdin, one per line, and broadcasts
+each on clusterfsm's app channel (``cluster.broadcast``, request_channel.py); the other
+ranks take them from ``cluster.messages()``; every rank generates (each holds half of
+every layer; the layers' ``all_sum`` joins the halves); rank 0 writes the tokens to
+stdout as JSON lines as they come::
 
     python tiny_llama.py /tmp/tiny                       # a model (no download)
     clusterfsm keygen /tmp/k
@@ -16,9 +17,10 @@ writes the tokens to stdout as JSON lines as they come::
         --key-file /tmp/k --listen 127.0.0.1:7700
 
 ``--single`` runs the same loop in one process without a cluster (the reference the
-tensor-parallel tokens are compared with). When rank 0's stdin ends, every rank
-leaves the cluster and exits 0. Any failure (a lost peer, a deadline) exits 1; the
-group cannot be used again in this process, so a supervisor starts a new one.
+tensor-parallel tokens are compared with). When rank 0's stdin ends, it broadcasts
+``Stop``, every rank answers ``Stopped``, leaves the cluster and exits 0. Any failure
+(a lost peer, a deadline) exits 1; the group cannot be used again in this process, so
+a supervisor starts a new one.
 
 Output lines on rank 0: ``{"id", "token", "text"}`` per token, then ``{"id", "done":
 true, "tokens", "finish", "digest", "ttft_s", "tokens_per_s"}``, or ``{"id", "error"}``
@@ -41,26 +43,21 @@ import attrs
 import trio
 from app_messages import (
     MAX_LINE_BYTES,
+    BadMessage,
     BadRequest,
     Generate,
-    Idle,
     Message,
     Stop,
-    decode,
-    encode,
+    Stopped,
     parse_request,
 )
-from rank0_channel import share_from_rank0
+from request_channel import broadcast, checked, tell_rank0, wait_stopped
 from tp_generation import GenerationResult, TokenSink, generate_blocking
 
+from clusterfsm.states.api import Cluster
 from clusterfsm.states.config import BACKENDS, Address, ClusterConfig
 from clusterfsm.states.keys import load_key
 
-#: While no request comes, rank 0 sends ``Idle`` this often: no rank then waits on a
-#: collective for longer than this plus the time of one generation.
-IDLE_TICK = 0.5
-#: How long a rank waits for every rank to join a broadcast.
-SHARE_DEADLINE = 10.0
 #: A generation's deadline: this plus ``PER_TOKEN_DEADLINE`` per requested token.
 GENERATION_DEADLINE = 30.0
 PER_TOKEN_DEADLINE = 0.25
@@ -92,13 +89,14 @@ class ClusterLost(Exception):
 
 @attrs.frozen
 class Engine:
-    """What every rank needs to generate: the (sharded) model, its tokenizer, the group
-    (``None`` in a one-process run) and this rank's number. ``stopping`` is set once
-    rank 0's ``Stop`` is shared: from then on a peer leaving is expected."""
+    """What every rank needs to generate: the (sharded) model, its tokenizer, the
+    cluster (``None`` in a one-process run) and this rank's number. ``stopping`` is set
+    once rank 0 sends ``Stop`` (or this rank receives it): from then on a peer leaving
+    is expected."""
 
     model: Any
     tokenizer: Any
-    group: Any
+    cluster: Cluster[Any] | None
     rank: int
     stopping: trio.Event = attrs.field(factory=trio.Event)
 
@@ -125,13 +123,15 @@ async def generate(engine: Engine, request: Generate, since: float,
     return result
 
 
-async def share(engine: Engine, message: Message | None) -> Message:
-    """Rank 0 passes its message, the others ``None``; every rank returns rank 0's."""
-    payload = encode(message) if message is not None else None
-    shared = decode(await share_from_rank0(engine.group, payload, deadline=SHARE_DEADLINE))
-    if isinstance(shared, Stop):
+async def announce(engine: Engine, message: Message) -> None:
+    """Rank 0: send ``message`` to every other rank (nothing to do in one process).
+
+    The other ranks may start generating a moment later than rank 0: the model's
+    first ``all_sum`` waits for them, within the generation's deadline."""
+    if isinstance(message, Stop):
         engine.stopping.set()
-    return shared
+    if engine.cluster is not None:
+        await broadcast(engine.cluster, message)
 
 
 # -- rank 0 -----------------------------------------------------------------------------
@@ -191,26 +191,23 @@ async def write_output(lines: trio.MemoryReceiveChannel[dict[str, Any]]) -> None
 
 
 async def serve_rank0(engine: Engine, stdin: trio.abc.ReceiveStream) -> None:
-    """Take requests, broadcast each, generate, stream the tokens out; ``Stop`` at EOF."""
+    """Take requests, broadcast each, generate, stream the tokens out; at EOF
+    broadcast ``Stop`` and wait for every rank's ``Stopped``."""
     request_in, request_out = trio.open_memory_channel[Generate](0)
     output_in, output_out = trio.open_memory_channel[dict[str, Any]](OUTPUT_BUFFER)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(take_requests, stdin, request_in, output_in.clone())
         nursery.start_soon(write_output, output_out)
         async with output_in:
-            while True:
-                message: Message = Idle()
-                with trio.move_on_after(IDLE_TICK):
-                    try:
-                        message = await request_out.receive()
-                    except trio.EndOfChannel:
-                        message = Stop()
+            # Waiting for input needs no deadline: rank 0 serves until its stdin ends,
+            # and a lost peer ends the process (run_rank's wait_lost watcher).
+            async for request in request_out:
                 since = time.perf_counter()
-                await share(engine, message)
-                if isinstance(message, Stop):
-                    break
-                if isinstance(message, Generate):
-                    await serve_one(engine, message, since, output_in)
+                await announce(engine, request)
+                await serve_one(engine, request, since, output_in)
+        await announce(engine, Stop())
+        if engine.cluster is not None:
+            await wait_stopped(engine.cluster)
         nursery.cancel_scope.cancel()
 
 
@@ -230,16 +227,27 @@ async def serve_one(engine: Engine, request: Generate, since: float,
 # -- the other ranks --------------------------------------------------------------------
 
 async def serve_worker(engine: Engine) -> None:
-    """Follow rank 0: generate what it sends, until ``Stop``."""
-    while True:
-        message = await share(engine, None)
+    """Follow rank 0: generate what it sends, until ``Stop`` (answered ``Stopped``).
+
+    The wait for rank 0's next message has no deadline of its own and needs none: no
+    collective is pending, heartbeats keep both ranks alive (their own thread), and if
+    rank 0 goes away the cluster leaves ``ready`` within ``peer_lost_after``, which
+    ends the process (run_rank's ``wait_lost`` watcher)."""
+    cluster = engine.cluster
+    assert cluster is not None
+    async for sender, data in cluster.messages():
+        message = checked(sender, data)
         if isinstance(message, Stop):
+            engine.stopping.set()
+            await tell_rank0(cluster, Stopped())
             return
-        if isinstance(message, Generate):
-            result = await generate(engine, message, time.perf_counter())
-            sys.stderr.write(f"rank {engine.rank}: {message.request_id}: "
-                             f"{len(result.tokens)} tokens ({result.finish_reason}), "
-                             f"digest {result.digest}\n")
+        if not isinstance(message, Generate):
+            raise BadMessage(f"rank 0 sent {type(message).__name__}")
+        result = await generate(engine, message, time.perf_counter())
+        sys.stderr.write(f"rank {engine.rank}: {message.request_id}: "
+                         f"{len(result.tokens)} tokens ({result.finish_reason}), "
+                         f"digest {result.digest}\n")
+    raise ClusterLost(cluster.state, cluster.error)
 
 
 # -- setup --------------------------------------------------------------------------------
@@ -292,7 +300,7 @@ async def run_rank(config: ClusterConfig, model_path: str) -> None:
             nursery.start_soon(stop_if_lost)
             model, tokenizer = await in_worker("loading the sharded model", LOAD_DEADLINE,
                                                load_sharded, model_path, cluster.group)
-            await serve(Engine(model, tokenizer, cluster.group, cluster.rank, stopping))
+            await serve(Engine(model, tokenizer, cluster, cluster.rank, stopping))
             nursery.cancel_scope.cancel()
 
 
