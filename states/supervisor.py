@@ -300,6 +300,25 @@ def _misconfigured(ctx: SupervisorContext, code: int) -> ChildMisconfigured:
     return ChildMisconfigured(ctx.generation, code, detail)
 
 
+def _note_failure(ctx: SupervisorContext, item: ChildFailed) -> None:
+    """The child's error line: the generation's failure, as the child named it."""
+    ctx.failure = ChildFailure(ctx.generation, item.state, item.error, item.detail)
+
+
+def _note_exit(ctx: SupervisorContext, item: ChildExited, state: str) -> None:
+    """The child exited (last seen in ``state``): record its exit code on the failure.
+
+    An error line may have come before the exit (stdout and stderr are separate pipes,
+    read concurrently: a worker that fails at once), so an earlier failure is kept. A
+    usage exit means the flags are wrong: ``ChildMisconfigured``, never restarted.
+    """
+    if item.returncode == EXIT_USAGE:
+        raise _misconfigured(ctx, item.returncode)
+    ctx.failure = attrs.evolve(
+        ctx.failure or ChildFailure(ctx.generation, state, "ChildExited"),
+        returncode=item.returncode)
+
+
 async def bootstrapping(ctx: SupervisorContext) -> str:
     """Wait for the child's ready line; its failure, exit or silence ends the generation."""
     bound = ctx.policy.bootstrap_timeout_s
@@ -319,13 +338,9 @@ async def bootstrapping(ctx: SupervisorContext) -> str:
                 ctx.session = item.session
                 return "child_ready"
             elif isinstance(item, ChildFailed):
-                ctx.failure = ChildFailure(ctx.generation, item.state, item.error, item.detail)
+                _note_failure(ctx, item)
             else:
-                if item.returncode == EXIT_USAGE:
-                    raise _misconfigured(ctx, item.returncode)
-                ctx.failure = attrs.evolve(
-                    ctx.failure or ChildFailure(ctx.generation, state, "ChildExited"),
-                    returncode=item.returncode)
+                _note_exit(ctx, item, state)
                 return "child_failed"
     ctx.failure = ChildFailure(ctx.generation, state, "BootstrapStalled",
                                f"not ready within {bound:g} s")
@@ -351,13 +366,9 @@ async def waiting_for_link(ctx: SupervisorContext) -> str:
             if item.source == "waiting_for_link" and item.dest == "discovering":
                 return "link_up"
         elif isinstance(item, ChildFailed):
-            ctx.failure = ChildFailure(ctx.generation, item.state, item.error, item.detail)
+            _note_failure(ctx, item)
         elif isinstance(item, ChildExited):
-            if item.returncode == EXIT_USAGE:
-                raise _misconfigured(ctx, item.returncode)
-            ctx.failure = attrs.evolve(
-                ctx.failure or ChildFailure(ctx.generation, state, "ChildExited"),
-                returncode=item.returncode)
+            _note_exit(ctx, item, state)
             return "child_failed"
 
 
@@ -381,16 +392,10 @@ async def running(ctx: SupervisorContext) -> str:
                                        "a peer closed the cluster on purpose")
             return "child_lost"
         if isinstance(item, ChildFailed):
-            ctx.failure = ChildFailure(ctx.generation, item.state, item.error, item.detail)
+            _note_failure(ctx, item)
             return "child_lost"
         if isinstance(item, ChildExited):
-            if item.returncode == EXIT_USAGE:
-                raise _misconfigured(ctx, item.returncode)
-            # An error line may have come before the ready line: stdout and stderr are
-            # separate pipes, read concurrently (a worker that fails at once). Keep it.
-            ctx.failure = attrs.evolve(
-                ctx.failure or ChildFailure(ctx.generation, "ready", "ChildExited"),
-                returncode=item.returncode)
+            _note_exit(ctx, item, "ready")
             return "child_lost"
 
 
