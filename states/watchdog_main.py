@@ -101,6 +101,13 @@ def _expire(payload: dict[str, Any], elapsed: float) -> None:
     sys.stderr.flush()
 
 
+#: The longest one ``select`` waits; the loop then looks at the clock again. select's
+#: timeout must fit the platform's ``time_t``: an armed ``--deadline
+#: initializing_group=1e308`` (positive and finite, so accepted) raised OverflowError
+#: here, and the watchdog died, leaving init without its hard deadline.
+_MAX_WAIT_S = 3600.0
+
+
 def main(fd: int = 0) -> int:
     """Serve the commands read from ``fd`` until EOF or expiry; the exit code."""
     parent = os.getppid()
@@ -111,7 +118,8 @@ def main(fd: int = 0) -> int:
         GENERATION_DIR_ENV) else []
     buf = b""
     while True:
-        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        timeout = None if deadline is None else min(
+            _MAX_WAIT_S, max(0.0, deadline - time.monotonic()))
         ready, _, _ = select.select([fd], [], [], timeout)
         if not ready:
             if deadline is not None and time.monotonic() >= deadline:

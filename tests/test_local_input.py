@@ -244,3 +244,20 @@ def test_doctor_says_delete_only_for_a_node_id_file_that_holds_no_id(tmp_path: P
     finding = node_id_check(DoctorOptions(node_id_file=str(path)))
     assert finding.failed and finding.remedy == f"delete {path} to make a new id"
     assert str(path) in finding.detail
+
+
+def test_the_watchdog_takes_a_huge_finite_deadline(tmp_path: Path) -> None:
+    """``--deadline initializing_group=1e308`` is positive and finite, so accepted; the
+    watchdog's ``select`` raised OverflowError on it and died, leaving init without its
+    hard deadline. Now it stays armed and exits cleanly when the rank goes (EOF)."""
+    import json
+    import subprocess
+    import sys
+
+    arm = {"seconds": 1e308, "message": "x", "trace": str(tmp_path / "t"), "record": {},
+           "end": {}, "t_armed": 0.0, "elapsed_before_ms": 0.0}
+    done = subprocess.run(
+        [sys.executable, "-m", "clusterfsm.states.watchdog_main"],
+        input=f"ARM {json.dumps(arm)}\n".encode(), capture_output=True, timeout=60)
+    assert done.stderr == b""
+    assert done.returncode == 0
