@@ -9,7 +9,9 @@ What this module guarantees (docs/design.md section 3):
   there come back; values that were not are removed); the ``JACCL_*`` twins, which
   would win over our ``MLX_*`` values, are cleared for the call.
 - **Topology file private**: created exclusively (``O_EXCL``), mode 0600, in a fresh
-  0700 directory, removed with the directory when the cluster closes.
+  0700 directory, removed with the directory when the cluster closes (or by the
+  watchdog when the rank dies); one a killed process group left behind is swept by
+  the next rank that starts (:func:`sweep_stale_topology_dirs`).
 - **One group per process**: MLX keeps the first group it makes for a backend and
   returns it from every later ``init`` in the process, dead or not. The initializer
   records each group it got (:class:`InitializedGroups`, one per process), and a
@@ -29,9 +31,11 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -124,6 +128,66 @@ def patched_env(values: Mapping[str, str], clear: tuple[str, ...] = ()) -> Itera
                 os.environ[n] = old
 
 
+#: A topology directory's name: ``clusterfsm-<pid of its creator>-<mkdtemp suffix>``
+#: (the supervisor's ``clusterfsm-gen<N>-`` directories never match).
+_TOPOLOGY_DIR = re.compile(r"clusterfsm-(\d+)-[A-Za-z0-9_]+")
+#: A topology directory is swept only when its creator is gone *and* it is at least this
+#: old. The age guards a rank in another PID namespace sharing the temp directory (its
+#: PID means nothing here): MLX reads the files only during init, which is bounded far
+#: below this.
+STALE_AFTER_S = 600.0
+_swept = False
+
+
+def sweep_stale_topology_dirs(root: Path | None = None, *, now: float | None = None
+                              ) -> list[Path]:
+    """Remove the topology directories of processes that are gone; the ones removed.
+
+    Why: the rank removes its directory when the cluster closes, and its watchdog does
+    when the rank dies; but a whole process group killed at once (``kill -9 -PGID``, a
+    service manager's final SIGKILL) takes the watchdog too, and the directory stays.
+    So a starting rank sweeps, once per process: a directory of this user, named for a
+    PID that no longer exists, older than :data:`STALE_AFTER_S`. Housekeeping only: an
+    entry that cannot be examined or removed is left for a later sweep, never an error
+    for the bootstrap.
+    """
+    base = Path(tempfile.gettempdir()) if root is None else root
+    limit = (time.time() if now is None else now) - STALE_AFTER_S
+    removed: list[Path] = []
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return removed  # no readable temp directory: nothing of ours to sweep
+    for name in names:
+        match = _TOPOLOGY_DIR.fullmatch(name)
+        if match is None or int(match[1]) == os.getpid():
+            continue
+        path = base / name
+        try:
+            info = path.lstat()
+            if (not path.is_dir() or path.is_symlink() or info.st_uid != os.getuid()
+                    or info.st_mtime > limit or _alive(int(match[1]))):
+                continue
+            shutil.rmtree(path)
+        except OSError:
+            continue  # gone meanwhile, or not ours to remove: a later sweep retries
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (one of another user counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OverflowError:
+        return False  # not a PID this system can have
+    return True
+
+
 class TopologyDir:
     """A private directory (0700) for this session's topology files; removed on close.
 
@@ -134,7 +198,11 @@ class TopologyDir:
     """
 
     def __init__(self) -> None:
-        self.path = Path(tempfile.mkdtemp(prefix="clusterfsm-"))
+        global _swept
+        if not _swept:
+            _swept = True
+            sweep_stale_topology_dirs()
+        self.path = Path(tempfile.mkdtemp(prefix=f"clusterfsm-{os.getpid()}-"))
         os.chmod(self.path, 0o700)
         self._written: list[Path] = []
 
