@@ -143,10 +143,24 @@ class Pair:
             with trio.move_on_after(5):
                 for sup in self.all:
                     await sup.process.wait()
+            # A rank's watchdog (same process group) removes the rank's files once the
+            # rank is gone: give the groups a moment to empty before the SIGKILL.
+            with trio.move_on_after(2):
+                while any(  # noqa: ASYNC110 - no event says a process group emptied
+                        _group_alive(sup.process.pid) for sup in self.all):
+                    await trio.sleep(0.02)
             for sup in self.all:
                 with contextlib.suppress(ProcessLookupError):  # the group is gone
                     os.killpg(sup.process.pid, signal.SIGKILL)
                 await sup.process.wait()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 async def kill(pair: Pair, kind: str) -> float:
