@@ -8,7 +8,7 @@ MockClock (pytest-trio's ``autojump_clock``) so deadlines cost no real time.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
@@ -19,6 +19,10 @@ from clusterfsm.states.discovery import DiscoveryNet
 from clusterfsm.states.groupinit import GroupInitializer
 from clusterfsm.states.testing import FakePortReservation, MemoryNetwork, fake_initializer
 from clusterfsm.states.watchdog import NoWatchdog
+
+if TYPE_CHECKING:
+    from clusterfsm.states.handshake import JoinerHandshake
+    from clusterfsm.states.link import ControlLink
 
 KEY = b"k" * 32
 COORD = Address("node0", 7700)
@@ -112,3 +116,27 @@ async def run_ranks(
                     network, c, r, initializer=(initializers or {}).get(c.rank),
                     in_ready=in_ready))
     return results
+
+
+async def handshaken_joiner(network: MemoryNetwork, key: bytes = KEY
+                            ) -> tuple[ControlLink, JoinerHandshake]:
+    """A scripted rank 1 (world 2) that dials rank 0 until it listens and does a real
+    handshake; the link is not started. For tests that then send what a real rank
+    would not."""
+    from clusterfsm.states.admission import drive_handshake
+    from clusterfsm.states.handshake import JoinerHandshake
+    from clusterfsm.states.link import ControlLink
+
+    transport = network.transport("node1")
+    while True:
+        try:
+            conn = await transport.connect(COORD)
+            break
+        except ConnectionRefusedError:
+            await trio.sleep(0.01)  # rank 0 not listening yet (mock clock: no real time)
+    link = ControlLink(conn, peer_rank=0)
+    hs = JoinerHandshake(key, b"\x02" * 16, 1, 2, 9000, peer=conn.remote)
+    await link.send(hs.start())
+    await drive_handshake(link, hs)
+    assert hs.session_id is not None
+    return link, hs

@@ -25,7 +25,14 @@ from clusterfsm.states.errors import (
 )
 from clusterfsm.states.testing import MemoryNetwork, fake_initializer
 from clusterfsm.states.transport import BindFailed
-from tests.cluster_harness import COORD, RankResult, config, run_rank, run_ranks
+from tests.cluster_harness import (
+    COORD,
+    RankResult,
+    config,
+    handshaken_joiner,
+    run_rank,
+    run_ranks,
+)
 
 HAPPY = ["discovering", "handshaking", "awaiting_session", "exchanging_bootstrap",
          "initializing_group", "confirming_group", "ready", "closed"]
@@ -257,23 +264,11 @@ class ScriptedJoiner:
         self.network = network
 
     async def run(self) -> None:
-        from clusterfsm.states.admission import drive_handshake
         from clusterfsm.states.codec import BootstrapAck, Compat, InitReady, LinkReport
         from clusterfsm.states.compat import Compatibility
-        from clusterfsm.states.handshake import PROTOCOL_VERSION, JoinerHandshake
-        from clusterfsm.states.link import ControlLink
+        from clusterfsm.states.handshake import PROTOCOL_VERSION
 
-        transport = self.network.transport("node1")
-        while True:
-            try:
-                conn = await transport.connect(COORD)
-                break
-            except ConnectionRefusedError:
-                await trio.sleep(0.01)
-        link = ControlLink(conn, peer_rank=0)
-        hs = JoinerHandshake(b"k" * 32, b"\x02" * 16, 1, 2, 9000, peer=conn.remote)
-        await link.send(hs.start())
-        await drive_handshake(link, hs)
+        link, hs = await handshaken_joiner(self.network)
         assert hs.session_id is not None
         async with trio.open_nursery() as nursery:
             link.start(nursery, heartbeat_interval=0.1)

@@ -17,7 +17,7 @@ from clusterfsm.states.errors import (
     PeerAborted,
 )
 from clusterfsm.states.testing import MemoryNetwork, fake_initializer
-from tests.cluster_harness import COORD, KEY, RankResult, config, run_rank, run_ranks
+from tests.cluster_harness import KEY, RankResult, config, handshaken_joiner, run_rank, run_ranks
 
 RANK0 = Compatibility("0.32.4", 3, ("jaccl", "ring"), 2, {"model": "llama-70b"})
 
@@ -105,21 +105,7 @@ async def test_any_runs_jaccl_only_if_every_rank_has_it(autojump_clock: Any) -> 
 
 
 async def _joiner_sending(network: MemoryNetwork, info: str, *, other_session: bool) -> None:
-    from clusterfsm.states.admission import drive_handshake
-    from clusterfsm.states.handshake import JoinerHandshake
-    from clusterfsm.states.link import ControlLink
-
-    transport = network.transport("node1")
-    while True:
-        try:
-            conn = await transport.connect(COORD)
-            break
-        except ConnectionRefusedError:
-            await trio.sleep(0.01)
-    link = ControlLink(conn, peer_rank=0)
-    hs = JoinerHandshake(KEY, b"\x02" * 16, 1, 2, 9000, peer=conn.remote)
-    await link.send(hs.start())
-    await drive_handshake(link, hs)
+    link, hs = await handshaken_joiner(network, KEY)
     assert hs.session_id is not None
     async with trio.open_nursery() as nursery:
         link.start(nursery, heartbeat_interval=0.1)
