@@ -49,12 +49,11 @@ from clusterfsm.states.preflight import (
     warned,
 )
 from clusterfsm.states.rdma import (
-    ToolRunner,
     cable_rails,
     rdma_findings,
     route_to_peer,
-    run_tool,
 )
+from clusterfsm.states.tools import ToolRunner, remembering, run_tool
 from clusterfsm.states.topology import device_name
 
 #: How long doctor listens for the peers' beacons on each interface (they beacon
@@ -190,11 +189,12 @@ async def rdma_checks(options: DoctorOptions, host: Host, jaccl_wanted: bool,
         return [not_applicable(
             "rdma", f"not applicable on {host.platform}: RDMA over Thunderbolt "
             "(rdma_ctl, ibv_devices, jaccl) exists only on macOS 26.2+")]
+    run = remembering(host.run)  # system_profiler and ibv_devinfo serve several checks
     devices = [device_name(name) for name in options.interfaces]
-    found = await rdma_findings(devices, host.run, speed=True)
+    found = await rdma_findings(devices, run, speed=True)
     for interface, peers in (heard or {}).items():
-        found.extend([await route_to_peer(peer, interface, host.run) for peer in peers])
-    rails = await cable_rails(host.run)
+        found.extend([await route_to_peer(peer, interface, run) for peer in peers])
+    rails = await cable_rails(run)
     if rails is not None:
         found.append(rails)
     if not jaccl_wanted:  # ring does not need RDMA: say it, do not fail on it

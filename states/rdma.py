@@ -31,16 +31,16 @@ prints them all). Each check is a field failure seen on real Macs:
   peer (``peer_route``: RTR errno 60).
 
 Parsing lives in :mod:`clusterfsm.states.macos_output`; running the tools is one
-injectable function, so every check is tested on recorded real output.
+injectable function (:mod:`clusterfsm.states.tools`), so every check is tested on
+recorded real output.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import attrs
-import trio
 
 from clusterfsm.states.errors import PrecheckFailed
 from clusterfsm.states.macos_output import (
@@ -63,11 +63,9 @@ from clusterfsm.states.preflight import (
     raise_first_failure,
     warned,
 )
+from clusterfsm.states.tools import ToolRunner, run_tool
 from clusterfsm.states.topology import RDMA_PREFIX, Topology, check_matrix, devices_in_row
 
-#: Seconds one system tool may take before the check reports it as hung
-#: (``system_profiler`` takes about a second).
-TOOL_TIMEOUT = 5.0
 #: Queue pairs one Thunderbolt RDMA device accepts (the 11th fails with EBUSY).
 MAX_QPS_PER_DEVICE = 10
 #: Memory regions one Thunderbolt RDMA device accepts (reported on macOS 26.3; past it
@@ -81,33 +79,6 @@ JACCL_BUFFER_SIZES = 8
 
 ENABLE_RDMA = ("boot into macOS Recovery, run `rdma_ctl enable` in Terminal, reboot "
                "(on every Mac)")
-
-# -- running the tools --------------------------------------------------------------
-
-ToolRunner = Callable[[Sequence[str]], Awaitable[str]]
-
-
-async def run_tool(argv: Sequence[str]) -> str:
-    """stdout of a system tool; a missing, failing or hung tool is PrecheckFailed."""
-    try:
-        with trio.fail_after(TOOL_TIMEOUT):
-            done = await trio.run_process(list(argv), capture_stdout=True,
-                                          capture_stderr=True, check=False)
-    except FileNotFoundError:
-        raise PrecheckFailed("tool_missing", f"`{argv[0]}` is not installed: jaccl needs "
-                             "macOS 26.2+ with RDMA over Thunderbolt") from None
-    except OSError as exc:  # not executable, no processes left, ...
-        raise PrecheckFailed("tool_failed", f"cannot run `{argv[0]}`: {exc}") from None
-    except trio.TooSlowError:
-        raise PrecheckFailed("tool_hung", f"`{' '.join(argv)}` did not answer in "
-                             f"{TOOL_TIMEOUT:g} s") from None
-    out = done.stdout.decode(errors="replace")
-    if done.returncode != 0:
-        err = done.stderr.decode(errors="replace").strip()
-        raise PrecheckFailed("tool_failed", f"`{' '.join(argv)}` exited "
-                             f"{done.returncode}: {(err or out)[:200]}")
-    return out
-
 
 def _tool_finding(exc: PrecheckFailed) -> Finding:
     remedy = {"tool_missing": "update to macOS 26.2 or later (or use --backend ring)",
