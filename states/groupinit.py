@@ -60,7 +60,8 @@ from clusterfsm.states.ringwindow import (
     wants_no_preemption,
 )
 from clusterfsm.states.sidechannel import AllGatherFactory, JacclSideChannel
-from clusterfsm.states.topology import Topology
+from clusterfsm.states.tools import ToolRunner, run_tool
+from clusterfsm.states.topology import PeerLink, Topology
 
 if TYPE_CHECKING:
     from mlx.core.distributed import Group as MlxGroup
@@ -97,6 +98,9 @@ class InitPlan:
     topology: Topology
     session_id: bytes
     coordinator: str | None = None
+    #: jaccl: this rank's cables (peer rank, our interface, the peer's address on it),
+    #: whose routes are checked before init; () for ring.
+    peer_links: tuple[PeerLink, ...] = ()
 
     @property
     def wire_backend(self) -> WireBackend:
@@ -254,12 +258,16 @@ def release_delay(backend: str, rank: int, world_size: int, base_delay: float) -
     return 0.0
 
 
-async def check_plan(plan: InitPlan) -> None:
-    """Checks of the plan that need the system (jaccl: RDMA on, devices present)."""
+async def check_plan(plan: InitPlan, *, run: ToolRunner = run_tool,
+                     platform: str = sys.platform) -> None:
+    """Checks of the plan that need the system (jaccl: RDMA on, devices present, the
+    route to each peer). Tests bind ``run`` to recorded output and ``platform`` to
+    ``"darwin"`` (``functools.partial``)."""
     if plan.backend == "jaccl" and plan.world_size > 1:
         from clusterfsm.states.rdma import check_jaccl_plan
 
-        await check_jaccl_plan(plan.topology, plan.rank, plan.world_size)
+        await check_jaccl_plan(plan.topology, plan.rank, plan.world_size, run,
+                               peer_links=plan.peer_links, platform=platform)
 
 
 def installed_mlx_version() -> str:
@@ -361,7 +369,8 @@ class GroupInitializer:
         self.init_fn = init_fn
         self.run_blocking = run_blocking
         self.precheck = precheck
-        #: Runs on every rank before init (jaccl: rdma_ctl, ibv_devices, the matrix).
+        #: Runs on every rank before init (jaccl: rdma_ctl, ibv_devices, the matrix,
+        #: the route to each peer).
         self.plan_check = plan_check
         self.side_channel_supported = side_channel_supported
         #: The groups this process already has (MLX keeps one per backend per process).

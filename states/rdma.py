@@ -28,7 +28,8 @@ prints them all). Each check is a field failure seen on real Macs:
 - A peer reached by two cables (``cable_rails``, doctor, a warning): the rails must be
   the same cables at both ends.
 - ``route -n get PEER`` leaves through another interface than the port cabled to that
-  peer (``peer_route``: RTR errno 60).
+  peer (``peer_route``: RTR errno 60). The bootstrap checks every cable of its plan:
+  the peer's address heard there by discovery, the interface the matrix names for it.
 
 Parsing lives in :mod:`clusterfsm.states.macos_output`; running the tools is one
 injectable function (:mod:`clusterfsm.states.tools`), so every check is tested on
@@ -37,8 +38,10 @@ recorded real output.
 
 from __future__ import annotations
 
+import ipaddress
+import sys
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import attrs
 
@@ -59,12 +62,19 @@ from clusterfsm.states.macos_output import (
 from clusterfsm.states.preflight import (
     Finding,
     failed,
+    not_applicable,
     passed,
     raise_first_failure,
     warned,
 )
 from clusterfsm.states.tools import ToolRunner, run_tool
-from clusterfsm.states.topology import RDMA_PREFIX, Topology, check_matrix, devices_in_row
+from clusterfsm.states.topology import (
+    RDMA_PREFIX,
+    PeerLink,
+    Topology,
+    check_matrix,
+    devices_in_row,
+)
 
 #: Queue pairs one Thunderbolt RDMA device accepts (the 11th fails with EBUSY).
 MAX_QPS_PER_DEVICE = 10
@@ -282,14 +292,36 @@ async def interface_addressed(interface: str, run: ToolRunner) -> list[Finding]:
     return found
 
 
-async def route_to_peer(peer: str, interface: str, run: ToolRunner) -> Finding:
+async def route_to_peer(peer: str, interface: str, run: ToolRunner,
+                        who: str = "") -> Finding:
     """The kernel's route to ``peer`` leaves through ``interface``, the RDMA port
     cabled to it. If it leaves elsewhere (another port, the default route), jaccl
     cannot reach the peer's GID: 'RTR failed with errno 60' or 'Couldn't connect,
-    error 60'."""
+    error 60'. ``who`` names the peer in the detail (``rank 1``).
+
+    macOS only (``route -n get`` of Linux's net-tools means something else: the
+    caller says "not applicable" there, see :func:`peer_routes`). IPv4 only: an IPv6
+    peer would need ``route -n get -inet6``, and discovery's beacons are IPv4 anyway,
+    so one is reported as not checked. No ``route`` tool at all: not checked either.
+    """
+    name = f"{who} at {peer}" if who else peer
+    if ":" in peer:
+        return attrs.evolve(not_applicable(
+            "peer_route", f"the route to {name} is not checked: IPv6 needs "
+            f"`route -n get -inet6 {peer}`"), subject=interface)
+    try:
+        ipaddress.IPv4Address(peer)
+    except ValueError:
+        return attrs.evolve(not_applicable(
+            "peer_route", f"the route to {name} is not checked: not an IPv4 address"),
+            subject=interface)
     try:
         route: RouteLookup = parse_route_get(await run(["route", "-n", "get", peer]))
     except PrecheckFailed as exc:
+        if exc.check == "tool_missing":
+            return attrs.evolve(not_applicable(
+                "peer_route", f"the route to {name} is not checked: no `route` tool"),
+                subject=interface)
         return attrs.evolve(_tool_finding(exc), subject=interface)
     except UnreadableOutput as exc:
         return attrs.evolve(failed("peer_route", str(exc), f"run `route -n get {peer}` "
@@ -297,12 +329,25 @@ async def route_to_peer(peer: str, interface: str, run: ToolRunner) -> Finding:
     if route.interface != interface:
         via = f" via {route.gateway}" if route.gateway else ""
         return attrs.evolve(failed(
-            "peer_route", f"the route to {peer} leaves through {route.interface}{via}, "
+            "peer_route", f"the route to {name} leaves through {route.interface}{via}, "
             f"not {interface} (the port cabled to it): jaccl would fail with RTR errno 60",
-            f"`sudo route -n add -host {peer} -interface {interface}` (or `route -n "
-            f"change` if a host route exists)"), subject=interface)
-    return attrs.evolve(passed("peer_route", f"the route to {peer} leaves through "
+            f"`sudo route -n add -host {peer} -interface {interface}` (or `sudo route -n "
+            f"change -host {peer} -interface {interface}` if a host route exists)"),
+            subject=interface)
+    return attrs.evolve(passed("peer_route", f"the route to {name} leaves through "
                                f"{interface}"), subject=interface)
+
+
+async def peer_routes(links: Sequence[PeerLink], run: ToolRunner,
+                      platform: str = sys.platform) -> list[Finding]:
+    """:func:`route_to_peer` for every cable of this rank's plan (the peer's address
+    heard on it, the interface the device matrix uses for it); not applicable off
+    macOS."""
+    if platform != "darwin":
+        return [not_applicable("peer_route", f"not applicable on {platform}: the route "
+                               "check reads macOS's `route -n get`")]
+    return [await route_to_peer(link.address, link.interface, run, f"rank {link.rank}")
+            for link in links]
 
 
 async def cable_rails(run: ToolRunner) -> Finding | None:
@@ -377,14 +422,15 @@ async def rdma_findings(devices: Sequence[str], run: ToolRunner,
 
 async def check_jaccl_plan(topology: Topology, rank: int, world_size: int,
                            run: ToolRunner = run_tool,
-                           peer_routes: Mapping[str, str] | None = None) -> None:
+                           peer_links: Sequence[PeerLink] = (),
+                           platform: str = sys.platform) -> None:
     """Everything about this rank's jaccl setup that can be known before ``init``.
 
-    ``peer_routes`` maps a peer's address (as discovery heard it) to the interface
-    cabled to that peer; each route is checked with ``route -n get``."""
+    ``peer_links`` are this rank's cables as its plan uses them (each peer's address
+    heard on the interface the matrix names for it): each route is checked with
+    ``route -n get``."""
     check_matrix(topology, world_size)
     raise_first_failure([qp_budget(topology, rank), mr_budget(topology, rank)])
     devices = list(dict.fromkeys(devices_in_row(topology, rank)))
     raise_first_failure(await rdma_findings(devices, run))
-    raise_first_failure([await route_to_peer(peer, interface, run)
-                         for peer, interface in (peer_routes or {}).items()])
+    raise_first_failure(await peer_routes(peer_links, run, platform))
