@@ -30,6 +30,9 @@ prints them all). Each check is a field failure seen on real Macs:
 - ``route -n get PEER`` leaves through another interface than the port cabled to that
   peer (``peer_route``: RTR errno 60). The bootstrap checks every cable of its plan:
   the peer's address heard there by discovery, the interface the matrix names for it.
+- The init attempts since boot that may still hold protection domains on a device
+  (the ledger of :mod:`clusterfsm.states.initledger`), plus this init's, exceed the
+  device's ``max_pd`` (``pd_budget``: RTR errno 96 after repeated inits).
 
 Parsing lives in :mod:`clusterfsm.states.macos_output`; running the tools is one
 injectable function (:mod:`clusterfsm.states.tools`), so every check is tested on
@@ -41,11 +44,12 @@ from __future__ import annotations
 import ipaddress
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import attrs
 
 from clusterfsm.states.errors import PrecheckFailed
+from clusterfsm.states.initledger import InitLedger, LedgerUnavailable, NoLedger, pid_running
 from clusterfsm.states.macos_output import (
     RouteLookup,
     ThunderboltReceptacle,
@@ -67,7 +71,7 @@ from clusterfsm.states.preflight import (
     raise_first_failure,
     warned,
 )
-from clusterfsm.states.tools import ToolRunner, run_tool
+from clusterfsm.states.tools import ToolRunner, remembering, run_tool
 from clusterfsm.states.topology import (
     RDMA_PREFIX,
     PeerLink,
@@ -350,6 +354,83 @@ async def peer_routes(links: Sequence[PeerLink], run: ToolRunner,
             for link in links]
 
 
+# -- protection domains (the init ledger) ---------------------------------------------
+
+#: After this init, fewer protection domains than this left on a device: a warning.
+PD_WARN_HEADROOM = 2
+PD_REMEDY = ("reboot (the count starts over at boot); first kill leftover rank "
+             "processes (`clusterfsm doctor` lists them); do not loop init retries")
+
+
+def _whose(pids: Sequence[int], running: Callable[[int], bool]) -> str:
+    """Which of the attempts' processes still run (kill those first)."""
+    alive = sorted({p for p in pids if running(p)})
+    gone = sorted(set(pids) - set(alive))
+    parts = [f"still running: pid {', '.join(map(str, alive))}"] if alive else []
+    if gone:
+        parts.append(f"ended without a clean exit: pid {', '.join(map(str, gone))}")
+    return "; ".join(parts)
+
+
+async def pd_budget(need: Mapping[str, int], run: ToolRunner,
+                    ledger: InitLedger | NoLedger | None,
+                    running: Callable[[int], bool] = pid_running) -> list[Finding]:
+    """Protection domains per device: the attempts since boot that may still hold
+    some (:mod:`clusterfsm.states.initledger`), plus what this init needs (one per
+    connection: ``need``), against ``max_pd`` from ``ibv_devinfo -v``.
+
+    Fails only when this init would not fit (used + need > max_pd): the ledger counts
+    a killed rank until reboot, so it may count more than is really held, and refusing
+    earlier would stop a Mac that can still start. Warns when fewer than
+    ``PD_WARN_HEADROOM`` would be left, so an operator sees it coming (other programs'
+    protection domains, such as an ``mlx.launch`` job's, are not in the ledger).
+    """
+    if ledger is None:
+        return []
+    try:
+        view = await ledger.view()
+    except LedgerUnavailable as exc:
+        return [warned("pd_budget", f"{exc}: protection domains are not counted",
+                       "check that the directory is writable and `sysctl kern.boottime` "
+                       "answers")]
+    if view is None:
+        return []
+    found: list[Finding] = []
+    for device, n in need.items():
+        try:
+            infos = parse_ibv_devinfo(await run(["ibv_devinfo", "-v", "-d", device]))
+        except PrecheckFailed as exc:
+            found.append(attrs.evolve(_tool_finding(exc), subject=device))
+            continue
+        info = next((i for i in infos if i.name == device), None)
+        if info is None or info.max_pd is None:
+            found.append(attrs.evolve(warned(
+                "pd_budget", f"`ibv_devinfo -v -d {device}` shows no max_pd: protection "
+                "domains are not counted", f"run `ibv_devinfo -v -d {device}` by hand"),
+                subject=device))
+            continue
+        used, limit = view.used(device), info.max_pd
+        pids = view.pids(device)
+        held = (f"{len(pids)} jaccl init attempt(s) since boot ({_whose(pids, running)}) "
+                f"may still hold {used}" if pids else
+                "no jaccl init attempt since boot holds any")
+        unreadable = (f"; {view.unreadable} ledger entr(ies) in {view.path} unreadable"
+                      if view.unreadable else "")
+        detail = (f"{device}: {held} of its {limit} protection domains (max_pd); this "
+                  f"init needs {n}{unreadable}")
+        if used + n > limit:
+            found.append(attrs.evolve(failed(
+                "pd_budget", f"{detail}: jaccl would fail with 'Changing queue pair to "
+                f"RTR failed with errno 96' (ledger: {view.path})", PD_REMEDY),
+                subject=device))
+        elif limit - used - n < PD_WARN_HEADROOM:
+            found.append(attrs.evolve(warned("pd_budget", detail, PD_REMEDY),
+                                      subject=device))
+        else:
+            found.append(attrs.evolve(passed("pd_budget", detail), subject=device))
+    return found
+
+
 async def cable_rails(run: ToolRunner) -> Finding | None:
     """Peers reached by more than one cable (one domain UUID on several receptacles).
 
@@ -423,14 +504,19 @@ async def rdma_findings(devices: Sequence[str], run: ToolRunner,
 async def check_jaccl_plan(topology: Topology, rank: int, world_size: int,
                            run: ToolRunner = run_tool,
                            peer_links: Sequence[PeerLink] = (),
+                           ledger: InitLedger | NoLedger | None = None,
                            platform: str = sys.platform) -> None:
     """Everything about this rank's jaccl setup that can be known before ``init``.
 
     ``peer_links`` are this rank's cables as its plan uses them (each peer's address
     heard on the interface the matrix names for it): each route is checked with
-    ``route -n get``."""
+    ``route -n get``. ``ledger`` counts the init attempts since boot against the
+    devices' ``max_pd`` (None: not counted)."""
     check_matrix(topology, world_size)
     raise_first_failure([qp_budget(topology, rank), mr_budget(topology, rank)])
-    devices = list(dict.fromkeys(devices_in_row(topology, rank)))
+    run = remembering(run)  # ibv_devinfo serves the port check and max_pd
+    row = devices_in_row(topology, rank)
+    devices = list(dict.fromkeys(row))
     raise_first_failure(await rdma_findings(devices, run))
+    raise_first_failure(await pd_budget(Counter(row), run, ledger))
     raise_first_failure(await peer_routes(peer_links, run, platform))

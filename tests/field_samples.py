@@ -74,3 +74,19 @@ def m4pro_mac(**over: str) -> FakeTools:
     answers.update(over)
     return FakeTools(answers)
 
+
+def with_max_pd(text: str, device: str, max_pd: int) -> str:
+    """``ibv_devinfo -v`` output with a ``max_pd:`` line added to ``device``'s block.
+
+    SYNTHESIZED: no recorded macOS ``ibv_devinfo -v`` shows its device limits (the
+    field notes' gaps: no unelided paste was found). One user reported reading
+    ``max_pd 11`` there. The line is written in rdma-core's ``ibv_devinfo -v`` layout
+    (tab, ``max_pd:``, tabs, the number) right after the device's ``hca_id:`` line,
+    where rdma-core prints the device attributes, onto a real recorded block.
+    """
+    out: list[str] = []
+    for line in text.splitlines(keepends=True):
+        out.append(line)
+        if line.split(":", 1)[0].strip() == "hca_id" and line.split()[-1] == device:
+            out.append(f"\tmax_pd:\t\t\t\t{max_pd}\n")
+    return "".join(out)
