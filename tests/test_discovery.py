@@ -499,6 +499,7 @@ async def test_routes_through_the_cabled_port_pass_and_each_init_is_recorded(
              for i in (0, 1)}
     results = await run_nodes(links, specs, inits, hosts=MAC_ADDRESSES)
     assert [r.state for r in results] == ["closed"] * 2, [r.error for r in results]
+    assert all(f"route -n get {MAC_ADDRESSES[1 - i]}" in tools[i].calls for i in (0, 1))
     view = await ledger.view()
     assert view.used("rdma_en4") == 2  # one attempt per rank, both in this process
     for entry in os.listdir(tmp_path / "ledger"):
