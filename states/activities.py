@@ -57,7 +57,7 @@ from clusterfsm.states.link import (
 from clusterfsm.states.linkstates import guard_links
 from clusterfsm.states.seal import warm_up
 from clusterfsm.states.sidechannel import JacclSideChannel
-from clusterfsm.states.topology import Topology, build_device_matrix
+from clusterfsm.states.topology import PeerLink, Topology, build_device_matrix, peer_links
 
 #: How long after the soft init deadline the watchdog kills a rank frozen in init.
 HARD_DEADLINE_GRACE = 0.5
@@ -118,6 +118,7 @@ async def discovering(ctx: ClusterContext) -> str:
         ctx, lambda: discover(sockets, ctx.config.key, sockets[0][1]))
     ctx.node_ranks = dict(election.ranks)
     ctx.peer_interfaces = {node: peer.interfaces for node, peer in heard.peers.items()}
+    ctx.peer_addresses = {node: dict(peer.addresses) for node, peer in heard.peers.items()}
     ctx.beacons = trio.CancelScope()
     ctx.nursery.start_soon(_announce, ctx.beacons, sockets, ctx.config.key)
     if not ctx.is_coordinator:
@@ -200,7 +201,7 @@ async def exchanging_bootstrap(ctx: ClusterContext) -> str:
             reports[rank] = dict(report.links)
         topology, coordinator = _decide_topology(ctx, backend, reports)
         ctx.plan = InitPlan(backend, 0, ctx.world_size, topology, ctx.session_id,
-                            coordinator)
+                            coordinator, _peer_links(ctx, backend, topology))
         for link in ctx.links.values():  # none in a group of one
             await link.send(BootstrapPayload(
                 coordinator_port=Address.parse(coordinator).port if coordinator else 0,
@@ -238,9 +239,9 @@ async def exchanging_bootstrap(ctx: ClusterContext) -> str:
                 "side_channel", "rank 0 runs jaccl's metadata exchange over the control "
                 "link (init(all_gather_factory=...)), which this rank's mlx lacks: "
                 "install mlx >= 0.32.1 on every rank")
-        await link.send(BootstrapAck(ctx.session_id))
         ctx.plan = InitPlan(backend, ctx.rank, ctx.world_size, frame.topology, ctx.session_id,
-                            coordinator)
+                            coordinator, _peer_links(ctx, backend, frame.topology))
+        await link.send(BootstrapAck(ctx.session_id))
     if ctx.beacons is not None:
         # Every rank is in the session now (the frame proves it to joiners): stop
         # announcing. Not earlier: a slower node may still need to hear us.
@@ -271,6 +272,18 @@ def _decide_topology(ctx: ClusterContext, backend: str,
     if ctx.initializer.side_channel_supported():
         return matrix, None
     return matrix, f"{_ring_host(ctx.hosts[0])}:{ctx.data_ports[0]}"
+
+
+def _peer_links(ctx: ClusterContext, backend: str, matrix: Topology
+                ) -> tuple[PeerLink, ...]:
+    """jaccl: this rank's cables as the matrix uses them, each with the peer's address
+    heard there by discovery (no new wire field: every rank heard every peer's
+    beacons), for the route check before init."""
+    if backend != "jaccl" or ctx.world_size == 1:
+        return ()
+    heard = {ctx.node_ranks[node]: addresses
+             for node, addresses in ctx.peer_addresses.items() if node in ctx.node_ranks}
+    return peer_links(matrix, ctx.rank, heard)
 
 
 def _ring_host(control_host: str) -> str:

@@ -99,6 +99,8 @@ class ClusterContext:
     node_ranks: dict[bytes, int] = attrs.field(factory=dict)
     dial_targets: list[tuple[Address, str | None]] = attrs.field(factory=list)
     peer_interfaces: dict[bytes, tuple[str, ...]] = attrs.field(factory=dict)
+    #: Interface discovery: each peer's address on each of our interfaces that heard it.
+    peer_addresses: dict[bytes, dict[str, str]] = attrs.field(factory=dict)
     listeners_by_interface: dict[str, Listener] = attrs.field(factory=dict)
     beacons: trio.CancelScope | None = None
     #: In ``ready``: app messages (made on first use, :meth:`app`), the off-loop

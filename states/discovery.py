@@ -132,6 +132,9 @@ class Peer:
     control_port: int
     rank_claim: int
     interfaces: tuple[str, ...]  # our interfaces that heard it (topology)
+    #: ``(our interface, its address there)``: where its first beacon on each of our
+    #: interfaces came from (the jaccl route check asks the kernel about each).
+    addresses: tuple[tuple[str, str], ...] = ()
 
 
 @attrs.define
@@ -178,11 +181,13 @@ class DiscoveryState:
         old = self.peers.get(beacon.node_id)
         if old is None:
             self.peers[beacon.node_id] = Peer(beacon.node_id, source, beacon.control_port,
-                                              beacon.rank_claim, (interface,))
+                                              beacon.rank_claim, (interface,),
+                                              ((interface, source),))
             return True
         if interface not in old.interfaces:
             self.peers[beacon.node_id] = attrs.evolve(
-                old, interfaces=(*old.interfaces, interface))
+                old, interfaces=(*old.interfaces, interface),
+                addresses=(*old.addresses, (interface, source)))
         return False
 
     def _report(self, text: str) -> None:

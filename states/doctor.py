@@ -36,6 +36,7 @@ from clusterfsm.states.discovery import (
 )
 from clusterfsm.states.errors import BackendUnavailable, InterfaceUnavailable, PrecheckFailed
 from clusterfsm.states.exitcodes import EXIT_FAILED, EXIT_OK
+from clusterfsm.states.initledger import InitLedger, NoLedger, default_ledger
 from clusterfsm.states.keys import KeyFileError, load_key
 from clusterfsm.states.localfiles import LocalFileError
 from clusterfsm.states.netif import InterfaceStatus, interface_status
@@ -49,12 +50,12 @@ from clusterfsm.states.preflight import (
     warned,
 )
 from clusterfsm.states.rdma import (
-    ToolRunner,
     cable_rails,
+    pd_budget,
     rdma_findings,
     route_to_peer,
-    run_tool,
 )
+from clusterfsm.states.tools import ToolRunner, remembering, run_tool
 from clusterfsm.states.topology import device_name
 
 #: How long doctor listens for the peers' beacons on each interface (they beacon
@@ -96,6 +97,10 @@ class Host:
     probe: Callable[[str], InterfaceStatus] = interface_status
     backend_check: Callable[[str], None] | None = None  # default: groupinit's
     mlx_version: Callable[[], str] | None = None  # default: import mlx
+    #: The jaccl init ledger (read only here); default: this user's, with the boot
+    #: time asked through ``run``.
+    ledger: InitLedger | NoLedger = attrs.field(default=attrs.Factory(
+        lambda self: default_ledger(self.run, self.platform), takes_self=True))
 
     @property
     def macos(self) -> bool:
@@ -190,11 +195,16 @@ async def rdma_checks(options: DoctorOptions, host: Host, jaccl_wanted: bool,
         return [not_applicable(
             "rdma", f"not applicable on {host.platform}: RDMA over Thunderbolt "
             "(rdma_ctl, ibv_devices, jaccl) exists only on macOS 26.2+")]
+    run = remembering(host.run)  # system_profiler and ibv_devinfo serve several checks
     devices = [device_name(name) for name in options.interfaces]
-    found = await rdma_findings(devices, host.run, speed=True)
+    found = await rdma_findings(devices, run, speed=True)
+    if devices and len(found) > 1 and not (found[0].failed or found[1].failed):
+        # RDMA is on and every device is there: count the init attempts since boot
+        # against each device's max_pd (one connection per device: a peer per port)
+        found.extend(await pd_budget(dict.fromkeys(devices, 1), run, host.ledger))
     for interface, peers in (heard or {}).items():
-        found.extend([await route_to_peer(peer, interface, host.run) for peer in peers])
-    rails = await cable_rails(host.run)
+        found.extend([await route_to_peer(peer, interface, run) for peer in peers])
+    rails = await cable_rails(run)
     if rails is not None:
         found.append(rails)
     if not jaccl_wanted:  # ring does not need RDMA: say it, do not fail on it
@@ -305,7 +315,9 @@ async def leftover_ranks(host: Host) -> Finding:
     left over from an earlier run keeps its RDMA protection domains and queue pairs
     until it exits (one user measured 11 of each per device; jaccl then fails with "RTR errno 96"
     after an idle night, and retrying ``init`` only leaks more), and holds the beacon
-    and data ports. A process that merely mentions MLX may be no rank: a warning."""
+    and data ports. A process that merely mentions MLX may be no rank: a warning.
+    (``pd_budget`` counts clusterfsm's own init attempts since boot against
+    ``max_pd``; this check also sees other MLX programs.)"""
     try:
         table = await host.run(["ps", "-U", str(os.getuid()), "-o", "pid=,args="])
     except PrecheckFailed as exc:

@@ -29,6 +29,7 @@ it live in :mod:`clusterfsm.states.activities` and :mod:`clusterfsm.states.watch
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import re
@@ -44,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import attrs
 import trio
 
+from clusterfsm.fsm import note_outcome
 from clusterfsm.states.codec import WireBackend
 from clusterfsm.states.errors import (
     BackendUnavailable,
@@ -52,6 +54,7 @@ from clusterfsm.states.errors import (
     GroupSizeMismatch,
     PrecheckFailed,
 )
+from clusterfsm.states.initledger import InitLedger, LedgerUnavailable, NoLedger, default_ledger
 from clusterfsm.states.ringwindow import (
     VERBOSE_ENV,
     ConnectBackoff,
@@ -64,7 +67,8 @@ from clusterfsm.states.ringwindow import (
     wants_no_preemption,
 )
 from clusterfsm.states.sidechannel import AllGatherFactory, JacclSideChannel
-from clusterfsm.states.topology import Topology
+from clusterfsm.states.tools import ToolRunner, run_tool
+from clusterfsm.states.topology import PeerLink, Topology, devices_in_row
 
 if TYPE_CHECKING:
     from mlx.core.distributed import Group as MlxGroup
@@ -101,6 +105,9 @@ class InitPlan:
     topology: Topology
     session_id: bytes
     coordinator: str | None = None
+    #: jaccl: this rank's cables (peer rank, our interface, the peer's address on it),
+    #: whose routes are checked before init; () for ring.
+    peer_links: tuple[PeerLink, ...] = ()
 
     @property
     def wire_backend(self) -> WireBackend:
@@ -322,12 +329,19 @@ def release_delay(backend: str, rank: int, world_size: int, base_delay: float) -
     return 0.0
 
 
-async def check_plan(plan: InitPlan) -> None:
-    """Checks of the plan that need the system (jaccl: RDMA on, devices present)."""
+async def check_plan(plan: InitPlan, *, run: ToolRunner = run_tool,
+                     ledger: InitLedger | NoLedger | None = None,
+                     platform: str = sys.platform) -> None:
+    """Checks of the plan that need the system (jaccl: RDMA on, devices present, the
+    route to each peer, protection domains left against ``ledger``). Tests bind
+    ``run`` to recorded output and ``platform`` to ``"darwin"``
+    (``functools.partial``)."""
     if plan.backend == "jaccl" and plan.world_size > 1:
         from clusterfsm.states.rdma import check_jaccl_plan
 
-        await check_jaccl_plan(plan.topology, plan.rank, plan.world_size)
+        await check_jaccl_plan(plan.topology, plan.rank, plan.world_size, run,
+                               peer_links=plan.peer_links, ledger=ledger,
+                               platform=platform)
 
 
 def installed_mlx_version() -> str:
@@ -420,17 +434,24 @@ class GroupInitializer:
         run_blocking: Callable[[Callable[[], Group]], Any] = _in_worker_thread,
         precheck: Callable[[str], None] = check_backend_available,
         prepare: Callable[[], None] | None = None,
-        plan_check: Callable[[InitPlan], Awaitable[None]] = check_plan,
+        plan_check: Callable[[InitPlan], Awaitable[None]] | None = None,
         side_channel_supported: Callable[[], bool] = supports_all_gather_factory,
         groups: InitializedGroups = PROCESS_GROUPS,
         mlx_version: Callable[[], str] | None = None,
         first_listener: Callable[[InitPlan], Awaitable[None]] | None = None,
+        ledger: InitLedger | NoLedger | None = None,
     ) -> None:
         self.init_fn = init_fn
         self.run_blocking = run_blocking
         self.precheck = precheck
-        #: Runs on every rank before init (jaccl: rdma_ctl, ibv_devices, the matrix).
-        self.plan_check = plan_check
+        #: jaccl init attempts since boot (this user's ledger unless given): recorded
+        #: right before each jaccl init, counted by the default plan check.
+        self.ledger: InitLedger | NoLedger = (ledger if ledger is not None
+                                              else default_ledger())
+        #: Runs on every rank before init (jaccl: rdma_ctl, ibv_devices, the matrix,
+        #: routes, protection domains).
+        self.plan_check: Callable[[InitPlan], Awaitable[None]] = (
+            plan_check or functools.partial(check_plan, ledger=self.ledger))
         self.side_channel_supported = side_channel_supported
         #: The groups this process already has (MLX keeps one per backend per process).
         self.groups = groups
@@ -464,6 +485,10 @@ class GroupInitializer:
         self.groups.check_fresh(plan.backend)  # checked before the barrier too
         self.backoff = None
         await self.first_listener(plan)
+        if plan.backend == "jaccl" and plan.world_size > 1:
+            # before the env is patched: the env is the process's, and nothing may run
+            # between patching it and the call (fake ranks in one process share it)
+            await self._record_attempt(plan)
         calm = wants_no_preemption(plan.backend, plan.rank, plan.world_size)
 
         def call() -> Group:
@@ -494,6 +519,14 @@ class GroupInitializer:
         if group.size() != plan.world_size:
             raise GroupSizeMismatch(plan.world_size, group.size())
         return group
+
+    async def _record_attempt(self, plan: InitPlan) -> None:
+        """Put this jaccl init in the ledger (one protection domain per connection of
+        the row) right before MLX allocates them; a ledger that cannot be written is
+        a warning on the trace, never a reason not to init."""
+        outcome = await self.ledger.record(devices_in_row(plan.topology, plan.rank))
+        if isinstance(outcome, LedgerUnavailable):
+            note_outcome(f"{outcome}; this init attempt is not counted")
 
     @contextmanager
     def _ring_log(self, observe: bool, plan: InitPlan, files: TopologyDir,

@@ -212,6 +212,8 @@ BOOTSTRAP: MachineSpec = machine_spec(
         ErrorState("precheck_failed", PrecheckFailed,
                    doc="A check before mx.distributed.init failed (RDMA disabled, RDMA "
                        "device missing or down, device matrix incomplete or malformed, "
+                       "the route to a peer leaving through another interface than its "
+                       "cable, the init attempts since boot at the device's max_pd, "
                        "no all_gather_factory in this mlx, no IPv4 ring address for a "
                        "rank); MLX was never called.",
                    remedy="The detail names the check and the command to run; see "

@@ -15,6 +15,11 @@ What they had to learn from those recordings:
 - ``en`` numbers are not in port order (Thunderbolt 1/2/3 = en1/en6/en2), so the port
   number comes from ``networksetup -listallhardwareports``, never from the name.
 - ``rdma_ctl status`` prints one word; read the last line.
+- ``ibv_devinfo -v`` gives the device's limits (``max_pd``, protection domains the
+  device holds at once for every process together) above its port blocks.
+- ``sysctl kern.boottime`` prints a ``struct timeval`` (``{ sec = S, usec = U }``)
+  and then the date; a listing of the whole ``kern`` tree adds a second
+  ``kern.boottime = <date>`` line without the seconds.
 - ``route -n get ADDR`` prints ``key: value`` lines (``interface: en1``), a gateway line
   may carry more words after the address, and the metrics table has no colon.
 - ``system_profiler SPThunderboltDataType`` nests a peer behind a hub one or more
@@ -119,6 +124,9 @@ class VerbsDevice:
     name: str
     transport: str = ""
     ports: tuple[VerbsPort, ...] = ()
+    #: ``max_pd:`` of ``ibv_devinfo -v`` (protection domains the device can hold at
+    #: once, all processes together); None when the output does not say.
+    max_pd: int | None = None
 
     @property
     def active(self) -> bool:
@@ -148,6 +156,7 @@ def parse_ibv_devinfo(text: str) -> tuple[VerbsDevice, ...]:
     devices: list[VerbsDevice] = []
     name: str | None = None
     transport = ""
+    max_pd: int | None = None
     ports: list[dict[str, Any]] = []
 
     def flush() -> None:
@@ -155,7 +164,7 @@ def parse_ibv_devinfo(text: str) -> tuple[VerbsDevice, ...]:
             devices.append(VerbsDevice(name, transport, tuple(
                 VerbsPort(p["number"], p.get("state", ""), p.get("link_layer", ""),
                           p.get("active_mtu", ""), tuple(p.get("gids", ())))
-                for p in ports)))
+                for p in ports), max_pd))
 
     for line in _content_lines(text):
         key, sep, value = line.strip().partition(":")
@@ -164,12 +173,14 @@ def parse_ibv_devinfo(text: str) -> tuple[VerbsDevice, ...]:
         key, value = key.strip(), value.strip()
         if key == "hca_id":
             flush()
-            name, transport, ports = value.split()[0] if value else "", "", []
+            name, transport, max_pd, ports = value.split()[0] if value else "", "", None, []
             continue
         if name is None:
             continue
         if key == "transport":
             transport = value
+        elif key == "max_pd" and value.split() and value.split()[0].isdigit():
+            max_pd = int(value.split()[0])
         elif key == "port" and value.split() and value.split()[0].isdigit():
             ports.append({"number": int(value.split()[0])})
         elif key in ("state", "link_layer", "active_mtu", "GID") or _GID.match(key):
@@ -185,6 +196,27 @@ def parse_ibv_devinfo(text: str) -> tuple[VerbsDevice, ...]:
                 ports[-1][key] = value
     flush()
     return tuple(devices)
+
+
+# -- sysctl kern.boottime ------------------------------------------------------------
+
+_BOOTTIME = re.compile(r"\{\s*sec\s*=\s*(\d+)\s*,\s*usec\s*=\s*(\d+)\s*\}")
+
+
+def parse_sysctl_boottime(text: str) -> int:
+    """When the Mac booted (Unix seconds), from ``sysctl kern.boottime``.
+
+    The value is a ``struct timeval`` printed as ``{ sec = S, usec = U }`` followed by
+    the date (``kern.boottime: { sec = 1426005997, usec = 0 } Tue Mar 10 11:46:37
+    2015``; ``-n`` drops the name). Only that form is read: ``sysctl`` of a whole
+    subtree also prints a ``kern.boottime = <date>`` line, which has no seconds.
+    """
+    for line in _content_lines(text):
+        match = _BOOTTIME.search(line)
+        if match:
+            return int(match.group(1))
+    raise UnreadableOutput(f"no '{{ sec = ..., usec = ... }}' in sysctl output: "
+                           f"{text.strip()[:120]!r}")
 
 
 # -- route -n get ADDR ---------------------------------------------------------------

@@ -28,21 +28,28 @@ prints them all). Each check is a field failure seen on real Macs:
 - A peer reached by two cables (``cable_rails``, doctor, a warning): the rails must be
   the same cables at both ends.
 - ``route -n get PEER`` leaves through another interface than the port cabled to that
-  peer (``peer_route``: RTR errno 60).
+  peer (``peer_route``: RTR errno 60). The bootstrap checks every cable of its plan:
+  the peer's address heard there by discovery, the interface the matrix names for it.
+- The init attempts since boot that may still hold protection domains on a device
+  (the ledger of :mod:`clusterfsm.states.initledger`), plus this init's, exceed the
+  device's ``max_pd`` (``pd_budget``: RTR errno 96 after repeated inits).
 
 Parsing lives in :mod:`clusterfsm.states.macos_output`; running the tools is one
-injectable function, so every check is tested on recorded real output.
+injectable function (:mod:`clusterfsm.states.tools`), so every check is tested on
+recorded real output.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import sys
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import attrs
-import trio
 
 from clusterfsm.states.errors import PrecheckFailed
+from clusterfsm.states.initledger import InitLedger, LedgerUnavailable, NoLedger, pid_running
 from clusterfsm.states.macos_output import (
     RouteLookup,
     ThunderboltReceptacle,
@@ -59,15 +66,20 @@ from clusterfsm.states.macos_output import (
 from clusterfsm.states.preflight import (
     Finding,
     failed,
+    not_applicable,
     passed,
     raise_first_failure,
     warned,
 )
-from clusterfsm.states.topology import RDMA_PREFIX, Topology, check_matrix, devices_in_row
+from clusterfsm.states.tools import ToolRunner, remembering, run_tool
+from clusterfsm.states.topology import (
+    RDMA_PREFIX,
+    PeerLink,
+    Topology,
+    check_matrix,
+    devices_in_row,
+)
 
-#: Seconds one system tool may take before the check reports it as hung
-#: (``system_profiler`` takes about a second).
-TOOL_TIMEOUT = 5.0
 #: Queue pairs one Thunderbolt RDMA device accepts (the 11th fails with EBUSY).
 MAX_QPS_PER_DEVICE = 10
 #: Memory regions one Thunderbolt RDMA device accepts (reported on macOS 26.3; past it
@@ -81,33 +93,6 @@ JACCL_BUFFER_SIZES = 8
 
 ENABLE_RDMA = ("boot into macOS Recovery, run `rdma_ctl enable` in Terminal, reboot "
                "(on every Mac)")
-
-# -- running the tools --------------------------------------------------------------
-
-ToolRunner = Callable[[Sequence[str]], Awaitable[str]]
-
-
-async def run_tool(argv: Sequence[str]) -> str:
-    """stdout of a system tool; a missing, failing or hung tool is PrecheckFailed."""
-    try:
-        with trio.fail_after(TOOL_TIMEOUT):
-            done = await trio.run_process(list(argv), capture_stdout=True,
-                                          capture_stderr=True, check=False)
-    except FileNotFoundError:
-        raise PrecheckFailed("tool_missing", f"`{argv[0]}` is not installed: jaccl needs "
-                             "macOS 26.2+ with RDMA over Thunderbolt") from None
-    except OSError as exc:  # not executable, no processes left, ...
-        raise PrecheckFailed("tool_failed", f"cannot run `{argv[0]}`: {exc}") from None
-    except trio.TooSlowError:
-        raise PrecheckFailed("tool_hung", f"`{' '.join(argv)}` did not answer in "
-                             f"{TOOL_TIMEOUT:g} s") from None
-    out = done.stdout.decode(errors="replace")
-    if done.returncode != 0:
-        err = done.stderr.decode(errors="replace").strip()
-        raise PrecheckFailed("tool_failed", f"`{' '.join(argv)}` exited "
-                             f"{done.returncode}: {(err or out)[:200]}")
-    return out
-
 
 def _tool_finding(exc: PrecheckFailed) -> Finding:
     remedy = {"tool_missing": "update to macOS 26.2 or later (or use --backend ring)",
@@ -311,14 +296,36 @@ async def interface_addressed(interface: str, run: ToolRunner) -> list[Finding]:
     return found
 
 
-async def route_to_peer(peer: str, interface: str, run: ToolRunner) -> Finding:
+async def route_to_peer(peer: str, interface: str, run: ToolRunner,
+                        who: str = "") -> Finding:
     """The kernel's route to ``peer`` leaves through ``interface``, the RDMA port
     cabled to it. If it leaves elsewhere (another port, the default route), jaccl
     cannot reach the peer's GID: 'RTR failed with errno 60' or 'Couldn't connect,
-    error 60'."""
+    error 60'. ``who`` names the peer in the detail (``rank 1``).
+
+    macOS only (``route -n get`` of Linux's net-tools means something else: the
+    caller says "not applicable" there, see :func:`peer_routes`). IPv4 only: an IPv6
+    peer would need ``route -n get -inet6``, and discovery's beacons are IPv4 anyway,
+    so one is reported as not checked. No ``route`` tool at all: not checked either.
+    """
+    name = f"{who} at {peer}" if who else peer
+    if ":" in peer:
+        return attrs.evolve(not_applicable(
+            "peer_route", f"the route to {name} is not checked: IPv6 needs "
+            f"`route -n get -inet6 {peer}`"), subject=interface)
+    try:
+        ipaddress.IPv4Address(peer)
+    except ValueError:
+        return attrs.evolve(not_applicable(
+            "peer_route", f"the route to {name} is not checked: not an IPv4 address"),
+            subject=interface)
     try:
         route: RouteLookup = parse_route_get(await run(["route", "-n", "get", peer]))
     except PrecheckFailed as exc:
+        if exc.check == "tool_missing":
+            return attrs.evolve(not_applicable(
+                "peer_route", f"the route to {name} is not checked: no `route` tool"),
+                subject=interface)
         return attrs.evolve(_tool_finding(exc), subject=interface)
     except UnreadableOutput as exc:
         return attrs.evolve(failed("peer_route", str(exc), f"run `route -n get {peer}` "
@@ -326,12 +333,102 @@ async def route_to_peer(peer: str, interface: str, run: ToolRunner) -> Finding:
     if route.interface != interface:
         via = f" via {route.gateway}" if route.gateway else ""
         return attrs.evolve(failed(
-            "peer_route", f"the route to {peer} leaves through {route.interface}{via}, "
+            "peer_route", f"the route to {name} leaves through {route.interface}{via}, "
             f"not {interface} (the port cabled to it): jaccl would fail with RTR errno 60",
-            f"`sudo route -n add -host {peer} -interface {interface}` (or `route -n "
-            f"change` if a host route exists)"), subject=interface)
-    return attrs.evolve(passed("peer_route", f"the route to {peer} leaves through "
+            f"`sudo route -n add -host {peer} -interface {interface}` (or `sudo route -n "
+            f"change -host {peer} -interface {interface}` if a host route exists)"),
+            subject=interface)
+    return attrs.evolve(passed("peer_route", f"the route to {name} leaves through "
                                f"{interface}"), subject=interface)
+
+
+async def peer_routes(links: Sequence[PeerLink], run: ToolRunner,
+                      platform: str = sys.platform) -> list[Finding]:
+    """:func:`route_to_peer` for every cable of this rank's plan (the peer's address
+    heard on it, the interface the device matrix uses for it); not applicable off
+    macOS."""
+    if platform != "darwin":
+        return [not_applicable("peer_route", f"not applicable on {platform}: the route "
+                               "check reads macOS's `route -n get`")]
+    return [await route_to_peer(link.address, link.interface, run, f"rank {link.rank}")
+            for link in links]
+
+
+# -- protection domains (the init ledger) ---------------------------------------------
+
+#: After this init, fewer protection domains than this left on a device: a warning.
+PD_WARN_HEADROOM = 2
+PD_REMEDY = ("reboot (the count starts over at boot); first kill leftover rank "
+             "processes (`clusterfsm doctor` lists them); do not loop init retries")
+
+
+def _whose(pids: Sequence[int], running: Callable[[int], bool]) -> str:
+    """Which of the attempts' processes still run (kill those first)."""
+    alive = sorted({p for p in pids if running(p)})
+    gone = sorted(set(pids) - set(alive))
+    parts = [f"still running: pid {', '.join(map(str, alive))}"] if alive else []
+    if gone:
+        parts.append(f"ended without a clean exit: pid {', '.join(map(str, gone))}")
+    return "; ".join(parts)
+
+
+async def pd_budget(need: Mapping[str, int], run: ToolRunner,
+                    ledger: InitLedger | NoLedger | None,
+                    running: Callable[[int], bool] = pid_running) -> list[Finding]:
+    """Protection domains per device: the attempts since boot that may still hold
+    some (:mod:`clusterfsm.states.initledger`), plus what this init needs (one per
+    connection: ``need``), against ``max_pd`` from ``ibv_devinfo -v``.
+
+    Fails only when this init would not fit (used + need > max_pd): the ledger counts
+    a killed rank until reboot, so it may count more than is really held, and refusing
+    earlier would stop a Mac that can still start. Warns when fewer than
+    ``PD_WARN_HEADROOM`` would be left, so an operator sees it coming (other programs'
+    protection domains, such as an ``mlx.launch`` job's, are not in the ledger).
+    """
+    if ledger is None:
+        return []
+    try:
+        view = await ledger.view()
+    except LedgerUnavailable as exc:
+        return [warned("pd_budget", f"{exc}: protection domains are not counted",
+                       "check that the directory is writable and `sysctl kern.boottime` "
+                       "answers")]
+    if view is None:
+        return []
+    found: list[Finding] = []
+    for device, n in need.items():
+        try:
+            infos = parse_ibv_devinfo(await run(["ibv_devinfo", "-v", "-d", device]))
+        except PrecheckFailed as exc:
+            found.append(attrs.evolve(_tool_finding(exc), subject=device))
+            continue
+        info = next((i for i in infos if i.name == device), None)
+        if info is None or info.max_pd is None:
+            found.append(attrs.evolve(warned(
+                "pd_budget", f"`ibv_devinfo -v -d {device}` shows no max_pd: protection "
+                "domains are not counted", f"run `ibv_devinfo -v -d {device}` by hand"),
+                subject=device))
+            continue
+        used, limit = view.used(device), info.max_pd
+        pids = view.pids(device)
+        held = (f"{len(pids)} jaccl init attempt(s) since boot ({_whose(pids, running)}) "
+                f"may still hold {used}" if pids else
+                "no jaccl init attempt since boot holds any")
+        unreadable = (f"; {view.unreadable} ledger entr(ies) in {view.path} unreadable"
+                      if view.unreadable else "")
+        detail = (f"{device}: {held} of its {limit} protection domains (max_pd); this "
+                  f"init needs {n}{unreadable}")
+        if used + n > limit:
+            found.append(attrs.evolve(failed(
+                "pd_budget", f"{detail}: jaccl would fail with 'Changing queue pair to "
+                f"RTR failed with errno 96' (ledger: {view.path})", PD_REMEDY),
+                subject=device))
+        elif limit - used - n < PD_WARN_HEADROOM:
+            found.append(attrs.evolve(warned("pd_budget", detail, PD_REMEDY),
+                                      subject=device))
+        else:
+            found.append(attrs.evolve(passed("pd_budget", detail), subject=device))
+    return found
 
 
 async def cable_rails(run: ToolRunner) -> Finding | None:
@@ -406,14 +503,20 @@ async def rdma_findings(devices: Sequence[str], run: ToolRunner,
 
 async def check_jaccl_plan(topology: Topology, rank: int, world_size: int,
                            run: ToolRunner = run_tool,
-                           peer_routes: Mapping[str, str] | None = None) -> None:
+                           peer_links: Sequence[PeerLink] = (),
+                           ledger: InitLedger | NoLedger | None = None,
+                           platform: str = sys.platform) -> None:
     """Everything about this rank's jaccl setup that can be known before ``init``.
 
-    ``peer_routes`` maps a peer's address (as discovery heard it) to the interface
-    cabled to that peer; each route is checked with ``route -n get``."""
+    ``peer_links`` are this rank's cables as its plan uses them (each peer's address
+    heard on the interface the matrix names for it): each route is checked with
+    ``route -n get``. ``ledger`` counts the init attempts since boot against the
+    devices' ``max_pd`` (None: not counted)."""
     check_matrix(topology, world_size)
     raise_first_failure([qp_budget(topology, rank), mr_budget(topology, rank)])
-    devices = list(dict.fromkeys(devices_in_row(topology, rank)))
+    run = remembering(run)  # ibv_devinfo serves the port check and max_pd
+    row = devices_in_row(topology, rank)
+    devices = list(dict.fromkeys(row))
     raise_first_failure(await rdma_findings(devices, run))
-    raise_first_failure([await route_to_peer(peer, interface, run)
-                         for peer, interface in (peer_routes or {}).items()])
+    raise_first_failure(await pd_budget(Counter(row), run, ledger))
+    raise_first_failure(await peer_routes(peer_links, run, platform))

@@ -38,6 +38,7 @@ from clusterfsm.states.groupinit import (
     InitPlan,
     _in_worker_thread,
 )
+from clusterfsm.states.initledger import InitLedger, NoLedger
 from clusterfsm.states.linkwatch import LinkEvents
 from clusterfsm.states.netif import InterfaceInfo, InterfaceStatus
 from clusterfsm.states.sidechannel import AllGatherFactory
@@ -246,6 +247,7 @@ def fake_initializer(
     groups: InitializedGroups | None = None,
     mlx_version: str | None = None,
     backends: tuple[str, ...] | None = None,
+    ledger: InitLedger | None = None,
 ) -> GroupInitializer:
     """A :class:`GroupInitializer` that takes the real path up to the MLX call.
 
@@ -262,6 +264,9 @@ def fake_initializer(
     in a real worker thread and does that many all-gather rounds through the factory
     it is given, checking every answer, as MLX would. Several such ranks in one
     process share the process env, so it takes its rank from the side channel.
+
+    A fake rank keeps no jaccl init ledger unless given one (``ledger``, e.g. in a
+    test's temporary directory, with a fake boot time): its init reaches no RDMA.
 
     Each fake rank is its own "process" for MLX's one-group-per-process rule: it gets
     a fresh :class:`~states.groupinit.InitializedGroups` unless ``groups`` is given
@@ -309,7 +314,8 @@ def fake_initializer(
                             side_channel_supported=lambda: side_channel_supported,
                             groups=groups if groups is not None else InitializedGroups(),
                             mlx_version=(lambda: mlx_version) if mlx_version else None,
-                            first_listener=_no_listener_wait)
+                            first_listener=_no_listener_wait,
+                            ledger=ledger if ledger is not None else NoLedger())
 
 
 async def _no_listener_wait(_plan: InitPlan) -> None:

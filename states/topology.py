@@ -23,6 +23,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Final, TypeAlias
 
+import attrs
+
 from clusterfsm.states.errors import PrecheckFailed
 
 #: One cell of a jaccl device matrix: ``None`` (diagonal), a device name, or several.
@@ -83,6 +85,42 @@ def devices_in_row(topology: Topology, rank: int) -> list[str]:
         elif cell is not None:
             names.append(cell)
     return names
+
+
+@attrs.frozen
+class PeerLink:
+    """One cable as this rank's plan uses it: the peer's rank, our interface that the
+    device matrix names for that peer (``rdma_<interface>``), and the peer's IPv4
+    address as discovery heard it on that interface. The pre-init route check asks
+    the kernel whether its route to ``address`` leaves through ``interface``."""
+
+    rank: int
+    interface: str
+    address: str
+
+
+def peer_links(topology: Topology, rank: int,
+               heard: Mapping[int, Mapping[str, str]]) -> tuple[PeerLink, ...]:
+    """Every cable of ``rank``'s row: ``heard[j][interface]`` is the address rank
+    ``j``'s beacons came from on our ``interface``.
+
+    Each rank builds this from its own discovery (no new field on the wire): the
+    matrix row of a rank is what that rank reported hearing, so every interface in the
+    row heard that peer. One that did not is a matrix this rank cannot have reported:
+    refused before init (``peer_route``)."""
+    links: list[PeerLink] = []
+    for j, cell in enumerate(topology[rank]):
+        if j == rank or cell is None:
+            continue
+        for device in cell if isinstance(cell, tuple) else (cell,):
+            interface = device.removeprefix(RDMA_PREFIX)
+            address = heard.get(j, {}).get(interface)
+            if address is None:
+                raise PrecheckFailed(
+                    "peer_route", f"the device matrix has rank {rank} reach rank {j} "
+                    f"through {interface}, where this rank never heard rank {j}")
+            links.append(PeerLink(j, interface, address))
+    return tuple(links)
 
 
 def check_matrix(topology: Topology, world_size: int) -> None:

@@ -47,6 +47,8 @@ class RankResult:
     group_size: int = 0
     #: When (trio clock) each state was last entered.
     entered: dict[str, float] = attrs.field(factory=dict)
+    #: The note (``note_outcome``) of each state's step, by the state it left.
+    notes: dict[str, str] = attrs.field(factory=dict)
 
 
 async def run_rank(
@@ -64,6 +66,8 @@ async def run_rank(
         result.path.append(rec.dest)
         result.state = rec.dest
         result.entered[rec.dest] = trio.current_time()
+        if rec.note is not None:
+            result.notes[rec.source] = rec.note
 
     try:
         async with bootstrap_cluster(

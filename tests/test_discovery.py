@@ -7,9 +7,11 @@ no real time. The real UDP/TCP path is in tests/test_netns_discovery.py.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +38,14 @@ from clusterfsm.states.errors import (
     LinkLost,
     PrecheckFailed,
 )
-from clusterfsm.states.groupinit import GroupInitializer, InitPlan
+from clusterfsm.states.groupinit import GroupInitializer, InitPlan, check_plan
+from clusterfsm.states.initledger import InitLedger, RecordedAttempt
 from clusterfsm.states.nodeid import load_or_create_node_id
 from clusterfsm.states.rdma import check_jaccl_plan
 from clusterfsm.states.testing import MemoryLinks, MemoryNetwork, fake_initializer
 from clusterfsm.states.topology import Topology
 from tests.cluster_harness import KEY, RankResult, run_rank
-from tests.field_samples import FakeTools, sample
+from tests.field_samples import FakeTools, m4pro_mac, sample, with_max_pd
 
 
 def node(i: int) -> bytes:
@@ -187,9 +190,10 @@ def iface_config(i: int, *, world: int = 2, rank: int | None = None,
 
 
 async def run_nodes(links: MemoryLinks, specs: list[tuple[ClusterConfig, dict[str, str]]],
-                    initializers: dict[int, GroupInitializer] | None = None
-                    ) -> list[RankResult]:
-    """Run each (config, interface -> link) as host ``hN``; hold all in ready."""
+                    initializers: dict[int, GroupInitializer] | None = None,
+                    hosts: list[str] | None = None) -> list[RankResult]:
+    """Run each (config, interface -> link) as host ``hN`` (or ``hosts[N]``, the
+    address its beacons come from); hold all in ready."""
     network = MemoryNetwork()
     results = [RankResult(-1) for _ in specs]
     everyone, arrived = trio.Event(), []
@@ -204,7 +208,7 @@ async def run_nodes(links: MemoryLinks, specs: list[tuple[ClusterConfig, dict[st
 
     async with trio.open_nursery() as nursery:
         for i, ((cfg, attached), res) in enumerate(zip(specs, results, strict=True)):
-            host = f"h{i}"
+            host = hosts[i] if hosts else f"h{i}"
             nursery.start_soon(lambda c=cfg, r=res, h=host, a=attached, i=i: run_rank(
                 network, c, r, host=h, discovery_net=links.node(h, a), in_ready=hold,
                 initializer=(initializers or {}).get(i)))
@@ -430,6 +434,121 @@ async def test_a_failed_precheck_on_a_joiner_reaches_rank_0_as_peer_aborted(
     results = await run_nodes(links, specs, inits)
     assert results[1].state == "precheck_failed"
     assert results[0].state in ("peer_aborted", "precheck_failed")
+
+
+# -- the route and protection-domain checks inside the bootstrap (field rows 6, 7) --
+
+MAC_ADDRESSES = ["169.254.0.1", "169.254.0.2"]  # node 1 (rank 0), node 2 (rank 1)
+ROUTE_SAMPLE = "route-get--default-route-via-en1-macpro-real-world-systems.txt"
+
+
+def routed_mac(peer: str, interface: str) -> FakeTools:
+    """The M4 Pro Mac of tests/field_samples.py, whose route to ``peer`` is the one
+    real ``route get`` recorded (a default route through en1), with the interface
+    renamed to ``interface`` when it is not ``en1``."""
+    text = sample(ROUTE_SAMPLE).replace("interface: en1", f"interface: {interface}")
+    return m4pro_mac(**{f"route -n get {peer}": text})
+
+
+def jaccl_check(tools: FakeTools, ledger: InitLedger) -> Callable[[InitPlan], Awaitable[None]]:
+    """The real pre-init checks of a Mac (recorded output), as on macOS."""
+    return functools.partial(check_plan, run=tools, ledger=ledger, platform="darwin")
+
+
+def fake_boot_ledger(path: Path) -> InitLedger:
+    async def boot() -> int:
+        await trio.lowlevel.checkpoint()
+        return 1_426_005_997
+
+    return InitLedger(path, boot)
+
+
+async def test_a_route_through_another_interface_stops_the_bootstrap_before_mlx(
+        autojump_clock: Any, tmp_path: Path) -> None:
+    # Field failure: RTR errno 60, the route to the peer's link address leaves through
+    # another interface. Rank 0's kernel routes rank 1's address through en1 (the real
+    # sample), not through en4, the port its beacons came in on and the matrix uses.
+    links = MemoryLinks()
+    ledger = fake_boot_ledger(tmp_path / "ledger")
+    specs = [(iface_config(i, backend="jaccl", interfaces=("en4",)), {"en4": "tb"})
+             for i in (1, 2)]
+    tools = [routed_mac(MAC_ADDRESSES[1], "en1"), routed_mac(MAC_ADDRESSES[0], "en4")]
+    inits = {i: fake_initializer(plan_check=jaccl_check(tools[i], ledger), ledger=ledger,
+                                 error="MLX init must not be reached") for i in (0, 1)}
+    results = await run_nodes(links, specs, inits, hosts=MAC_ADDRESSES)
+    assert results[0].state == "precheck_failed", results[0].error
+    error = results[0].error
+    assert isinstance(error, PrecheckFailed) and error.check == "peer_route"
+    assert ("the route to rank 1 at 169.254.0.2 leaves through en1 via 192.168.1.1, not "
+            "en4") in error.detail
+    assert "route -n change -host 169.254.0.2 -interface en4" in error.detail
+    assert results[0].path[-2:] == ["initializing_group", "precheck_failed"]
+    assert results[1].state == "peer_aborted"  # its own route was right; told at once
+    assert f"route -n get {MAC_ADDRESSES[1]}" in tools[0].calls
+    assert not (tmp_path / "ledger").exists()  # no init attempt was recorded: no MLX call
+
+
+async def test_routes_through_the_cabled_port_pass_and_each_init_is_recorded(
+        autojump_clock: Any, tmp_path: Path) -> None:
+    links = MemoryLinks()
+    ledger = fake_boot_ledger(tmp_path / "ledger")
+    specs = [(iface_config(i, backend="jaccl", interfaces=("en4",)), {"en4": "tb"})
+             for i in (1, 2)]
+    tools = [routed_mac(MAC_ADDRESSES[1], "en4"), routed_mac(MAC_ADDRESSES[0], "en4")]
+    inits = {i: fake_initializer(plan_check=jaccl_check(tools[i], ledger), ledger=ledger)
+             for i in (0, 1)}
+    results = await run_nodes(links, specs, inits, hosts=MAC_ADDRESSES)
+    assert [r.state for r in results] == ["closed"] * 2, [r.error for r in results]
+    assert all(f"route -n get {MAC_ADDRESSES[1 - i]}" in tools[i].calls for i in (0, 1))
+    view = await ledger.view()
+    assert view.used("rdma_en4") == 2  # one attempt per rank, both in this process
+    for entry in os.listdir(tmp_path / "ledger"):
+        os.unlink(tmp_path / "ledger" / entry)
+
+
+async def test_init_attempts_since_boot_at_max_pd_stop_the_bootstrap_before_mlx(
+        autojump_clock: Any, tmp_path: Path) -> None:
+    # Field failure: RTR errno 96 the morning after; every retry of init made it worse.
+    ledger = fake_boot_ledger(tmp_path / "ledger")
+    earlier = [await ledger.record(["rdma_en4"]) for _ in range(11)]
+    before = sorted(os.listdir(tmp_path / "ledger"))
+    devinfo = with_max_pd(sample("ibv_devinfo-v-grep--tb4-patched-two-down-one-active.txt"),
+                          "rdma_en4", 11)
+    tools = [routed_mac(MAC_ADDRESSES[1 - i], "en4") for i in (0, 1)]
+    for t in tools:
+        t.answers["ibv_devinfo -v -d rdma_en4"] = devinfo
+    links = MemoryLinks()
+    specs = [(iface_config(i, backend="jaccl", interfaces=("en4",)), {"en4": "tb"})
+             for i in (1, 2)]
+    inits = {i: fake_initializer(plan_check=jaccl_check(tools[i], ledger), ledger=ledger,
+                                 error="MLX init must not be reached") for i in (0, 1)}
+    results = await run_nodes(links, specs, inits, hosts=MAC_ADDRESSES)
+    failed = [r for r in results if r.state == "precheck_failed"]
+    assert failed and {r.state for r in results} <= {"precheck_failed", "peer_aborted"}
+    for r in failed:
+        assert isinstance(r.error, PrecheckFailed) and r.error.check == "pd_budget"
+        assert "reboot" in r.error.detail and "errno 96" in r.error.detail
+    assert sorted(os.listdir(tmp_path / "ledger")) == before  # no new attempt: no MLX call
+    for attempt in earlier:
+        assert isinstance(attempt, RecordedAttempt)
+        attempt.release()
+
+
+async def test_a_ledger_that_cannot_be_written_is_noted_and_the_group_comes_up(
+        autojump_clock: Any, tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("a file where the ledger's directory should be")
+    ledger = fake_boot_ledger(tmp_path / "file" / "ledger")
+    links = MemoryLinks()
+    specs = [(iface_config(i, backend="jaccl", interfaces=("en4",)), {"en4": "tb"})
+             for i in (1, 2)]
+    tools = [routed_mac(MAC_ADDRESSES[1 - i], "en4") for i in (0, 1)]
+    inits = {i: fake_initializer(plan_check=jaccl_check(tools[i], ledger), ledger=ledger)
+             for i in (0, 1)}
+    results = await run_nodes(links, specs, inits, hosts=MAC_ADDRESSES)
+    assert [r.state for r in results] == ["closed"] * 2, [r.error for r in results]
+    for r in results:
+        note = r.notes["initializing_group"]
+        assert "jaccl init ledger" in note and "not counted" in note
 
 
 def test_jaccl_env_is_private_and_twins_are_cleared(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from clusterfsm.states.doctor import DoctorOptions, Host, render_text, run_check
 from clusterfsm.states.keys import write_key
 from clusterfsm.states.netif import InterfaceStatus
 from clusterfsm.states.preflight import Verdict
-from tests.field_samples import FakeTools, sample
+from tests.field_samples import FakeTools, sample, with_max_pd
 from tests.netns import Namespace, NetnsPair, netns_pair  # noqa: F401 - fixture
 
 CLI = [sys.executable, "-m", "clusterfsm.states.cli"]
@@ -168,6 +168,42 @@ async def test_doctor_checks_the_route_to_each_peer_heard(
         (route,) = [f for f in found if f.check == "peer_route"]
         assert route.verdict is verdict and route.subject == "en6"
         assert "-interface en6" in route.remedy
+
+
+async def test_doctor_counts_init_attempts_since_boot_against_max_pd(
+        tmp_path: Path, key: Path) -> None:
+    # Field failure: RTR errno 96 after repeated inits. The boot time is the recorded
+    # `sysctl kern.boottime`; max_pd is synthesized onto the recorded device block
+    # (no recorded macOS output shows it: tests/field_samples.with_max_pd).
+    import attrs
+
+    from clusterfsm.states.initledger import InitLedger, default_ledger
+
+    devinfo = with_max_pd(sample(
+        "ibv_devinfo--three-ports-down-peer-rdma-disabled-sanitized.txt"), "rdma_en6", 11)
+    base = mac_host(**{"ibv_devinfo -v -d rdma_en6": devinfo, "sysctl kern.boottime":
+                       sample("sysctl-kern.boottime--os-x-2015-darwin-uptime-fact.txt")})
+    ledger = InitLedger(tmp_path / "ledger", default_ledger(base.run, "darwin").boot_clock)
+    host = attrs.evolve(base, ledger=ledger)
+    options = DoctorOptions(("en6",), "jaccl", str(key), str(tmp_path / "n"),
+                            listen_seconds=0.0)
+    checks = {f.check: f for f in await run_checks(options, host)}
+    assert checks["pd_budget"].verdict is Verdict.PASS
+    assert "of its 11 protection domains" in checks["pd_budget"].detail
+    attempts = [await ledger.record(["rdma_en6"]) for _ in range(11)]
+    checks = {f.check: f for f in await run_checks(options, host)}
+    budget = checks["pd_budget"]
+    assert budget.failed and budget.subject == "rdma_en6"
+    assert "11 jaccl init attempt(s) since boot" in budget.detail
+    assert "reboot" in budget.remedy
+    assert len(list((tmp_path / "ledger").iterdir())) == 11  # doctor changed nothing
+    for attempt in attempts:
+        assert not isinstance(attempt, Exception)
+        attempt.release()
+    # without a boot time (no sysctl answer) it cannot count: a warning
+    checks = {f.check: f for f in await run_checks(options, mac_host())}
+    assert checks["pd_budget"].verdict is Verdict.WARN
+    assert "boot time unknown" in checks["pd_budget"].detail
 
 
 async def test_leftover_mlx_ranks_are_a_warning_with_the_remedy() -> None:

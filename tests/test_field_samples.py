@@ -7,8 +7,10 @@ a crash or hang inside MLX): see docs/thunderbolt.md, "Field failures and their 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 
 import pytest
+import trio
 
 from clusterfsm.states.errors import PrecheckFailed
 from clusterfsm.states.macos_output import (
@@ -30,6 +32,7 @@ from clusterfsm.states.rdma import (
     interface_addressed,
     link_speed,
     mr_budget,
+    peer_routes,
     planned_mrs,
     port_active,
     qp_budget,
@@ -37,8 +40,8 @@ from clusterfsm.states.rdma import (
     route_to_peer,
     run_tool,
 )
-from clusterfsm.states.topology import Topology
-from tests.field_samples import SAMPLES, FakeTools, sample, transcript_output
+from clusterfsm.states.topology import PeerLink, Topology, peer_links
+from tests.field_samples import SAMPLES, FakeTools, m4pro_mac, sample, transcript_output
 
 DEVICES_M4PRO = "ibv_devices--three-devices-m4pro-mini-guids-redacted.txt"
 DEVICES_M5MAX = "ibv_devices--three-devices-unsorted-m5max-mbp-sanitized.txt"
@@ -191,20 +194,7 @@ def test_system_profiler_text() -> None:
 # -- the checks, one per field failure ----------------------------------------------
 
 
-def mac(**over: str) -> FakeTools:
-    """An M4 Pro Mac mini (en2..en4) whose rdma_en4 is cabled and active. No real
-    ``ifconfig`` of a per-port Thunderbolt service with IPv4 was found (the field
-    notes' gaps), so en8's self-assigned block stands in for en4's."""
-    answers = {
-        "rdma_ctl status": sample(ENABLED),
-        "ibv_devices": sample(DEVICES_M4PRO),
-        "ibv_devinfo -v -d rdma_en4": sample(DEVINFO_EN4_ACTIVE),
-        "ibv_devinfo -v -d rdma_en2": sample(DEVINFO_EN4_ACTIVE),
-        "ifconfig en4": sample(IFCONFIG_APIPA).replace("en8", "en4"),
-        "ifconfig en2": sample(IFCONFIG_DOWN),
-    }
-    answers.update(over)
-    return FakeTools(answers)
+mac = m4pro_mac
 
 
 ROW_EN4: Topology = ((None, "rdma_en4"), ("rdma_en5", None))
@@ -320,9 +310,13 @@ async def test_a_route_to_the_peer_through_another_interface_fails() -> None:
     assert wrong.remedy.startswith("`sudo route -n add -host 192.0.43.10 -interface en4`")
     assert not (await route_to_peer("192.0.43.10", "en1", tools)).failed
     with pytest.raises(PrecheckFailed) as caught:
-        await check_jaccl_plan(ROW_EN4, 0, 2, tools, peer_routes={"192.0.43.10": "en4"})
+        await check_jaccl_plan(ROW_EN4, 0, 2, tools, platform="darwin",
+                               peer_links=[PeerLink(1, "en4", "192.0.43.10")])
     assert caught.value.check == "peer_route"
-    await check_jaccl_plan(ROW_EN4, 0, 2, tools, peer_routes={"192.0.43.10": "en1"})
+    assert "rank 1 at 192.0.43.10 leaves through en1" in caught.value.detail
+    assert "route -n change -host 192.0.43.10 -interface en4" in caught.value.detail
+    await check_jaccl_plan(ROW_EN4, 0, 2, tools, platform="darwin",
+                           peer_links=[PeerLink(1, "en1", "192.0.43.10")])
 
 
 async def test_a_peer_on_two_cables_is_a_warning_naming_both_ports() -> None:
@@ -352,3 +346,32 @@ async def test_findings_list_every_check_for_the_doctor() -> None:
     checks = [f.check for f in await rdma_findings(["rdma_en4"], mac(), speed=True)]
     assert checks[:4] == ["rdma_disabled", "device_missing", "no_ipv4", "bridge_member"]
     assert "port_down" in checks
+
+
+async def test_the_route_check_is_not_applicable_off_macos_or_without_route() -> None:
+    # Linux's `route` (net-tools) has no `get`: the check says so instead of failing.
+    (linux,) = await peer_routes([PeerLink(1, "en4", "169.254.0.2")], FakeTools({}), "linux")
+    assert linux.verdict is Verdict.NOT_APPLICABLE and "linux" in linux.detail
+    missing = await route_to_peer("169.254.0.2", "en4", run_tool_missing)
+    assert missing.verdict is Verdict.NOT_APPLICABLE and "no `route` tool" in missing.detail
+    # IPv6 needs `route -n get -inet6`: not checked (discovery's beacons are IPv4)
+    six = await route_to_peer("fe80::1", "en4", FakeTools({}))
+    assert six.verdict is Verdict.NOT_APPLICABLE and "-inet6" in six.detail
+
+
+async def run_tool_missing(argv: Sequence[str]) -> str:
+    await trio.lowlevel.checkpoint()
+    raise PrecheckFailed("tool_missing", f"`{argv[0]}` is not installed")
+
+
+def test_each_cable_of_the_row_with_the_address_heard_on_it() -> None:
+    # rank 0 reaches rank 1 by two cables (en2, en3) and rank 2 by one (en5)
+    matrix: Topology = ((None, ("rdma_en2", "rdma_en3"), "rdma_en5"),
+                        ("rdma_en6", None, "rdma_en7"), ("rdma_en8", "rdma_en9", None))
+    heard = {1: {"en2": "169.254.1.2", "en3": "169.254.2.2"}, 2: {"en5": "169.254.3.2"}}
+    assert peer_links(matrix, 0, heard) == (
+        PeerLink(1, "en2", "169.254.1.2"), PeerLink(1, "en3", "169.254.2.2"),
+        PeerLink(2, "en5", "169.254.3.2"))
+    with pytest.raises(PrecheckFailed) as caught:
+        peer_links(matrix, 0, {1: heard[1]})
+    assert caught.value.check == "peer_route" and "never heard rank 2" in caught.value.detail
