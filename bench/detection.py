@@ -290,6 +290,8 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     lost_after = args.peer_lost_after
     cable = args.cable or args.cable_only
+    # SIGTERM unwinds like an error: the ranks are reaped, the namespaces deleted
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     signals = [] if args.cable_only else [signal.SIGSTOP, signal.SIGKILL]
     results: dict[str, list[float]] = {sig.name: [] for sig in signals}
     direct: dict[str, list[float]] = {"end set down": [], "far end (no carrier)": []}
