@@ -40,7 +40,7 @@ FULL = {
     "seal_bench.py": ["--seconds", "1.5", "--import-runs", "7"],
     "seal_time_to_group.py": ["--runs", "15"],
     "app_messages.py": ["--idle", "10", "--flood", "10", "--count", "2000"],
-    "detection.py": ["--runs", "5", "--peer-lost-after", "3", "--cable"],
+    "detection.py": ["--runs", "5", "--peer-lost-after", "3", "--cable", "--hog"],
     "linkwatch.py": ["--cycles", "20"],
     "recovery.py": ["--kills", "20", "--hog"],
 }
@@ -153,7 +153,8 @@ NOTES = """
 - **Detecting a lost peer:** `bench/detection.py`: two real `clusterfsm serve` ranks
   reach `ready`, one is lost half a second later (plus a random part of a heartbeat
   interval), and the time runs from the loss to the other rank's line as this process
-  reads it; the baseline is the heartbeat deadline (`--peer-lost-after`, 3 s). Silence
+  reads it, with one core kept busy for the whole run; the baseline is the heartbeat
+  deadline (`--peer-lost-after`, 3 s). Silence
   counts from the last heartbeat heard, so a silent peer is found up to one interval
   (100 ms) before the deadline; the target is the deadline plus at most 100 ms. SIGSTOP
   freezes rank 1 (only the silence tells); after SIGKILL the kernel closes its sockets
