@@ -20,7 +20,7 @@ import sys
 import textwrap
 import time
 
-from common import emit, median, percentile, row
+from common import emit, load_average, median, percentile, row
 
 from tests.netns import NetnsPair
 
@@ -91,6 +91,7 @@ def main() -> None:
     parser.add_argument("--json")
     args = parser.parse_args()
     results = {mode: measure(mode, args.cycles) for mode in ("events", "poll")}
+    load = load_average()
     rows = []
     for i, what in enumerate(("plug-in noticed", "pull noticed")):
         ours, base = results["events"][i], results["poll"][i]
@@ -98,9 +99,11 @@ def main() -> None:
         base_ms = [v * 1000 for v in base]
         print(f"{what}: rtnetlink median {median(ours_ms):.2f} ms, p95 "
               f"{percentile(ours_ms, 95):.2f} ms; 0.2 s poll median {median(base_ms):.1f} ms "
-              f"({args.cycles} cycles each)")
-        rows.append(row(f"link {what} (rtnetlink)", f"{median(ours_ms):.2f} ms",
-                        f"{median(base_ms):.1f} ms (poll)",
+              f"({args.cycles} cycles each; load {load})")
+        rows.append(row(f"Link {what}, rtnetlink ({args.cycles} cycles in a namespace pair, "
+                        f"load {load})",
+                        f"median {median(ours_ms):.2f} ms, p95 {percentile(ours_ms, 95):.2f} ms",
+                        f"0.2 s poll, median {median(base_ms):.1f} ms",
                         f"{median(base_ms) / max(median(ours_ms), 0.001):.0f}x",
                         "< 1000 ms", percentile(ours_ms, 95) < 1000))
     emit(rows, sys.argv)

@@ -18,6 +18,10 @@ fixture, on failure too) kills and reaps every process started through the pair,
 deletes both namespaces, which removes the veth pair with them. Traffic stays inside
 the two namespaces: the addresses are a /30 from TEST-NET-2 (198.51.100.0/24, RFC 5737)
 with no route anywhere else.
+
+:class:`NetnsSwitched` (fixture ``netns_switched``) puts a switch between the two: each
+end is cabled to a bridge in a third namespace, so a pulled cable takes the carrier
+from one host only, and the other can learn of it only from the silence.
 """
 
 from __future__ import annotations
@@ -151,6 +155,92 @@ class NetnsPair:
         self.close()
 
 
+@attrs.define
+class NetnsSwitched:
+    """Namespaces ``a`` and ``b``, each cabled (a veth pair) to a bridge in a third
+    namespace, ``switch``: two hosts on one switch.
+
+    Why a switch: pulling the cable of a direct veth pair takes the carrier from *both*
+    ends (as from both Macs on a Thunderbolt cable), so both ranks see ``link_lost`` at
+    once. Behind a switch only the host whose cable is pulled loses its carrier; the
+    other's link stays up, and only the heartbeats can tell it that its peer is gone.
+    Same addresses and guarantees as :class:`NetnsPair`; the bridge runs no STP, so a
+    replugged port forwards at once.
+    """
+
+    a: Namespace
+    b: Namespace
+    switch: str
+    #: the switch's port (an interface inside ``switch``) cabled to ``a`` and to ``b``
+    ports: dict[str, str]
+    _closed: bool = False
+
+    @classmethod
+    def create(cls) -> NetnsSwitched:
+        """Make the three namespaces; raise :class:`NetnsUnavailable` (with why)."""
+        if shutil.which("ip") is None:
+            raise NetnsUnavailable("the `ip` command (iproute2) is not installed")
+        if os.geteuid() != 0:
+            raise NetnsUnavailable("network namespaces need root")
+        tag = f"{os.getpid() % 100000}{next(_counter)}{secrets.token_hex(2)}"
+        a = Namespace(f"cfsm-a{tag}", f"cfa{tag}"[:15], f"{SUBNET_PREFIX}1")
+        b = Namespace(f"cfsm-b{tag}", f"cfb{tag}"[:15], f"{SUBNET_PREFIX}2")
+        net = cls(a, b, f"cfsm-s{tag}", {"a": f"csa{tag}"[:15], "b": f"csb{tag}"[:15]})
+        try:
+            for name in (a.name, b.name, net.switch):
+                _ip("netns", "add", name)
+                _ip("-n", name, "link", "set", "lo", "up")
+            _ip("-n", net.switch, "link", "add", "br0", "type", "bridge", "stp_state", "0",
+                "forward_delay", "0")
+            _ip("-n", net.switch, "link", "set", "br0", "up")
+            for end, ns in (("a", a), ("b", b)):
+                port = net.ports[end]
+                _ip("link", "add", ns.interface, "type", "veth", "peer", "name", port)
+                _ip("link", "set", port, "netns", net.switch)
+                _ip("-n", net.switch, "link", "set", port, "master", "br0", "up")
+                _ip("link", "set", ns.interface, "netns", ns.name)
+                _ip("-n", ns.name, "addr", "add", f"{ns.address}/{PREFIX_LEN}",
+                    "dev", ns.interface)
+                _ip("-n", ns.name, "link", "set", ns.interface, "up")
+        except (subprocess.CalledProcessError, OSError, subprocess.TimeoutExpired) as exc:
+            net.close()
+            detail = getattr(exc, "stderr", "") or str(exc)
+            raise NetnsUnavailable(f"cannot create namespaces: {detail.strip()}") from exc
+        return net
+
+    def pull(self, end: str) -> None:
+        """Pull ``end``'s cable at the switch: the switch's port goes down, so ``end``'s
+        interface loses its carrier (it stays administratively up, as a NIC whose cable
+        is pulled does); the other host's link is untouched."""
+        _ip("-n", self.switch, "link", "set", self.ports[end], "down")
+
+    def plug(self, end: str) -> None:
+        _ip("-n", self.switch, "link", "set", self.ports[end], "up")
+
+    def close(self) -> None:
+        """Kill and reap processes started in ``a`` and ``b``; delete the three
+        namespaces, and with them every veth and the bridge (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        for ns in (self.a, self.b):
+            ns._reap()
+        for name in (self.a.name, self.b.name, self.switch):
+            _ip("netns", "del", name, check=False)
+        for ns in (self.a, self.b):  # a veth never moved into a namespace
+            _ip("link", "del", ns.interface, check=False)
+
+    def exists(self) -> bool:
+        names = _ip("netns", "list", check=False).stdout
+        return any(name in names for name in (self.a.name, self.b.name, self.switch))
+
+    def __enter__(self) -> NetnsSwitched:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 @pytest.fixture
 def netns_pair() -> Iterator[NetnsPair]:
     """A fresh namespace pair for one test; skipped with the reason where impossible."""
@@ -163,3 +253,18 @@ def netns_pair() -> Iterator[NetnsPair]:
     finally:
         pair.close()
         assert not pair.exists(), "namespaces left behind"
+
+
+@pytest.fixture
+def netns_switched() -> Iterator[NetnsSwitched]:
+    """Two hosts on one switch, fresh for one test; skipped with the reason where
+    impossible."""
+    try:
+        net = NetnsSwitched.create()
+    except NetnsUnavailable as exc:
+        pytest.skip(f"network namespaces unavailable: {exc}")
+    try:
+        yield net
+    finally:
+        net.close()
+        assert not net.exists(), "namespaces left behind"

@@ -5,8 +5,9 @@ its interface names. Pulling a cable is setting a veth down; both ends lose carr
 both Macs do when a Thunderbolt cable is pulled. The supervisors must restart their
 ranks without spending the restart budget (``--max-restarts 1`` would be exceeded by
 the second pull otherwise), the new generations wait for the cable, and are ready
-again, in a new session, once it is back. Whatever happens, the fixtures kill and
-reap every process and delete the namespaces.
+again, in a new session, once it is back. Behind a switch only the host whose cable is
+pulled loses its carrier: the other rank learns it from the silence (``peer_lost``).
+Whatever happens, the fixtures kill and reap every process and delete the namespaces.
 """
 
 from __future__ import annotations
@@ -21,7 +22,13 @@ import pytest
 
 from clusterfsm.states.keys import write_key
 from tests.lines import Lines
-from tests.netns import Namespace, NetnsPair, netns_pair  # noqa: F401 - fixture
+from tests.netns import (  # noqa: F401 - fixtures
+    Namespace,
+    NetnsPair,
+    NetnsSwitched,
+    netns_pair,
+    netns_switched,
+)
 from tests.netns_ring import NetnsRing, netns_ring  # noqa: F401 - fixture
 
 CLI = [sys.executable, "-m", "clusterfsm.states.cli"]
@@ -102,6 +109,26 @@ def test_a_ring_of_three_loses_the_group_on_one_pull_and_rebuilds(
     ranks[2].next("ended in peer_lost (PeerLost)", prefix=False)
     time.sleep(0.5)
     ring.plug(0)
+    for rank in ranks:
+        assert "[gen 2]" in rank.next("DistributedGroup ready", prefix=False)
+    stop_all(ranks)
+    assert leftover_ranks(tmp_path) == []
+
+
+def test_behind_a_switch_the_pulled_side_is_link_lost_the_far_side_peer_lost_then_both_back(
+        netns_switched: NetnsSwitched, tmp_path: Path) -> None:  # noqa: F811
+    net = netns_switched
+    ranks = [supervised(ns, tmp_path, end, 2, [ns.interface])
+             for end, ns in (("a", net.a), ("b", net.b))]
+    for rank in ranks:
+        rank.next("DistributedGroup ready", prefix=False)
+    net.pull("a")  # a's cable, at the switch: a loses its carrier, b's link stays up
+    lost = ranks[0].next("state link_lost, error LinkLost", prefix=False)
+    assert f"link on '{net.a.interface}' lost: no carrier" in lost
+    ranks[0].next("a cable was pulled: restart in", prefix=False)
+    ranks[1].next("ended in peer_lost (PeerLost)", prefix=False)  # only the silence told it
+    assert ranks[1].count("LinkLost") == 0
+    net.plug("a")
     for rank in ranks:
         assert "[gen 2]" in rank.next("DistributedGroup ready", prefix=False)
     stop_all(ranks)
