@@ -58,10 +58,12 @@ from clusterfsm.states.codec import (
     FRAME_VERSION,
     HEADER_SIZE,
     MAGIC,
+    MAX_INNER_PAYLOAD,
     MAX_PAYLOAD,
     MAX_SEALED_PAYLOAD,
     SEAL_OVERHEAD,
     ClusterMsgType,
+    payload_limit,
 )
 from clusterfsm.states.errors import LinkTampered, TamperKind
 
@@ -432,12 +434,15 @@ class Sealer:
     def seal(self, msg_type: int, payload: bytes) -> bytes:
         """The SEALED frame (header and sealed payload) carrying ``msg_type``/``payload``.
 
-        ValueError for a payload above ``MAX_PAYLOAD`` or a type outside a byte (our
-        bug, never the peer's).
+        ValueError for a payload above its type's limit (``codec.payload_limit``, and
+        never above ``MAX_INNER_PAYLOAD``, so the sealed frame stays within
+        ``MAX_SEALED_PAYLOAD``) or a type outside a byte (our bug, never the peer's).
         """
-        if len(payload) > MAX_PAYLOAD:
-            raise ValueError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
-        header = _HEADER.pack(MAGIC, FRAME_VERSION, SEALED_TYPE, len(payload) + 1 + TAG_SIZE)
+        n = len(payload)
+        if n > MAX_PAYLOAD and n > min(payload_limit(msg_type), MAX_INNER_PAYLOAD):
+            raise ValueError(f"payload of {n} bytes exceeds the limit of type "
+                             f"0x{msg_type:02x}")
+        header = _HEADER.pack(MAGIC, FRAME_VERSION, SEALED_TYPE, n + 1 + TAG_SIZE)
         cipher = self._cipher
         sealed = cipher.encrypt_with_ad(header, msg_type.to_bytes(1, "big") + payload)
         if cipher.n % self._interval == 0:
@@ -501,3 +506,4 @@ class Opener:
 
 
 assert _HEADER.size == HEADER_SIZE and SEAL_OVERHEAD == 1 + TAG_SIZE
+assert MAX_SEALED_PAYLOAD == MAX_INNER_PAYLOAD + SEAL_OVERHEAD

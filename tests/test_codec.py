@@ -9,6 +9,7 @@ counts of other test modules; the smaller tests scale with the profile.
 from __future__ import annotations
 
 import os
+import random
 import re
 import tracemalloc
 from collections.abc import Callable, Iterable
@@ -22,6 +23,8 @@ from hypothesis import strategies as st
 
 from clusterfsm.states.codec import (
     MAX_APP_CHUNK,
+    MAX_APP_PAYLOAD,
+    MAX_INNER_PAYLOAD,
     MAX_PAYLOAD,
     MAX_SEALED_PAYLOAD,
     MAX_STATUS,
@@ -127,7 +130,7 @@ SAMPLES: list[Message] = [
     Sealed(bytes(17)),
     Sealed(b"\xff" * MAX_SEALED_PAYLOAD),
     AppData(0, 1, False, b""),
-    AppData(1, 0, True, b"\x00" * MAX_APP_CHUNK),  # a payload of exactly MAX_PAYLOAD
+    AppData(1, 0, True, b"\x00" * MAX_APP_CHUNK),  # a payload of exactly MAX_APP_PAYLOAD
     AppCredit(16),
     BeatPort(b"s" * 16, 40000),
     Ping(7, b"loaded"),
@@ -295,7 +298,7 @@ def test_large_frame_in_small_chunks_is_linear_enough() -> None:
     for i in range(0, len(step), 100):
         out += dec.feed(step[i : i + 100])
     assert len(out) == 1
-    assert out[0].payload == bytes(MAX_PAYLOAD)
+    assert out[0].payload == bytes(MAX_APP_PAYLOAD)
 
 
 # --------------------------------------------------------------------------- error kinds
@@ -372,18 +375,68 @@ def test_check_order_is_magic_version_type_length() -> None:
 
 
 def test_max_payload_is_accepted_and_one_more_is_not() -> None:
-    ok = _payload(ClusterMsgType.APP_DATA, bytes(MAX_PAYLOAD))
-    assert decode_all(ok) == [AppData(0, 0, False, bytes(MAX_APP_CHUNK))]
+    """Every type but APP_DATA and SEALED: MAX_PAYLOAD (a GATHER_PART, the one other
+    type whose payload can reach it)."""
+    full = GatherPart(SID, 7, bytes(MAX_PAYLOAD - 18))
+    ok = _payload(ClusterMsgType.GATHER_PART, full.encode())
+    assert len(full.encode()) == MAX_PAYLOAD and decode_all(ok) == [full]
     with pytest.raises(ValueError):
-        encode_frame(Frame(ClusterMsgType.APP_DATA, bytes(MAX_PAYLOAD + 1)))
+        encode_frame(Frame(ClusterMsgType.GATHER_PART, bytes(MAX_PAYLOAD + 1)))
+    with pytest.raises(ValueError):
+        encode_message(GatherPart(SID, 7, bytes(MAX_PAYLOAD - 17)))
+    for data in (_payload(ClusterMsgType.GATHER_PART, bytes(MAX_PAYLOAD + 1)),
+                 b"CF\x01\x05" + (MAX_PAYLOAD + 1).to_bytes(4, "big")):
+        with pytest.raises(FrameError) as info:
+            FrameDecoder().feed(data)
+        assert info.value.kind is FrameErrorKind.OVERSIZE
+
+
+def test_a_whole_64_kib_app_chunk_is_one_frame() -> None:
+    """APP_DATA carries 65536 app bytes after its 3-byte head: a 64 KiB message is one
+    frame, round trip through the streaming decoder, whole and trickled."""
+    assert MAX_APP_CHUNK == 65536 and MAX_APP_PAYLOAD == MAX_APP_CHUNK + 3
+    body = random.Random(18).randbytes(MAX_APP_CHUNK)
+    msg = AppData(2, 0, False, body)
+    data = encode_message(msg)
+    assert len(data) == 8 + MAX_APP_PAYLOAD
+    assert data[:8] == b"CF\x01\x20" + MAX_APP_PAYLOAD.to_bytes(4, "big")
+    assert decode_all(data) == [msg]
+    assert decode_all(data, [5, 3, 4096, 1] * 20) == [msg]
+    assert encode_frame(Frame(ClusterMsgType.APP_DATA, msg.encode())) == data
+
+
+def test_an_app_chunk_one_byte_over_is_refused_with_a_typed_error() -> None:
+    """A 65537-byte body: not built, not framed, and refused on the header when a peer
+    declares it (or anything above the APP_DATA limit), at every split of the header,
+    before a byte of payload is buffered."""
     with pytest.raises(ValueError):
         AppData(0, 0, False, bytes(MAX_APP_CHUNK + 1))
+    with pytest.raises(ValueError):
+        encode_frame(Frame(ClusterMsgType.APP_DATA, bytes(MAX_APP_PAYLOAD + 1)))
+    over = _payload(ClusterMsgType.APP_DATA, b"\x00\x01\x00" + bytes(MAX_APP_CHUNK + 1))
+    for header in (over[:8], b"CF\x01\x20" + (2**31).to_bytes(4, "big")):
+        for split in range(1, 9):
+            dec = FrameDecoder()
+            with pytest.raises(FrameError) as info:
+                dec.feed(header[:split])
+                dec.feed(header[split:] + over[8:])
+            assert info.value.kind is FrameErrorKind.OVERSIZE, split
+            assert dec.buffered == 0
+    # The same rule for a frame opened from a SEALED one (states/link.py), whose size
+    # only the seal's larger limit bounded.
+    for mtype, size in ((ClusterMsgType.APP_DATA, MAX_APP_PAYLOAD + 1),
+                        (ClusterMsgType.GATHER_PART, MAX_PAYLOAD + 1),
+                        (ClusterMsgType.PING, MAX_INNER_PAYLOAD)):
+        with pytest.raises(FrameError) as opened:
+            decode_message(Frame(mtype, bytes(size)))
+        assert opened.value.kind is FrameErrorKind.OVERSIZE, mtype
 
 
-def test_a_sealed_frame_may_carry_a_full_payload_plus_type_byte_and_tag() -> None:
+def test_a_sealed_frame_may_carry_the_largest_payload_plus_type_byte_and_tag() -> None:
     ok = _payload(ClusterMsgType.SEALED, bytes(MAX_SEALED_PAYLOAD))
     assert decode_all(ok) == [Sealed(bytes(MAX_SEALED_PAYLOAD))]
-    assert MAX_SEALED_PAYLOAD == MAX_PAYLOAD + 17
+    assert MAX_INNER_PAYLOAD == MAX_APP_PAYLOAD
+    assert MAX_SEALED_PAYLOAD == MAX_INNER_PAYLOAD + 17 == 65556
     with pytest.raises(ValueError):
         encode_frame(Frame(ClusterMsgType.SEALED, bytes(MAX_SEALED_PAYLOAD + 1)))
     for data in (b"CF\x01\x30" + (MAX_SEALED_PAYLOAD + 1).to_bytes(4, "big"),
