@@ -93,7 +93,9 @@ __all__ = [
 
 #: The Noise protocol name; exactly 32 bytes, so it is the initial handshake hash as is.
 PROTOCOL_NAME: Final = b"Noise_NNpsk0_25519_AESGCM_SHA256"
-#: Starts the prologue, before the HELLO payload: the clusterfsm protocol generation.
+#: Starts the prologue, before the HELLO payload: the generation of this handshake's
+#: construction (unchanged since protocol 2; the HELLO payload that follows carries the
+#: protocol version itself).
 PROLOGUE_LABEL: Final = b"clusterfsm/v2 hello"
 _PSK_INFO: Final = b"clusterfsm/v2 noise psk"
 DH_SIZE: Final = 32

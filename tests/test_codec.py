@@ -603,22 +603,25 @@ def test_a_type_byte_has_one_class() -> None:
 
 VECTOR_RE = re.compile(r"^```hex vector (?P<name>[\w-]+)\n(?P<body>.*?)^```", re.M | re.S)
 DOC_VECTORS: dict[str, Message] = {
-    "hello": Hello(2, ID_A, 1, 2, bytes(range(0x30, 0x40)), "clusterfsm/0.1",
+    "hello": Hello(3, ID_A, 1, 2, bytes(range(0x30, 0x40)), "clusterfsm/0.1",
                    1_700_000_000_000_000_000),
-    # The same Hello from a protocol 1 peer: it decodes, and is refused by version.
+    # The same Hello from a protocol 1 and a protocol 2 peer: it decodes, and is refused
+    # by version.
     "hello-v1": Hello(1, ID_A, 1, 2, bytes(range(0x30, 0x40)), "clusterfsm/0.1",
+                      1_700_000_000_000_000_000),
+    "hello-v2": Hello(2, ID_A, 1, 2, bytes(range(0x30, 0x40)), "clusterfsm/0.1",
                       1_700_000_000_000_000_000),
     "ping": Ping(42),
     "bootstrap-ring-2": BootstrapPayload(5000, SID, WireBackend.RING, 2, RING2),
     "abort": Abort(SID, "initializing_group", "GroupSizeMismatch", "group size 1, expected 2"),
     # The handshake vectors' Noise messages are recomputed from their inputs in
     # test_handshake.py and test_seal.py.
-    "challenge": Challenge(2, bytes.fromhex(
+    "challenge": Challenge(3, bytes.fromhex(
         "392d174a38b3b1beafaf1fe824870841c5fa531bc6eafdb6402c124664488c1c"
-        "31c53706c19d3817bccc2190d300c6e7b489ae9a5ef6d305bff8775aa85aabe6b8")),
+        "31c53706c19d3817bccc2190d300c6e7b4dba0dc92d0e962624b67b500ba6dd0a0")),
     "auth": Auth(bytes.fromhex(
         "23b7bb8c91ae008711fb12846780bcdf1e065f821bdfec49f57e7c7dcd4c4823"
-        "8ca3aaa843ac288a40e8c8b3bb16029f2f72")),
+        "8ca349d1fb4cb6c4ed0fa2f9b61b644349ad")),
     "welcome": Welcome(SID),
     "app-data": AppData(1, 0, False, b"hello"),
 }

@@ -12,6 +12,7 @@ import re
 import warnings
 from pathlib import Path
 
+import attrs
 import pytest
 
 from clusterfsm.states import seal
@@ -40,7 +41,7 @@ from clusterfsm.states.seal import (
 )
 
 KEY = bytes(range(32))
-HELLO = Hello(2, bytes(range(0x10, 0x20)), 1, 2, bytes(range(0x30, 0x40)),
+HELLO = Hello(3, bytes(range(0x10, 0x20)), 1, 2, bytes(range(0x30, 0x40)),
               "clusterfsm/0.1", 1700000000000000000)
 E_COORDINATOR = bytes(range(0x50, 0x70))
 E_JOINER = bytes(range(0x70, 0x90))
@@ -151,7 +152,7 @@ def test_a_changed_hello_field_fails_the_challenge() -> None:
 def test_a_recorded_challenge_fails_for_a_fresh_hello() -> None:
     psk = seal.derive_psk(KEY)
     recorded = InitiatorHandshake(psk, seal.prologue(HELLO.encode())).write_message1(PAYLOAD1)
-    fresh_hello = Hello(2, HELLO.node_id, 1, 2, bytes(16), HELLO.software, HELLO.epoch)
+    fresh_hello = attrs.evolve(HELLO, nonce=bytes(16))
     with pytest.raises(LinkTampered):
         ResponderHandshake(psk, seal.prologue(fresh_hello.encode())).read_message1(recorded)
 
