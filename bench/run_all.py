@@ -145,8 +145,9 @@ NOTES = """
   64 KiB messages, then both ranks flooding each other with 64 KiB messages while
   reading everything (both must still be `ready`, every message counted on both
   sides); baseline: the same traffic over a raw trio TCP stream between the same
-  processes. A 64 KiB message is two frames (a frame carries at most 65,533 app
-  bytes). The full run floods for 10 s; `--flood 60` runs a minute.
+  processes. A 64 KiB message is one APP_DATA frame (a frame carries up to 65,536
+  app bytes), so one seal and one credit. The full run floods for 10 s; `--flood 60`
+  runs a minute.
 - **Heartbeat CPU:** both ranks idle in `ready` (heartbeats every 100 ms, answered by
   the heartbeat thread): each process's CPU time over the window, the worse rank;
   baseline: a trio process that only sleeps.

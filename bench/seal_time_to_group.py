@@ -1,6 +1,6 @@
 """Time to a 2-rank group, sealed against unsealed, in the same run.
 
-Sealed = ``clusterfsm demo --ranks 2`` from this tree (protocol 2: Noise handshake,
+Sealed = ``clusterfsm demo --ranks 2`` from this tree (protocol 2 and later: Noise handshake,
 every frame sealed, the `cryptography` import included). Unsealed = the same command
 from the tree just before the sealing layer was added (protocol 1: HMAC handshake,
 cleartext frames), exported with ``git archive`` into a temporary directory. Both run

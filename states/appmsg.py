@@ -17,8 +17,8 @@
   per link reassembles the chunks and waits for room in the app's inbox
   (:data:`INBOX` messages); while the app does not read, no credit goes back and
   the sender's ``send`` waits. Memory per link is bounded by
-  ``WINDOW * MAX_APP_CHUNK`` queued bytes plus one message being reassembled, and
-  the inbox by ``INBOX * MAX_APP_MESSAGE``.
+  ``WINDOW * MAX_APP_CHUNK`` queued bytes (32 x 64 KiB = 2 MiB) plus one message being
+  reassembled, and the inbox by ``INBOX * MAX_APP_MESSAGE``.
 - **Star topology.** A joiner has one link, to rank 0. A message from one joiner to
   another goes through rank 0, which relays it whole (its own inbox is not used, and
   back-pressure carries through: the relay waits for credit on the next link).
@@ -47,7 +47,8 @@ INBOX = 16
 #: A message whose credit is granted goes out within this many seconds, or the link
 #: is closed (only a frozen or vanished peer stops a stream its reader drains).
 SEND_BOUND = 10.0
-# A whole message must fit in the window: its credit is taken at once.
+# A whole message must fit in the window: its credit is taken at once (a 1 MiB
+# message is 16 frames of 64 KiB).
 assert -(-MAX_APP_MESSAGE // MAX_APP_CHUNK) <= WINDOW
 
 

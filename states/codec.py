@@ -59,6 +59,8 @@ __all__ = [
     "HEADER_SIZE",
     "MAGIC",
     "MAX_APP_CHUNK",
+    "MAX_APP_PAYLOAD",
+    "MAX_INNER_PAYLOAD",
     "MAX_PAYLOAD",
     "MAX_SEALED_PAYLOAD",
     "MAX_STATUS",
@@ -98,18 +100,27 @@ __all__ = [
     "encode_frame",
     "encode_message",
     "message",
+    "payload_limit",
 ]
 
 MAGIC: Final = b"CF"
 FRAME_VERSION: Final = 1
 HEADER_SIZE: Final = 8
-#: Hard limit on a frame's payload. Control messages are tiny; the largest legitimate one
-#: is a bootstrap frame for 8 ranks, far below this.
+#: Hard limit on a frame's payload, for every type but the two below. Control messages
+#: are tiny; the largest legitimate one is a bootstrap frame for 8 ranks, far below this.
 MAX_PAYLOAD: Final = 65536
+#: The most app bytes one APP_DATA frame carries: a whole 64 KiB, the unit an app sends,
+#: so a 64 KiB message is one frame (one seal, one credit), not two.
+MAX_APP_CHUNK: Final = 65536
+#: An APP_DATA payload: src, dst and more (3 bytes), then up to MAX_APP_CHUNK of body.
+MAX_APP_PAYLOAD: Final = 3 + MAX_APP_CHUNK
+#: The largest payload of any type that is sealed (every type but SEALED itself).
+MAX_INNER_PAYLOAD: Final = max(MAX_PAYLOAD, MAX_APP_PAYLOAD)
 #: What sealing adds to a payload: the inner type byte and the 16-byte AEAD tag
-#: (``states/seal.py``); a SEALED frame's payload may be this much above MAX_PAYLOAD.
+#: (``states/seal.py``); a SEALED frame's payload may be this much above the largest
+#: inner payload.
 SEAL_OVERHEAD: Final = 1 + 16
-MAX_SEALED_PAYLOAD: Final = MAX_PAYLOAD + SEAL_OVERHEAD
+MAX_SEALED_PAYLOAD: Final = MAX_INNER_PAYLOAD + SEAL_OVERHEAD
 #: Default limit (in UTF-8 bytes) of a string field.
 MAX_STR: Final = 1024
 #: The session id of an Abort sent before there is a session.
@@ -149,13 +160,21 @@ class ClusterMsgType(enum.IntEnum):
 # A plain dict lookup is several times faster than calling the enum, and the decoder
 # does it once per frame.
 _TYPE_BY_BYTE: Final[dict[int, ClusterMsgType]] = {int(t): t for t in ClusterMsgType}
-_SEALED: Final = int(ClusterMsgType.SEALED)
+#: The types whose payload may exceed MAX_PAYLOAD, and by how much.
+_LIMITS: Final[dict[int, int]] = {
+    int(ClusterMsgType.APP_DATA): MAX_APP_PAYLOAD,
+    int(ClusterMsgType.SEALED): MAX_SEALED_PAYLOAD,
+}
+# The hot paths test ``n > MAX_PAYLOAD`` first and look the type up only above it.
+assert min(_LIMITS.values()) >= MAX_PAYLOAD
 
 
-def _limit(type_byte: int) -> int:
-    """The payload limit of a frame type: a sealed frame carries its inner message's
-    type byte and tag on top of a payload of up to MAX_PAYLOAD."""
-    return MAX_SEALED_PAYLOAD if type_byte == _SEALED else MAX_PAYLOAD
+def payload_limit(type_byte: int) -> int:
+    """The payload limit of a frame type: :data:`MAX_PAYLOAD`, except APP_DATA (a whole
+    :data:`MAX_APP_CHUNK` of app bytes after its 3-byte head) and SEALED (the largest
+    inner payload, plus its type byte and tag). The encoder, the decoder and the seal
+    all ask this one function, so a frame we emit is never one we refuse."""
+    return _LIMITS.get(type_byte, MAX_PAYLOAD)
 
 
 class WireBackend(enum.IntEnum):
@@ -187,17 +206,18 @@ class Frame:
 
 def _framed(type_byte: int, payload: bytes) -> bytes:
     n = len(payload)
-    if n > MAX_PAYLOAD and n > _limit(type_byte):
-        raise ValueError(f"payload of {n} bytes exceeds the {_limit(type_byte)}-byte limit")
+    if n > MAX_PAYLOAD and n > payload_limit(type_byte):
+        raise ValueError(f"payload of {n} bytes exceeds the {payload_limit(type_byte)}-byte "
+                         "limit")
     return _HEADER.pack(MAGIC, FRAME_VERSION, type_byte, n) + payload
 
 
 def encode_frame(frame: Frame) -> bytes:
     """Serialize ``frame`` (header + payload).
 
-    Raises ValueError (a local bug, not a peer's fault) if the payload is above
-    :data:`MAX_PAYLOAD` (:data:`MAX_SEALED_PAYLOAD` for SEALED) or the type is unknown:
-    we never emit a frame we would refuse.
+    Raises ValueError (a local bug, not a peer's fault) if the payload is above its
+    type's :func:`payload_limit` or the type is unknown: we never emit a frame we would
+    refuse.
     """
     if frame.type not in _TYPE_BY_BYTE:
         raise ValueError(f"unknown message type {frame.type!r}")
@@ -233,11 +253,11 @@ def _judge_header(buf: memoryview, pos: int, avail: int) -> tuple[ClusterMsgType
     mtype = _TYPE_BY_BYTE.get(type_byte)
     if mtype is None:
         raise FrameError(FrameErrorKind.UNKNOWN_TYPE, f"message type 0x{type_byte:02x}")
-    if length > MAX_PAYLOAD and length > _limit(type_byte):
+    if length > MAX_PAYLOAD and length > payload_limit(type_byte):
         at_least = "" if avail >= HEADER_SIZE else ">= "
         raise FrameError(
             FrameErrorKind.OVERSIZE,
-            f"declared length {at_least}{length} > {_limit(type_byte)}",
+            f"declared length {at_least}{length} > {payload_limit(type_byte)}",
         )
     return mtype, length
 
@@ -421,8 +441,6 @@ NOISE_MESSAGE2 = Raw(32 + 2 + 16)
 #: Limit of the app-defined status a heartbeat carries (``cluster.set_status``).
 MAX_STATUS: Final = 256
 STATUS = Rest(MAX_STATUS)
-#: The most app bytes one APP_DATA frame carries (its payload less src, dst, more).
-MAX_APP_CHUNK: Final = MAX_PAYLOAD - 3
 
 
 # ---------------------------------------------------------------------------------------
@@ -720,8 +738,18 @@ def encode_message(msg: Message) -> bytes:
 
 
 def decode_message(frame: Frame) -> Message:
-    """The typed message in ``frame``; ``FrameError(BAD_PAYLOAD)`` if it does not parse."""
+    """The typed message in ``frame``; ``FrameError(BAD_PAYLOAD)`` if it does not parse.
+
+    ``FrameError(OVERSIZE)`` for a payload above its type's :func:`payload_limit`: the
+    decoder has refused that on the header already, but a frame opened from a SEALED one
+    (``states/link.py``) comes from a payload sized by the seal's larger limit, and the
+    rule must be the same sealed or not.
+    """
     cls = MESSAGE_TYPES.get(frame.type)
     if cls is None:
         raise FrameError(FrameErrorKind.UNKNOWN_TYPE, f"message type {frame.type!r}")
+    n = len(frame.payload)
+    if n > MAX_PAYLOAD and n > payload_limit(frame.type):
+        raise FrameError(FrameErrorKind.OVERSIZE,
+                         f"{frame.type.name} payload of {n} bytes > {payload_limit(frame.type)}")
     return cls.decode(frame.payload)

@@ -93,8 +93,11 @@ __all__ = [
 ]
 
 #: The clusterfsm protocol version exchanged in Hello/Challenge (not the framing version).
-#: 2: the Noise handshake and the sealed link (1: HMAC challenge-response, cleartext).
-PROTOCOL_VERSION: Final = 2
+#: 1: HMAC challenge-response, cleartext. 2: the Noise handshake and the sealed link.
+#: 3: the same, and an APP_DATA frame carries a whole 64 KiB (payload up to 65539, a
+#: SEALED frame up to 65556), which a protocol 2 rank would refuse as OVERSIZE in the
+#: middle of a session; so the two refuse each other at the handshake instead.
+PROTOCOL_VERSION: Final = 3
 SOFTWARE: Final = "clusterfsm/0.1"
 
 

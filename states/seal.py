@@ -58,10 +58,12 @@ from clusterfsm.states.codec import (
     FRAME_VERSION,
     HEADER_SIZE,
     MAGIC,
+    MAX_INNER_PAYLOAD,
     MAX_PAYLOAD,
     MAX_SEALED_PAYLOAD,
     SEAL_OVERHEAD,
     ClusterMsgType,
+    payload_limit,
 )
 from clusterfsm.states.errors import LinkTampered, TamperKind
 
@@ -91,7 +93,9 @@ __all__ = [
 
 #: The Noise protocol name; exactly 32 bytes, so it is the initial handshake hash as is.
 PROTOCOL_NAME: Final = b"Noise_NNpsk0_25519_AESGCM_SHA256"
-#: Starts the prologue, before the HELLO payload: the clusterfsm protocol generation.
+#: Starts the prologue, before the HELLO payload: the generation of this handshake's
+#: construction (unchanged since protocol 2; the HELLO payload that follows carries the
+#: protocol version itself).
 PROLOGUE_LABEL: Final = b"clusterfsm/v2 hello"
 _PSK_INFO: Final = b"clusterfsm/v2 noise psk"
 DH_SIZE: Final = 32
@@ -432,12 +436,15 @@ class Sealer:
     def seal(self, msg_type: int, payload: bytes) -> bytes:
         """The SEALED frame (header and sealed payload) carrying ``msg_type``/``payload``.
 
-        ValueError for a payload above ``MAX_PAYLOAD`` or a type outside a byte (our
-        bug, never the peer's).
+        ValueError for a payload above its type's limit (``codec.payload_limit``, and
+        never above ``MAX_INNER_PAYLOAD``, so the sealed frame stays within
+        ``MAX_SEALED_PAYLOAD``) or a type outside a byte (our bug, never the peer's).
         """
-        if len(payload) > MAX_PAYLOAD:
-            raise ValueError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
-        header = _HEADER.pack(MAGIC, FRAME_VERSION, SEALED_TYPE, len(payload) + 1 + TAG_SIZE)
+        n = len(payload)
+        if n > MAX_PAYLOAD and n > min(payload_limit(msg_type), MAX_INNER_PAYLOAD):
+            raise ValueError(f"payload of {n} bytes exceeds the limit of type "
+                             f"0x{msg_type:02x}")
+        header = _HEADER.pack(MAGIC, FRAME_VERSION, SEALED_TYPE, n + 1 + TAG_SIZE)
         cipher = self._cipher
         sealed = cipher.encrypt_with_ad(header, msg_type.to_bytes(1, "big") + payload)
         if cipher.n % self._interval == 0:
@@ -501,3 +508,4 @@ class Opener:
 
 
 assert _HEADER.size == HEADER_SIZE and SEAL_OVERHEAD == 1 + TAG_SIZE
+assert MAX_SEALED_PAYLOAD == MAX_INNER_PAYLOAD + SEAL_OVERHEAD

@@ -20,6 +20,7 @@ from clusterfsm.states.appmsg import (
 )
 from clusterfsm.states.codec import MAX_APP_CHUNK, MAX_STATUS, AppData, Message
 from clusterfsm.states.errors import FrameError
+from clusterfsm.states.seal import Sealer
 from tests.cluster_harness import config, run_ranks
 
 
@@ -147,6 +148,50 @@ async def test_status_and_rtt_reach_the_peer(autojump_clock: Any) -> None:
         (info,) = peers.values()
         assert info.rtt is not None and info.rtt >= 0
         assert info.last_heard > 0
+
+
+async def test_a_64_kib_message_is_one_sealed_frame_on_the_wire(
+        autojump_clock: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``cluster.send`` of 64 KiB: one APP_DATA frame sealed (one seal, one credit), the
+    whole message in it; one byte more is two. Counted where frames are sealed."""
+    sealed: list[tuple[int, int]] = []
+    real_seal = Sealer.seal
+
+    def counting(self: Sealer, msg_type: int, payload: bytes) -> bytes:
+        sealed.append((msg_type, len(payload)))
+        return real_seal(self, msg_type, payload)
+
+    monkeypatch.setattr(Sealer, "seal", counting)
+    kib64 = bytes(range(256)) * 256
+    got: list[bytes] = []
+    app_frames: list[list[int]] = []
+
+    async def body(cluster: Cluster) -> None:
+        if cluster.rank == 0:
+            for data in (kib64, kib64 + b"x"):
+                before = len(sealed)
+                await cluster.send(1, data)
+                app_frames.append([n for t, n in sealed[before:] if t == AppData.TYPE])
+        else:
+            async for _rank, data in cluster.messages():
+                got.append(data)
+                if len(got) == 2:
+                    return
+
+    results = await _all(2, body)
+    assert [r.state for r in results] == ["closed"] * 2, [r.error for r in results]
+    assert got == [kib64, kib64 + b"x"]
+    assert app_frames == [[3 + 65536], [3 + MAX_APP_CHUNK, 3 + 1]]
+
+
+async def test_a_lane_sends_a_whole_chunk_in_one_frame() -> None:
+    link = _Link()
+    lane = AppLane(link, window=4)
+    await lane.send(0, 1, bytes(65536))
+    assert link.sent == [AppData(0, 1, False, bytes(65536))]
+    await lane.send(0, 1, bytes(MAX_APP_CHUNK + 1))
+    assert [(m.more, len(m.body)) for m in link.sent[1:]] == [  # type: ignore[attr-defined]
+        (True, MAX_APP_CHUNK), (False, 1)]
 
 
 class _Link:

@@ -9,6 +9,7 @@ counts of other test modules; the smaller tests scale with the profile.
 from __future__ import annotations
 
 import os
+import random
 import re
 import tracemalloc
 from collections.abc import Callable, Iterable
@@ -22,6 +23,8 @@ from hypothesis import strategies as st
 
 from clusterfsm.states.codec import (
     MAX_APP_CHUNK,
+    MAX_APP_PAYLOAD,
+    MAX_INNER_PAYLOAD,
     MAX_PAYLOAD,
     MAX_SEALED_PAYLOAD,
     MAX_STATUS,
@@ -127,7 +130,7 @@ SAMPLES: list[Message] = [
     Sealed(bytes(17)),
     Sealed(b"\xff" * MAX_SEALED_PAYLOAD),
     AppData(0, 1, False, b""),
-    AppData(1, 0, True, b"\x00" * MAX_APP_CHUNK),  # a payload of exactly MAX_PAYLOAD
+    AppData(1, 0, True, b"\x00" * MAX_APP_CHUNK),  # a payload of exactly MAX_APP_PAYLOAD
     AppCredit(16),
     BeatPort(b"s" * 16, 40000),
     Ping(7, b"loaded"),
@@ -295,7 +298,7 @@ def test_large_frame_in_small_chunks_is_linear_enough() -> None:
     for i in range(0, len(step), 100):
         out += dec.feed(step[i : i + 100])
     assert len(out) == 1
-    assert out[0].payload == bytes(MAX_PAYLOAD)
+    assert out[0].payload == bytes(MAX_APP_PAYLOAD)
 
 
 # --------------------------------------------------------------------------- error kinds
@@ -372,18 +375,68 @@ def test_check_order_is_magic_version_type_length() -> None:
 
 
 def test_max_payload_is_accepted_and_one_more_is_not() -> None:
-    ok = _payload(ClusterMsgType.APP_DATA, bytes(MAX_PAYLOAD))
-    assert decode_all(ok) == [AppData(0, 0, False, bytes(MAX_APP_CHUNK))]
+    """Every type but APP_DATA and SEALED: MAX_PAYLOAD (a GATHER_PART, the one other
+    type whose payload can reach it)."""
+    full = GatherPart(SID, 7, bytes(MAX_PAYLOAD - 18))
+    ok = _payload(ClusterMsgType.GATHER_PART, full.encode())
+    assert len(full.encode()) == MAX_PAYLOAD and decode_all(ok) == [full]
     with pytest.raises(ValueError):
-        encode_frame(Frame(ClusterMsgType.APP_DATA, bytes(MAX_PAYLOAD + 1)))
+        encode_frame(Frame(ClusterMsgType.GATHER_PART, bytes(MAX_PAYLOAD + 1)))
+    with pytest.raises(ValueError):
+        encode_message(GatherPart(SID, 7, bytes(MAX_PAYLOAD - 17)))
+    for data in (_payload(ClusterMsgType.GATHER_PART, bytes(MAX_PAYLOAD + 1)),
+                 b"CF\x01\x05" + (MAX_PAYLOAD + 1).to_bytes(4, "big")):
+        with pytest.raises(FrameError) as info:
+            FrameDecoder().feed(data)
+        assert info.value.kind is FrameErrorKind.OVERSIZE
+
+
+def test_a_whole_64_kib_app_chunk_is_one_frame() -> None:
+    """APP_DATA carries 65536 app bytes after its 3-byte head: a 64 KiB message is one
+    frame, round trip through the streaming decoder, whole and trickled."""
+    assert MAX_APP_CHUNK == 65536 and MAX_APP_PAYLOAD == MAX_APP_CHUNK + 3
+    body = random.Random(18).randbytes(MAX_APP_CHUNK)
+    msg = AppData(2, 0, False, body)
+    data = encode_message(msg)
+    assert len(data) == 8 + MAX_APP_PAYLOAD
+    assert data[:8] == b"CF\x01\x20" + MAX_APP_PAYLOAD.to_bytes(4, "big")
+    assert decode_all(data) == [msg]
+    assert decode_all(data, [5, 3, 4096, 1] * 20) == [msg]
+    assert encode_frame(Frame(ClusterMsgType.APP_DATA, msg.encode())) == data
+
+
+def test_an_app_chunk_one_byte_over_is_refused_with_a_typed_error() -> None:
+    """A 65537-byte body: not built, not framed, and refused on the header when a peer
+    declares it (or anything above the APP_DATA limit), at every split of the header,
+    before a byte of payload is buffered."""
     with pytest.raises(ValueError):
         AppData(0, 0, False, bytes(MAX_APP_CHUNK + 1))
+    with pytest.raises(ValueError):
+        encode_frame(Frame(ClusterMsgType.APP_DATA, bytes(MAX_APP_PAYLOAD + 1)))
+    over = _payload(ClusterMsgType.APP_DATA, b"\x00\x01\x00" + bytes(MAX_APP_CHUNK + 1))
+    for header in (over[:8], b"CF\x01\x20" + (2**31).to_bytes(4, "big")):
+        for split in range(1, 9):
+            dec = FrameDecoder()
+            with pytest.raises(FrameError) as info:
+                dec.feed(header[:split])
+                dec.feed(header[split:] + over[8:])
+            assert info.value.kind is FrameErrorKind.OVERSIZE, split
+            assert dec.buffered == 0
+    # The same rule for a frame opened from a SEALED one (states/link.py), whose size
+    # only the seal's larger limit bounded.
+    for mtype, size in ((ClusterMsgType.APP_DATA, MAX_APP_PAYLOAD + 1),
+                        (ClusterMsgType.GATHER_PART, MAX_PAYLOAD + 1),
+                        (ClusterMsgType.PING, MAX_INNER_PAYLOAD)):
+        with pytest.raises(FrameError) as opened:
+            decode_message(Frame(mtype, bytes(size)))
+        assert opened.value.kind is FrameErrorKind.OVERSIZE, mtype
 
 
-def test_a_sealed_frame_may_carry_a_full_payload_plus_type_byte_and_tag() -> None:
+def test_a_sealed_frame_may_carry_the_largest_payload_plus_type_byte_and_tag() -> None:
     ok = _payload(ClusterMsgType.SEALED, bytes(MAX_SEALED_PAYLOAD))
     assert decode_all(ok) == [Sealed(bytes(MAX_SEALED_PAYLOAD))]
-    assert MAX_SEALED_PAYLOAD == MAX_PAYLOAD + 17
+    assert MAX_INNER_PAYLOAD == MAX_APP_PAYLOAD
+    assert MAX_SEALED_PAYLOAD == MAX_INNER_PAYLOAD + 17 == 65556
     with pytest.raises(ValueError):
         encode_frame(Frame(ClusterMsgType.SEALED, bytes(MAX_SEALED_PAYLOAD + 1)))
     for data in (b"CF\x01\x30" + (MAX_SEALED_PAYLOAD + 1).to_bytes(4, "big"),
@@ -550,22 +603,25 @@ def test_a_type_byte_has_one_class() -> None:
 
 VECTOR_RE = re.compile(r"^```hex vector (?P<name>[\w-]+)\n(?P<body>.*?)^```", re.M | re.S)
 DOC_VECTORS: dict[str, Message] = {
-    "hello": Hello(2, ID_A, 1, 2, bytes(range(0x30, 0x40)), "clusterfsm/0.1",
+    "hello": Hello(3, ID_A, 1, 2, bytes(range(0x30, 0x40)), "clusterfsm/0.1",
                    1_700_000_000_000_000_000),
-    # The same Hello from a protocol 1 peer: it decodes, and is refused by version.
+    # The same Hello from a protocol 1 and a protocol 2 peer: it decodes, and is refused
+    # by version.
     "hello-v1": Hello(1, ID_A, 1, 2, bytes(range(0x30, 0x40)), "clusterfsm/0.1",
+                      1_700_000_000_000_000_000),
+    "hello-v2": Hello(2, ID_A, 1, 2, bytes(range(0x30, 0x40)), "clusterfsm/0.1",
                       1_700_000_000_000_000_000),
     "ping": Ping(42),
     "bootstrap-ring-2": BootstrapPayload(5000, SID, WireBackend.RING, 2, RING2),
     "abort": Abort(SID, "initializing_group", "GroupSizeMismatch", "group size 1, expected 2"),
     # The handshake vectors' Noise messages are recomputed from their inputs in
     # test_handshake.py and test_seal.py.
-    "challenge": Challenge(2, bytes.fromhex(
+    "challenge": Challenge(3, bytes.fromhex(
         "392d174a38b3b1beafaf1fe824870841c5fa531bc6eafdb6402c124664488c1c"
-        "31c53706c19d3817bccc2190d300c6e7b489ae9a5ef6d305bff8775aa85aabe6b8")),
+        "31c53706c19d3817bccc2190d300c6e7b4dba0dc92d0e962624b67b500ba6dd0a0")),
     "auth": Auth(bytes.fromhex(
         "23b7bb8c91ae008711fb12846780bcdf1e065f821bdfec49f57e7c7dcd4c4823"
-        "8ca3aaa843ac288a40e8c8b3bb16029f2f72")),
+        "8ca349d1fb4cb6c4ed0fa2f9b61b644349ad")),
     "welcome": Welcome(SID),
     "app-data": AppData(1, 0, False, b"hello"),
 }

@@ -151,7 +151,7 @@ def test_noise_messages_match_the_seal_vectors_and_doc_vectors() -> None:
     vectors = dict(re.findall(r"^([\w >-]+?) = ([0-9a-f]+)$", flat, re.M))
     assert ch.noise == bytes.fromhex(vectors["message 1"])
     assert au.noise == bytes.fromhex(vectors["message 2"])
-    assert ch.protocol_version == PROTOCOL_VERSION == 2
+    assert ch.protocol_version == PROTOCOL_VERSION == 3
     assert c.keys is not None and c.keys.send_key == bytes.fromhex(vectors["key c->j"])
     # The same frames appear as test vectors in docs/protocol.md section 7.
     for name, msg in (("challenge", ch), ("auth", au), ("welcome", we)):
@@ -163,7 +163,8 @@ def test_noise_messages_match_the_seal_vectors_and_doc_vectors() -> None:
 def test_key_never_on_the_wire() -> None:
     j, c = joiner(), coordinator()
     ch, au, we = run(j, c)
-    blob = b"".join(encode_message(m) for m in (Hello(2, J_ID, 1, 2, J_NONCE), ch, au, we))
+    hello = Hello(PROTOCOL_VERSION, J_ID, 1, 2, J_NONCE)
+    blob = b"".join(encode_message(m) for m in (hello, ch, au, we))
     assert KEY not in blob
     assert seal.derive_psk(KEY) not in blob
 
@@ -176,6 +177,8 @@ def test_key_never_on_the_wire() -> None:
     [
         ({"protocol_version": PROTOCOL_VERSION + 1}, {}, RejectReason.VERSION_MISMATCH),
         ({"protocol_version": 1}, {}, RejectReason.VERSION_MISMATCH),  # the HMAC version
+        # the build whose APP_DATA frame carried 65533 app bytes
+        ({"protocol_version": 2}, {}, RejectReason.VERSION_MISMATCH),
         ({"world_size": 3}, {}, RejectReason.WORLD_SIZE_MISMATCH),
         ({"rank": 0}, {}, RejectReason.BAD_RANK),
         ({"rank": 2}, {}, RejectReason.BAD_RANK),
@@ -262,6 +265,7 @@ def _flip(data: bytes, index: int) -> bytes:
         (lambda: attrs.evolve(_challenge(), protocol_version=PROTOCOL_VERSION + 1),
          RejectReason.VERSION_MISMATCH),
         (lambda: attrs.evolve(_challenge(), protocol_version=1), RejectReason.VERSION_MISMATCH),
+        (lambda: attrs.evolve(_challenge(), protocol_version=2), RejectReason.VERSION_MISMATCH),
         (lambda: _forged_challenge(C_ID, 3), RejectReason.WORLD_SIZE_MISMATCH),
         (lambda: _forged_challenge(J_ID, 2), RejectReason.DUPLICATE_NODE_ID),
         (lambda: _forged_challenge(C_ID, 2, key=OTHER_KEY), RejectReason.BAD_KEY),
@@ -288,7 +292,7 @@ def test_joiner_refuses_challenge(make: Any, reason: RejectReason) -> None:
     assert reject.reason is reason
     # And the coordinator, told so, fails with that reason, remote.
     c = coordinator()
-    c.receive(Hello(2, J_ID, 1, 2, J_NONCE))
+    c.receive(Hello(PROTOCOL_VERSION, J_ID, 1, 2, J_NONCE))
     with pytest.raises(HandshakeRejected) as remote:
         c.receive(wire(reject))
     assert (remote.value.reason, remote.value.remote) == (reason, True)
@@ -348,7 +352,7 @@ def test_wrong_key_detected_by_coordinator() -> None:
     """An Auth made under another key (an attacker that skips verifying the Challenge)
     does not open."""
     c = coordinator()
-    hello = Hello(2, J_ID, 1, 2, J_NONCE)
+    hello = Hello(PROTOCOL_VERSION, J_ID, 1, 2, J_NONCE)
     c.receive(hello)
     other_psk, pro = seal.derive_psk(OTHER_KEY), seal.prologue(hello.encode())
     other = seal.InitiatorHandshake(other_psk, pro)
@@ -382,7 +386,8 @@ def test_replayed_auth_is_rejected() -> None:
     j1, c1 = joiner(), coordinator()
     _, recorded_auth, _ = run(j1, c1)
     c2 = coordinator(ephemeral=bytes(range(0x90, 0xB0)))
-    c2.receive(Hello(2, J_ID, 1, 2, J_NONCE, "clusterfsm/0.1"))  # the recorded Hello
+    # the recorded Hello
+    c2.receive(Hello(PROTOCOL_VERSION, J_ID, 1, 2, J_NONCE, "clusterfsm/0.1"))
     with pytest.raises(HandshakeRejected) as info:
         c2.receive(recorded_auth)
     assert (info.value.reason, info.value.remote) == (RejectReason.BAD_KEY, False)
@@ -401,11 +406,11 @@ def test_replayed_challenge_is_rejected() -> None:
 def test_reflected_coordinator_message_is_rejected() -> None:
     """The coordinator's own message 1 fed back as the joiner's message 2 fails."""
     c = coordinator()
-    [ch] = c.receive(Hello(2, J_ID, 1, 2, J_NONCE))
+    [ch] = c.receive(Hello(PROTOCOL_VERSION, J_ID, 1, 2, J_NONCE))
     assert isinstance(ch, Challenge)
     for reflected in (ch.noise[:50], ch.noise[:32] + ch.noise[-18:]):
         c2 = coordinator()
-        c2.receive(Hello(2, J_ID, 1, 2, J_NONCE))
+        c2.receive(Hello(PROTOCOL_VERSION, J_ID, 1, 2, J_NONCE))
         with pytest.raises(HandshakeRejected) as info:
             c2.receive(Auth(reflected))
         assert info.value.reason is RejectReason.BAD_KEY
@@ -416,7 +421,7 @@ def test_reflected_challenge_to_joiner_is_rejected() -> None:
     j = joiner()
     hello = j.start()
     with pytest.raises(HandshakeRejected):
-        j.receive(Challenge(2, hello.nonce * 4 + bytes(1)))
+        j.receive(Challenge(PROTOCOL_VERSION, hello.nonce * 4 + bytes(1)))
 
 
 # --------------------------------------------------------------------------- wrong messages
@@ -446,7 +451,7 @@ def test_joiner_challenge_after_auth_is_unexpected() -> None:
 
 
 @pytest.mark.parametrize(
-    "msg", [Ping(1), Auth(bytes(50)), Challenge(2, bytes(65))]
+    "msg", [Ping(1), Auth(bytes(50)), Challenge(PROTOCOL_VERSION, bytes(65))]
 )
 def test_coordinator_unexpected_first_message(msg: Message) -> None:
     c = coordinator()
@@ -458,7 +463,7 @@ def test_coordinator_unexpected_first_message(msg: Message) -> None:
 
 def test_coordinator_second_hello_is_unexpected() -> None:
     c = coordinator()
-    hello = Hello(2, J_ID, 1, 2, J_NONCE)
+    hello = Hello(PROTOCOL_VERSION, J_ID, 1, 2, J_NONCE)
     c.receive(hello)
     with pytest.raises(FrameError) as info:
         c.receive(hello)
@@ -518,7 +523,7 @@ any_message: st.SearchStrategy[Message] = st.one_of(
     st.builds(Reject, st.sampled_from(RejectReason)),
     # Genuine messages, so sequences also reach the later steps.
     st.sampled_from(run(joiner(), coordinator())),
-    st.just(Hello(2, J_ID, 1, 2, J_NONCE, "clusterfsm/0.1")),
+    st.just(Hello(PROTOCOL_VERSION, J_ID, 1, 2, J_NONCE, "clusterfsm/0.1")),
 )
 
 

@@ -12,11 +12,26 @@ import re
 import warnings
 from pathlib import Path
 
+import attrs
 import pytest
 
 from clusterfsm.states import seal
-from clusterfsm.states.codec import Hello, Welcome
-from clusterfsm.states.errors import LinkTampered, TamperKind
+from clusterfsm.states.codec import (
+    HEADER_SIZE,
+    MAX_APP_CHUNK,
+    MAX_APP_PAYLOAD,
+    MAX_INNER_PAYLOAD,
+    MAX_PAYLOAD,
+    MAX_SEALED_PAYLOAD,
+    AppData,
+    ClusterMsgType,
+    Frame,
+    FrameDecoder,
+    Hello,
+    Welcome,
+    decode_message,
+)
+from clusterfsm.states.errors import FrameError, FrameErrorKind, LinkTampered, TamperKind
 from clusterfsm.states.seal import (
     InitiatorHandshake,
     Opener,
@@ -26,7 +41,7 @@ from clusterfsm.states.seal import (
 )
 
 KEY = bytes(range(32))
-HELLO = Hello(2, bytes(range(0x10, 0x20)), 1, 2, bytes(range(0x30, 0x40)),
+HELLO = Hello(3, bytes(range(0x10, 0x20)), 1, 2, bytes(range(0x30, 0x40)),
               "clusterfsm/0.1", 1700000000000000000)
 E_COORDINATOR = bytes(range(0x50, 0x70))
 E_JOINER = bytes(range(0x70, 0x90))
@@ -137,7 +152,7 @@ def test_a_changed_hello_field_fails_the_challenge() -> None:
 def test_a_recorded_challenge_fails_for_a_fresh_hello() -> None:
     psk = seal.derive_psk(KEY)
     recorded = InitiatorHandshake(psk, seal.prologue(HELLO.encode())).write_message1(PAYLOAD1)
-    fresh_hello = Hello(2, HELLO.node_id, 1, 2, bytes(16), HELLO.software, HELLO.epoch)
+    fresh_hello = attrs.evolve(HELLO, nonce=bytes(16))
     with pytest.raises(LinkTampered):
         ResponderHandshake(psk, seal.prologue(fresh_hello.encode())).read_message1(recorded)
 
@@ -286,9 +301,40 @@ def test_unsealed_frames_and_oversize_payloads() -> None:
         opener.open(bytes(seal.MAX_SEALED_PAYLOAD + 1))
     assert too_long.value.kind is TamperKind.MALFORMED
     with pytest.raises(ValueError):
-        sealer.seal(0x20, bytes(seal.MAX_PAYLOAD + 1))
+        sealer.seal(0x05, bytes(MAX_PAYLOAD + 1))
     with pytest.raises(ValueError):
         Sealer(bytes(32), rekey_interval=0)
+
+
+def test_the_largest_app_data_frame_seals_and_opens_and_one_byte_more_does_not() -> None:
+    """A whole 64 KiB app chunk is one sealed frame that our own decoder and opener take;
+    one byte more is refused by the sealer (our bug), never sent for the peer to refuse."""
+    sealer, opener = channel()
+    msg = AppData(1, 0, False, random.Random(18).randbytes(MAX_APP_CHUNK))
+    frame = sealer.seal(msg.TYPE, msg.encode())
+    assert len(frame) == HEADER_SIZE + MAX_SEALED_PAYLOAD
+    [received] = FrameDecoder().feed(frame)
+    assert received.type is ClusterMsgType.SEALED
+    type_byte, payload = opener.open(received.payload)
+    assert decode_message(Frame(ClusterMsgType(type_byte), payload)) == msg
+    for msg_type, size in ((0x20, MAX_APP_PAYLOAD + 1), (0x05, MAX_PAYLOAD + 1),
+                           (0x30, MAX_INNER_PAYLOAD + 1), (0x2F, MAX_PAYLOAD + 1)):
+        with pytest.raises(ValueError):
+            sealer.seal(msg_type, bytes(size))
+    assert sealer.frames == 1  # a refused payload spends no counter value
+
+
+def test_an_authentic_inner_payload_over_its_type_s_limit_is_oversize() -> None:
+    """A keyed peer (a bug, not an attack) seals a PING of MAX_INNER_PAYLOAD bytes, which
+    our sealer would refuse: it opens, and decoding it is OVERSIZE as it would be in clear."""
+    coordinator, joiner = handshake()
+    cipher = seal.CipherState(coordinator.send_key)
+    header = b"CF\x01\x30" + (MAX_INNER_PAYLOAD + 17).to_bytes(4, "big")
+    forged = cipher.encrypt_with_ad(header, b"\x05" + bytes(MAX_INNER_PAYLOAD))
+    type_byte, payload = joiner.opener().open(forged)
+    with pytest.raises(FrameError) as info:
+        decode_message(Frame(ClusterMsgType(type_byte), payload))
+    assert info.value.kind is FrameErrorKind.OVERSIZE
 
 
 def test_the_counter_stops_at_noise_s_limit() -> None:

@@ -354,9 +354,22 @@ V1_HELLO = bytes.fromhex(
 V1_CHALLENGE = bytes.fromhex(
     "43460102000000430001202122232425262728292a2b2c2d2e2f02404142434445464748494a4b4c4d"
     "4e4fe155f77c23b6e92ba41b6684b0f3137576adb04d02bbc06e3f3f7a82bae20bc6")
+#: Protocol 2's (the build whose APP_DATA frame carried 65533 app bytes, so that it
+#: refuses a protocol 3 rank's 64 KiB frame as OVERSIZE): docs/protocol.md `hello-v2`,
+#: and the CHALLENGE protocol 2 documented for the same inputs.
+V2_HELLO = bytes.fromhex(
+    "434601010000003c0002101112131415161718191a1b1c1d1e1f0102303132333435363738393a3b"
+    "3c3d3e3f000e636c757374657266736d2f302e3117979cfe362a0000")
+V2_CHALLENGE = bytes.fromhex(
+    "43460102000000430002392d174a38b3b1beafaf1fe824870841c5fa531bc6eafdb6402c124664488c"
+    "1c31c53706c19d3817bccc2190d300c6e7b489ae9a5ef6d305bff8775aa85aabe6b8")
 
 
-async def test_a_protocol_1_joiner_is_refused_by_version_in_a_frame_it_decodes() -> None:
+@pytest.mark.parametrize(("hello", "version"), [(V1_HELLO, 1), (V2_HELLO, 2)],
+                         ids=["v1", "v2"])
+async def test_an_older_joiner_is_refused_by_version_in_a_frame_it_decodes(
+    hello: bytes, version: int,
+) -> None:
     transport = RecordingTransport()
     r0 = RankRun(0)
     received = b""
@@ -368,20 +381,21 @@ async def test_a_protocol_1_joiner_is_refused_by_version_in_a_frame_it_decodes()
             assert transport.address is not None
             stream = await trio.open_tcp_stream(transport.address.host, transport.address.port)
             async with stream:
-                await stream.send_all(V1_HELLO)
+                await stream.send_all(hello)
                 with trio.move_on_after(3):
                     while data := await stream.receive_some(65536):
                         received += data
     [reject] = [decode_message(f) for f in FrameDecoder().feed(received)]
     assert isinstance(reject, Reject) and reject.reason is RejectReason.VERSION_MISMATCH
-    assert "speaks 1" in reject.detail
+    assert f"speaks {version}" in reject.detail
     assert r0.state == "handshake_timeout" and "version_mismatch" in str(r0.error)
 
 
 @pytest.mark.parametrize("answer", [V1_CHALLENGE, encode_message(
-    Reject(RejectReason.VERSION_MISMATCH, "joiner speaks 2, we speak 1"))],
-    ids=["v1-challenge", "v1-reject"])
-async def test_a_protocol_1_coordinator_ends_the_joiner_in_a_version_refusal(
+    Reject(RejectReason.VERSION_MISMATCH, "joiner speaks 3, we speak 1")), V2_CHALLENGE,
+    encode_message(Reject(RejectReason.VERSION_MISMATCH, "joiner speaks 3, we speak 2"))],
+    ids=["v1-challenge", "v1-reject", "v2-challenge", "v2-reject"])
+async def test_an_older_coordinator_ends_the_joiner_in_a_version_refusal(
     answer: bytes,
 ) -> None:
     listeners = await trio.open_tcp_listeners(0, host=LOOPBACK)
