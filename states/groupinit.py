@@ -36,6 +36,7 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
@@ -117,22 +118,54 @@ class InitPlan:
 # -- environment and files ----------------------------------------------------------
 
 
+class _EnvWindow:
+    """One open :func:`patched_env`: the values its names had before it."""
+
+    __slots__ = ("saved",)
+
+    def __init__(self, saved: dict[str, str | None]) -> None:
+        self.saved = saved
+
+
+#: The open windows of this process, oldest first (several fake ranks in one process
+#: in the tests; one in a real rank), and the lock their bookkeeping takes (init runs
+#: in a worker thread).
+_open_windows: list[_EnvWindow] = []
+_windows_lock = threading.Lock()
+
+
 @contextmanager
 def patched_env(values: Mapping[str, str], clear: tuple[str, ...] = ()) -> Iterator[None]:
-    """Set ``values`` and remove ``clear`` for the block; restore exactly afterwards."""
+    """Set ``values`` and remove ``clear`` for the block; restore exactly afterwards.
+
+    Exactly even when windows close out of order (fake ranks in one process): a window
+    that closes under a later one still open hands its saved values to the first later
+    window that changed the same name, which saved *our* values as its "before", and
+    restores only the names no later window touched. So the env is as it was once the
+    last window closes, whatever the interleaving.
+    """
     names = tuple(values) + tuple(n for n in clear if n not in values)
-    saved = {n: os.environ.get(n) for n in names}
+    window = _EnvWindow({n: os.environ.get(n) for n in names})
+    with _windows_lock:
+        _open_windows.append(window)
     try:
         for n in clear:
             os.environ.pop(n, None)
         os.environ.update(values)
         yield
     finally:
-        for n, old in saved.items():
-            if old is None:
-                os.environ.pop(n, None)
-            else:
-                os.environ[n] = old
+        with _windows_lock:
+            at = next(i for i, w in enumerate(_open_windows) if w is window)
+            del _open_windows[at]
+            later = _open_windows[at:]
+            for n, old in window.saved.items():
+                heir = next((w for w in later if n in w.saved), None)
+                if heir is not None:
+                    heir.saved[n] = old
+                elif old is None:
+                    os.environ.pop(n, None)
+                else:
+                    os.environ[n] = old
 
 
 #: A topology directory's name: ``clusterfsm-<pid of its creator>-<mkdtemp suffix>``
@@ -503,9 +536,14 @@ class GroupInitializer:
         keep_verbose = VERBOSE_ENV in os.environ
         if observe:
             env = {**env, VERBOSE_ENV: os.environ.get(VERBOSE_ENV, "1")}
+        if before_call is not None:
+            # Before the env is patched, like the ledger: the env is the process's, and
+            # no other task may run between patching it and the call (fake ranks in one
+            # process share it; a task switch here let one rank read another's
+            # MLX_RANK and hostfile). Patching costs microseconds, so rank 0 still
+            # calls init right after releasing the ring's last rank.
+            await before_call()
         with patched_env(env, clear), self._ring_log(observe, plan, files, keep_verbose):
-            if before_call is not None:
-                await before_call()
             try:
                 group: Group = await self.run_blocking(call)
             except RuntimeError as exc:
