@@ -39,7 +39,7 @@ FULL = {
     "provider_tp.py": ["--runs", "3", "--tokens", "256", "--requests", "3"],
     "seal_bench.py": ["--seconds", "1.5", "--import-runs", "7"],
     "seal_time_to_group.py": ["--runs", "15"],
-    "app_messages.py": ["--idle", "10", "--flood", "10", "--count", "2000"],
+    "app_messages.py": ["--idle", "60", "--flood", "10", "--count", "2000"],
     "detection.py": ["--runs", "5", "--peer-lost-after", "3", "--cable", "--hog"],
     "linkwatch.py": ["--cycles", "20"],
     "recovery.py": ["--kills", "20", "--hog"],
