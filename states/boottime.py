@@ -19,6 +19,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import attrs
+
 from clusterfsm.states.errors import PrecheckFailed
 from clusterfsm.states.macos_output import UnreadableOutput, parse_sysctl_boottime
 from clusterfsm.states.tools import ToolRunner
@@ -33,8 +35,14 @@ SAME_BOOT_SLACK = 10
 PROC_STAT = Path("/proc/stat")
 
 
-class BootTimeUnknown(ValueError):
-    """The boot time could not be read; the message says why (the tool, the file)."""
+@attrs.frozen(auto_exc=True)
+class BootTimeUnknown(Exception):
+    """The boot time could not be read; ``detail`` says why (the tool, the file)."""
+
+    detail: str
+
+    def __str__(self) -> str:
+        return self.detail
 
 
 def parse_proc_stat_btime(text: str) -> int:

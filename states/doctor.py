@@ -51,6 +51,7 @@ from clusterfsm.states.preflight import (
 )
 from clusterfsm.states.rdma import (
     cable_rails,
+    devices_listed,
     pd_budget,
     rdma_findings,
     route_to_peer,
@@ -198,7 +199,7 @@ async def rdma_checks(options: DoctorOptions, host: Host, jaccl_wanted: bool,
     run = remembering(host.run)  # system_profiler and ibv_devinfo serve several checks
     devices = [device_name(name) for name in options.interfaces]
     found = await rdma_findings(devices, run, speed=True)
-    if devices and len(found) > 1 and not (found[0].failed or found[1].failed):
+    if devices and devices_listed(found):
         # RDMA is on and every device is there: count the init attempts since boot
         # against each device's max_pd (one connection per device: a peer per port)
         found.extend(await pd_budget(dict.fromkeys(devices, 1), run, host.ledger))

@@ -29,7 +29,6 @@ it live in :mod:`clusterfsm.states.activities` and :mod:`clusterfsm.states.watch
 from __future__ import annotations
 
 import errno
-import functools
 import json
 import os
 import re
@@ -56,6 +55,7 @@ from clusterfsm.states.errors import (
     PrecheckFailed,
 )
 from clusterfsm.states.initledger import InitLedger, LedgerUnavailable, NoLedger, default_ledger
+from clusterfsm.states.pids import pid_running
 from clusterfsm.states.ringwindow import (
     VERBOSE_ENV,
     ConnectBackoff,
@@ -206,26 +206,13 @@ def sweep_stale_topology_dirs(root: Path | None = None, *, now: float | None = N
         try:
             info = path.lstat()
             if (not path.is_dir() or path.is_symlink() or info.st_uid != os.getuid()
-                    or info.st_mtime > limit or _alive(int(match[1]))):
+                    or info.st_mtime > limit or pid_running(int(match[1]))):
                 continue
             shutil.rmtree(path)
         except OSError:
             continue  # gone meanwhile, or not ours to remove: a later sweep retries
         removed.append(path)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    """Whether a process ``pid`` exists (one of another user counts as alive)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OverflowError:
-        return False  # not a PID this system can have
-    return True
 
 
 class TopologyDir:
@@ -484,7 +471,7 @@ class GroupInitializer:
         #: Runs on every rank before init (jaccl: rdma_ctl, ibv_devices, the matrix,
         #: routes, protection domains).
         self.plan_check: Callable[[InitPlan], Awaitable[None]] = (
-            plan_check or functools.partial(check_plan, ledger=self.ledger))
+            plan_check or self._check_plan)
         self.side_channel_supported = side_channel_supported
         #: The groups this process already has (MLX keeps one per backend per process).
         self.groups = groups
@@ -557,6 +544,11 @@ class GroupInitializer:
         if group.size() != plan.world_size:
             raise GroupSizeMismatch(plan.world_size, group.size())
         return group
+
+    async def _check_plan(self, plan: InitPlan) -> None:
+        """The default plan check, against the ledger this initializer records in
+        (read when it runs: the ledger may be replaced after construction)."""
+        await check_plan(plan, ledger=self.ledger)
 
     async def _record_attempt(self, plan: InitPlan) -> None:
         """Put this jaccl init in the ledger (one protection domain per connection of

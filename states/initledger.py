@@ -9,13 +9,13 @@ is killed or the Mac reboots. Past the limit jaccl fails with "Changing queue pa
 to RTR failed with errno 96", and every retry makes it worse. The kernel does not say
 how many PDs are in use, so clusterfsm keeps its own count.
 
-What is kept: one small file per init attempt, in ``jaccl-init-ledger/`` next to the
-node-id file (per user), written just before the MLX call: the boot time, the pid,
-the devices of the row (with repeats: one PD per connection). The file is removed
-when its process exits through Python (``atexit``: a normal exit, an error, SIGINT or
-SIGTERM handled by ``serve``), since jaccl's connections give their PDs back then. A
-rank killed with SIGKILL, crashed or frozen in the driver leaves its file: it is
-counted until the Mac reboots. Entries of another boot are ignored when counting and
+What is kept: one small file per init attempt, in ``jaccl-init-ledger/`` in the
+default node-id file's directory (per user), written just before the MLX call: the
+boot time, the pid, the devices of the row (with repeats: one PD per connection). The
+file is removed when its process exits through Python (``atexit``: a normal exit, an
+error, SIGINT or SIGTERM handled by ``serve``), since jaccl's connections give their
+PDs back then. A rank killed with SIGKILL, crashed or frozen in the driver leaves its
+file: it is counted until the Mac reboots. Entries of another boot are ignored when counting and
 deleted at the next record, so the count starts over at every boot.
 
 Why a directory of files and not one file: several ranks on one Mac may record at
@@ -45,9 +45,10 @@ import trio
 from clusterfsm.states.boottime import BootTimeUnknown, boot_time, same_boot
 from clusterfsm.states.localfiles import LocalFileError, read_small_text
 from clusterfsm.states.nodeid import default_node_id_path
+from clusterfsm.states.pids import valid_pid
 from clusterfsm.states.tools import ToolRunner, run_tool
 
-#: The ledger's directory name, beside the node-id file.
+#: The ledger's directory name, in the default node-id file's directory.
 LEDGER_DIR = "jaccl-init-ledger"
 #: An entry is a few hundred bytes; anything larger is not one.
 MAX_ENTRY_BYTES = 4096
@@ -97,7 +98,7 @@ class Attempt:
         if not isinstance(obj, dict):
             raise ValueError("not an object")
         pid, boot, devices, at = (obj.get(k) for k in ("pid", "boot_time", "devices", "at"))
-        if not (isinstance(pid, int) and isinstance(boot, int) and isinstance(at, float | int)
+        if not (valid_pid(pid) and type(boot) is int and isinstance(at, float | int)
                 and isinstance(devices, list)
                 and all(isinstance(d, str) for d in devices)):
             raise ValueError("missing or mistyped fields")
@@ -123,29 +124,27 @@ class LedgerView:
 
 
 class RecordedAttempt:
-    """An entry this process wrote; removed when the process exits through Python."""
+    """An entry this process wrote; removed when the process exits through Python.
+
+    Only by the process that wrote it: the ``atexit`` registration is inherited by a
+    ``fork()`` (an app's multiprocessing worker), and a child's clean exit must not
+    give back protection domains its parent still holds.
+    """
 
     def __init__(self, path: Path, attempt: Attempt) -> None:
         self.path = path
         self.attempt = attempt
+        self._owner = os.getpid()
         atexit.register(self.release)
 
     def release(self) -> None:
-        """Remove the entry (its PDs are given back); idempotent, never raises."""
+        """Remove the entry (its PDs are given back); idempotent, never raises; a
+        no-op in a forked child."""
         atexit.unregister(self.release)
+        if os.getpid() != self._owner:
+            return
         with suppress(OSError):
             self.path.unlink()
-
-
-def pid_running(pid: int) -> bool:
-    """Whether a process ``pid`` exists (one of another user counts as running)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class InitLedger:
@@ -163,6 +162,7 @@ class InitLedger:
         self.boot_clock = boot_clock
         self._pid = pid
         self._wall_clock = wall_clock
+        self._boot: int | None = None
 
     @property
     def directory(self) -> Path:
@@ -175,10 +175,17 @@ class InitLedger:
             raise LedgerUnavailable("~/.config/clusterfsm/" + LEDGER_DIR, str(exc)) from None
 
     async def boot_time(self) -> int:
-        try:
-            return await self.boot_clock()
-        except BootTimeUnknown as exc:
-            raise LedgerUnavailable(self._where(), f"boot time unknown ({exc})") from None
+        """This boot's time, read once per ledger and then remembered: it cannot
+        change while this process lives, and :meth:`record` runs between the barrier's
+        go and init, where a ``sysctl`` subprocess would let the ranks drift apart."""
+        if self._boot is None:
+            try:
+                self._boot = await self.boot_clock()
+            except BootTimeUnknown as exc:
+                raise LedgerUnavailable(self._where(), f"boot time unknown ({exc})") from None
+        else:
+            await trio.lowlevel.checkpoint()
+        return self._boot
 
     def _where(self) -> str:
         try:
@@ -229,8 +236,8 @@ class InitLedger:
             entries, _unreadable = self._entries()
             for path, attempt in entries:
                 if not same_boot(attempt.boot_time, boot):
-                    with suppress(FileNotFoundError):
-                        path.unlink()  # a reboot returned its protection domains
+                    with suppress(OSError):  # gone meanwhile, or not removable: not
+                        path.unlink()  # counted anyway (another boot's PDs came back)
             attempt = Attempt(self._pid(), boot, tuple(devices), self._wall_clock())
             path = self._write(attempt)
         except LedgerUnavailable as exc:
@@ -267,17 +274,16 @@ class InitLedger:
 
 
 class NoLedger:
-    """Counts and records nothing (fake ranks in tests: their inits reach no RDMA)."""
-
-    async def view(self) -> None:
-        await trio.lowlevel.checkpoint()
+    """Records nothing (fake ranks in tests: their inits reach no RDMA); the plan
+    check reports protection domains as not counted (``pd_budget``)."""
 
     async def record(self, devices: Sequence[str]) -> None:
         await trio.lowlevel.checkpoint()
 
 
 def default_ledger(run: ToolRunner = run_tool, platform: str | None = None) -> InitLedger:
-    """The per-user ledger beside the node-id file, with the real boot time."""
+    """The per-user ledger in the default node-id file's directory, with the real
+    boot time."""
 
     async def clock() -> int:
         return await boot_time(run) if platform is None else await boot_time(run, platform)
@@ -286,5 +292,4 @@ def default_ledger(run: ToolRunner = run_tool, platform: str | None = None) -> I
 
 
 __all__ = ["LEDGER_DIR", "Attempt", "InitLedger", "LedgerUnavailable", "LedgerView",
-           "NoLedger", "RecordedAttempt", "default_ledger", "default_ledger_dir",
-           "pid_running"]
+           "NoLedger", "RecordedAttempt", "default_ledger", "default_ledger_dir"]

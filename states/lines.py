@@ -15,7 +15,9 @@ docs/operations.md shows it in a supervised log.
 The lines
 ---------
 A *speaker* starts most lines: ``rank R`` (a rank), ``node ID`` (a ``--rank auto``
-node before its election, the first 8 hex digits of its node id), ``clusterfsm rank
+node, the first 8 hex digits of its node id: its rank is elected after ``serve`` names
+it, and it keeps that name for the run so that every line of one process has one
+speaker; the ready line says its rank), ``clusterfsm rank
 R`` (the init watchdog, speaking for the rank it killed) or ``supervisor rank R``
 (``serve --supervise``). A speaker never contains a colon or a space after the word
 ``rank``/``node``, so ``SPEAKER: `` always ends at the first ``": "`` of a line.
@@ -86,7 +88,8 @@ _SPEAKER = r"(?:clusterfsm |supervisor )?(?:rank|node) [^\s:]+"
 
 
 def rank_speaker(rank: int | None, node_id: bytes) -> str:
-    """A rank's speaker: ``rank R``, or ``node ID`` while ``--rank auto`` is unelected."""
+    """A rank's speaker: ``rank R``, or ``node ID`` for ``--rank auto`` (the whole run:
+    the rank is elected later, and one process keeps one speaker)."""
     return f"rank {rank}" if rank is not None else f"node {node_id.hex()[:8]}"
 
 

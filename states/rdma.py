@@ -49,7 +49,7 @@ from collections.abc import Callable, Mapping, Sequence
 import attrs
 
 from clusterfsm.states.errors import PrecheckFailed
-from clusterfsm.states.initledger import InitLedger, LedgerUnavailable, NoLedger, pid_running
+from clusterfsm.states.initledger import InitLedger, LedgerUnavailable, NoLedger
 from clusterfsm.states.macos_output import (
     RouteLookup,
     ThunderboltReceptacle,
@@ -63,6 +63,7 @@ from clusterfsm.states.macos_output import (
     parse_route_get,
     parse_thunderbolt,
 )
+from clusterfsm.states.pids import pid_running
 from clusterfsm.states.preflight import (
     Finding,
     failed,
@@ -296,6 +297,10 @@ async def interface_addressed(interface: str, run: ToolRunner) -> list[Finding]:
     return found
 
 
+#: What BSD ``route -n get`` writes (to stderr, exit 1) when no route matches.
+NO_ROUTE = "not in table"
+
+
 async def route_to_peer(peer: str, interface: str, run: ToolRunner,
                         who: str = "") -> Finding:
     """The kernel's route to ``peer`` leaves through ``interface``, the RDMA port
@@ -325,6 +330,12 @@ async def route_to_peer(peer: str, interface: str, run: ToolRunner,
         if exc.check == "tool_missing":
             return attrs.evolve(not_applicable(
                 "peer_route", f"the route to {name} is not checked: no `route` tool"),
+                subject=interface)
+        if exc.check == "tool_failed" and NO_ROUTE in exc.detail:
+            # BSD route(8) exits 1 with "not in table" when no route matches at all
+            return attrs.evolve(failed(
+                "peer_route", f"no route to {name}: jaccl would fail with RTR errno 60",
+                f"`sudo route -n add -host {peer} -interface {interface}`"),
                 subject=interface)
         return attrs.evolve(_tool_finding(exc), subject=interface)
     except UnreadableOutput as exc:
@@ -385,16 +396,15 @@ async def pd_budget(need: Mapping[str, int], run: ToolRunner,
     ``PD_WARN_HEADROOM`` would be left, so an operator sees it coming (other programs'
     protection domains, such as an ``mlx.launch`` job's, are not in the ledger).
     """
-    if ledger is None:
-        return []
+    if ledger is None or isinstance(ledger, NoLedger):
+        return [not_applicable("pd_budget", "no init ledger is kept here: protection "
+                               "domains are not counted")]
     try:
         view = await ledger.view()
     except LedgerUnavailable as exc:
         return [warned("pd_budget", f"{exc}: protection domains are not counted",
                        "check that the directory is writable and `sysctl kern.boottime` "
                        "answers")]
-    if view is None:
-        return []
     found: list[Finding] = []
     for device, n in need.items():
         try:
@@ -417,14 +427,15 @@ async def pd_budget(need: Mapping[str, int], run: ToolRunner,
         unreadable = (f"; {view.unreadable} ledger entr(ies) in {view.path} unreadable"
                       if view.unreadable else "")
         detail = (f"{device}: {held} of its {limit} protection domains (max_pd); this "
-                  f"init needs {n}{unreadable}")
+                  f"init needs {n}{unreadable} (ledger: {view.path})")
+        remedy = (f"{PD_REMEDY}; an entry in {view.path} whose process is known to have "
+                  "given its protection domains back may be deleted by hand")
         if used + n > limit:
             found.append(attrs.evolve(failed(
                 "pd_budget", f"{detail}: jaccl would fail with 'Changing queue pair to "
-                f"RTR failed with errno 96' (ledger: {view.path})", PD_REMEDY),
-                subject=device))
+                "RTR failed with errno 96'", remedy), subject=device))
         elif limit - used - n < PD_WARN_HEADROOM:
-            found.append(attrs.evolve(warned("pd_budget", detail, PD_REMEDY),
+            found.append(attrs.evolve(warned("pd_budget", detail, remedy),
                                       subject=device))
         else:
             found.append(attrs.evolve(passed("pd_budget", detail), subject=device))
@@ -480,9 +491,17 @@ async def link_speed(interface: str, run: ToolRunner) -> Finding | None:
     return passed("link_speed", f"{interface} runs at {receptacle.speed}")
 
 
+def devices_listed(found: Sequence[Finding]) -> bool:
+    """Whether :func:`rdma_findings` found RDMA enabled and every device listed (its
+    first two findings, which stop it when they fail): then ``ibv_devinfo`` can be
+    asked about each device."""
+    return len(found) > 1 and not (found[0].failed or found[1].failed)
+
+
 async def rdma_findings(devices: Sequence[str], run: ToolRunner,
                         *, speed: bool = False) -> list[Finding]:
-    """Every RDMA check for ``devices``, in the order a failure stops the rank."""
+    """Every RDMA check for ``devices``, in the order a failure stops the rank: RDMA
+    enabled, the devices listed (:func:`devices_listed`), then each device's."""
     first = await rdma_enabled(run)
     if first.failed:
         return [first]

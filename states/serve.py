@@ -177,7 +177,8 @@ async def _serve_async(config: ClusterConfig, options: ServeOptions) -> int:
     from clusterfsm.states.api import bootstrap_cluster
     from clusterfsm.states.errors import LinkLost, PeerLost
 
-    # --rank auto: the rank is elected in discovering; name the node until then.
+    # --rank auto: the rank is elected in discovering; the node's name is the speaker
+    # for the whole run (the ready line gives the rank).
     speaker = rank_speaker(config.rank, config.node_id)
 
     def log(record: TraceRecord) -> None:

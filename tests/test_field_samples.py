@@ -319,6 +319,21 @@ async def test_a_route_to_the_peer_through_another_interface_fails() -> None:
                            peer_links=[PeerLink(1, "en1", "192.0.43.10")])
 
 
+async def test_no_route_to_the_peer_at_all_is_a_route_failure_with_the_add_remedy() -> None:
+    # BSD route(8) writes "route: writing to routing socket: not in table" and exits 1
+    # when no route matches (the message is the one the parser test above uses; no
+    # recorded Mac shows it): that is the route problem, not a broken tool.
+    async def no_route(argv: Sequence[str]) -> str:
+        await trio.lowlevel.checkpoint()
+        raise PrecheckFailed("tool_failed", f"`{' '.join(argv)}` exited 1: route: "
+                             "writing to routing socket: not in table")
+
+    finding = await route_to_peer("169.254.7.9", "en4", no_route, "rank 2")
+    assert finding.check == "peer_route" and finding.failed and finding.subject == "en4"
+    assert finding.detail.startswith("no route to rank 2 at 169.254.7.9")
+    assert finding.remedy == "`sudo route -n add -host 169.254.7.9 -interface en4`"
+
+
 async def test_a_peer_on_two_cables_is_a_warning_naming_both_ports() -> None:
     # Field failure: two cables between one pair, each end chose a different cable for
     # rail 0 and the model load stalled. The real capture has one cable to the peer

@@ -28,12 +28,13 @@ from clusterfsm.states.boottime import (
     parse_proc_stat_btime,
 )
 from clusterfsm.states.errors import PrecheckFailed
-from clusterfsm.states.initledger import InitLedger, LedgerUnavailable, RecordedAttempt
+from clusterfsm.states.initledger import Attempt, InitLedger, LedgerUnavailable, RecordedAttempt
 from clusterfsm.states.macos_output import (
     UnreadableOutput,
     parse_ibv_devinfo,
     parse_sysctl_boottime,
 )
+from clusterfsm.states.pids import pid_running
 from clusterfsm.states.preflight import Verdict
 from clusterfsm.states.rdma import check_jaccl_plan, pd_budget
 from clusterfsm.states.topology import Topology
@@ -153,8 +154,9 @@ async def test_the_ledger_starts_over_after_a_reboot(tmp_path: Path) -> None:
     before = await fill(ledger, 3)
     assert len((await ledger.view()).attempts) == 3
     boot.now += SAME_BOOT_SLACK  # a clock correction is still the same boot
-    assert len((await ledger.view()).attempts) == 3
+    assert len((await ledger_in(tmp_path, boot).view()).attempts) == 3
     boot.now = BOOT + 86_400  # rebooted: the old attempts hold nothing any more
+    ledger = ledger_in(tmp_path, boot)  # a process of the new boot (a ledger reads it once)
     view = await ledger.view()
     assert view.attempts == () and view.boot_time == BOOT + 86_400
     assert len(os.listdir(tmp_path / "ledger")) == 3  # viewing changes nothing (doctor)
@@ -282,3 +284,47 @@ async def test_no_max_pd_in_the_output_is_a_warning_not_a_refusal(tmp_path: Path
     (finding,) = await pd_budget({"rdma_en4": 1}, m4pro_mac(), ledger)  # real, no max_pd
     assert finding.verdict is Verdict.WARN and "shows no max_pd" in finding.detail
     await check_jaccl_plan(ROW_EN4, 0, 2, m4pro_mac(), ledger=ledger)
+
+
+async def test_the_boot_time_is_read_once_per_ledger(tmp_path: Path) -> None:
+    """``record`` runs between the barrier's go and init: it must not start a ``sysctl``
+    there (the plan check's ``view`` already read the boot time)."""
+    asked = 0
+
+    async def clock() -> int:
+        nonlocal asked
+        asked += 1
+        await trio.lowlevel.checkpoint()
+        return BOOT
+
+    ledger = InitLedger(tmp_path / "ledger", clock)
+    await ledger.view()
+    attempt = await ledger.record(["rdma_en4"])
+    assert isinstance(attempt, RecordedAttempt)
+    attempt.release()
+    assert asked == 1
+
+
+def test_an_entry_with_a_pid_no_process_can_have_is_unreadable_not_a_crash(
+        tmp_path: Path) -> None:
+    for pid in (0, -1, True, 10**30, "12"):
+        text = json.dumps({"pid": pid, "boot_time": BOOT, "devices": ["rdma_en4"],
+                           "at": 1.0})
+        with pytest.raises(ValueError):
+            Attempt.from_json(text)
+    assert not pid_running(0) and not pid_running(-1) and not pid_running(10**30)
+
+
+def test_a_forked_child_does_not_give_back_its_parent_s_attempt(tmp_path: Path) -> None:
+    entry = tmp_path / "attempt-1.json"
+    entry.write_text("{}")
+    recorded = RecordedAttempt(entry, Attempt(os.getpid(), BOOT, ("rdma_en4",), 1.0))
+    child = os.fork()
+    if child == 0:  # the child exits "cleanly" through its inherited release
+        recorded.release()
+        os._exit(0)
+    _pid, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert entry.exists()
+    recorded.release()
+    assert not entry.exists()
