@@ -54,7 +54,6 @@ from clusterfsm.states.errors import (
     GroupSizeMismatch,
     PrecheckFailed,
 )
-from clusterfsm.states.initledger import InitLedger, LedgerUnavailable, NoLedger, default_ledger
 from clusterfsm.states.pids import pid_running
 from clusterfsm.states.ringwindow import (
     VERBOSE_ENV,
@@ -73,6 +72,8 @@ from clusterfsm.states.topology import PeerLink, Topology, devices_in_row
 
 if TYPE_CHECKING:
     from mlx.core.distributed import Group as MlxGroup
+
+    from clusterfsm.states.initledger import InitLedger, NoLedger
 
 #: Fault injection for tests (``never-init``): see GroupInitializer.initialize.
 FAULT_ENV = "CLUSTERFSM_FAULT"
@@ -464,10 +465,7 @@ class GroupInitializer:
         self.init_fn = init_fn
         self.run_blocking = run_blocking
         self.precheck = precheck
-        #: jaccl init attempts since boot (this user's ledger unless given): recorded
-        #: right before each jaccl init, counted by the default plan check.
-        self.ledger: InitLedger | NoLedger = (ledger if ledger is not None
-                                              else default_ledger())
+        self._ledger = ledger
         #: Runs on every rank before init (jaccl: rdma_ctl, ibv_devices, the matrix,
         #: routes, protection domains).
         self.plan_check: Callable[[InitPlan], Awaitable[None]] = (
@@ -545,6 +543,22 @@ class GroupInitializer:
             raise GroupSizeMismatch(plan.world_size, group.size())
         return group
 
+    @property
+    def ledger(self) -> InitLedger | NoLedger:
+        """jaccl init attempts since boot (this user's ledger unless one was given):
+        recorded right before each jaccl init, counted by the default plan check.
+        Made on first use: a ring rank never needs it, and the ledger's modules (the
+        macOS output parsers among them) cost ~9 ms of start-up."""
+        if self._ledger is None:
+            from clusterfsm.states.initledger import default_ledger
+
+            self._ledger = default_ledger()
+        return self._ledger
+
+    @ledger.setter
+    def ledger(self, ledger: InitLedger | NoLedger) -> None:
+        self._ledger = ledger
+
     async def _check_plan(self, plan: InitPlan) -> None:
         """The default plan check, against the ledger this initializer records in
         (read when it runs: the ledger may be replaced after construction)."""
@@ -554,6 +568,8 @@ class GroupInitializer:
         """Put this jaccl init in the ledger (one protection domain per connection of
         the row) right before MLX allocates them; a ledger that cannot be written is
         a warning on the trace, never a reason not to init."""
+        from clusterfsm.states.initledger import LedgerUnavailable
+
         outcome = await self.ledger.record(devices_in_row(plan.topology, plan.rank))
         if isinstance(outcome, LedgerUnavailable):
             note_outcome(f"{outcome}; this init attempt is not counted")

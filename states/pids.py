@@ -12,14 +12,14 @@ MAX_PID`` can name a process at all.
 from __future__ import annotations
 
 import os
-from typing import Final
+from typing import Final, TypeGuard
 
 #: Above every PID a supported system hands out (Linux's pid_max is at most 2**22,
 #: macOS's 99,998); PIDs are C ints.
 MAX_PID: Final = 2**31
 
 
-def valid_pid(value: object) -> bool:
+def valid_pid(value: object) -> TypeGuard[int]:
     """Whether ``value`` (read from a file) can be a process id: an int, not a bool,
     in ``1 .. MAX_PID - 1``."""
     return type(value) is int and 0 < value < MAX_PID
