@@ -109,6 +109,9 @@ NOTES = """
   from `python -X importtime`, best of 5 fresh interpreters, less what every
   interpreter imports at start; MLX is imported later, in `idle`, and shown apart. The
   biggest items are named by their own time (a package counts with its submodules).
+  The row says whether clusterfsm's modules came from bytecode: an editable install
+  run with `PYTHONDONTWRITEBYTECODE` compiles them at every start (~50 ms here, in
+  every figure that starts a process), an installed package does not.
 - **Readiness latency:** from the first Pong that makes a link healthy to the entry
   into `exchanging_bootstrap` (event-driven, no polling).
 - **Scale:** 1,000 two-rank bootstraps (2,000 machines) at once in one process on the

@@ -8,6 +8,11 @@ machine, its activities, links, the watchdog). MLX itself is imported in ``idle`
 imports at start (``site``, ``encodings``, the editable-install finder); the baseline
 is a bare interpreter start (``python -c pass``, wall) in the same run.
 
+Whether clusterfsm's own modules were loaded from bytecode is said with the figures:
+with ``PYTHONDONTWRITEBYTECODE`` set and no ``__pycache__`` (an editable install that
+never wrote one), every start compiles them from source, ~50 ms on the reference
+machine that an installed package (its bytecode written at install) does not pay.
+
 Run: python bench/startup.py [--runs 5] [--json OUT]
 """
 
@@ -41,6 +46,15 @@ def _importtime(code: str) -> tuple[int, dict[str, int]]:
     return total, items
 
 
+def _compiled_from_source() -> bool:
+    """True if a fresh interpreter would compile clusterfsm's modules from source."""
+    probe = ("import importlib.util, os, sys, clusterfsm.states.codec as m; "
+             "print(int(not os.path.exists(importlib.util.cache_from_source(m.__file__))))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          check=True, timeout=120)
+    return done.stdout.strip() == "1"
+
+
 def _wall(code: str) -> float:
     start = time.perf_counter()
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
@@ -62,18 +76,20 @@ def main(argv: list[str]) -> None:
         bare.append(_wall("pass"))
         mlx.append(_importtime("import mlx.core")[0])
     ours = min(totals) / 1000
+    source = ("clusterfsm compiled from source at every start (no bytecode written)"
+              if _compiled_from_source() else "clusterfsm from its bytecode")
     top = sorted(((us, n) for n, us in best.items()), reverse=True)
     print(f"serve path imports (best of {runs}, -X importtime): {ours:.0f} ms; "
           f"wall with interpreter start {min(walls) * 1000:.0f} ms; bare interpreter "
           f"{min(bare) * 1000:.0f} ms; mlx.core (imported in idle) "
-          f"{min(mlx) / 1000:.0f} ms")
+          f"{min(mlx) / 1000:.0f} ms; {source}")
     print("  biggest items (own time; a package with its submodules):")
     for us, name in top[:10]:
         print(f"    {us / 1000:6.1f} ms  {name}")
     names = ", ".join(f"{n.removeprefix('clusterfsm.states.')} {us / 1000:.0f}"
                       for us, n in top[:5])
     emit([row(f"Start-up: imports of the serve path (best of {runs}, MLX apart)",
-              f"{ours:.0f} ms (biggest, own ms: {names})",
+              f"{ours:.0f} ms (biggest, own ms: {names}; {source})",
               f"bare interpreter {min(bare) * 1000:.0f} ms; mlx.core {min(mlx) / 1000:.0f} ms",
               f"{ours / (min(bare) * 1000):.1f}x the bare start",
               "(measured, no target)", None)], argv)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import tomllib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -233,6 +232,8 @@ def config_from_toml(path: str | os.PathLike[str], *, table: str | None = None,
     ``[deadlines]``); an unknown key is an error, not ignored. The supervisor's
     epoch variables still come from ``environ`` (``os.environ``).
     """
+    import tomllib  # here, not at the top: only a --config start reads TOML (~2.5 ms)
+
     where = str(path)
     try:
         text = read_small_text(path, limit=MAX_CONFIG_FILE_BYTES)[0]

@@ -83,6 +83,10 @@ from clusterfsm.states.errors import printable
 
 Stream = Literal["stdout", "stderr"]
 
+# Each line's pattern is kept as text and compiled by ``re`` on its first match (its
+# cache keeps it): only readers of lines (a supervisor, the demo) match them, and a
+# rank that only prints lines would otherwise compile all of them at every start.
+
 #: Who speaks: ``rank R``, ``node ID``, ``clusterfsm rank R``, ``supervisor rank R``.
 _SPEAKER = r"(?:clusterfsm |supervisor )?(?:rank|node) [^\s:]+"
 
@@ -98,7 +102,7 @@ class TransitionLine:
     """The speaker's machine moved from ``source`` to ``dest`` by ``event``."""
 
     stream: ClassVar[Stream] = "stdout"
-    _PATTERN: ClassVar[re.Pattern[str]] = re.compile(
+    _PATTERN: ClassVar[str] = (
         rf"^({_SPEAKER}): (\w+) --(\w+)--> (\w+) \((\d+(?:\.\d+)?) ms\)"
         r"(?: note: ([^\x00-\x1f\x7f]+))?$")
 
@@ -117,7 +121,7 @@ class TransitionLine:
 
     @classmethod
     def parse(cls, line: str) -> TransitionLine | None:
-        m = cls._PATTERN.match(line)
+        m = re.match(cls._PATTERN, line)
         return None if m is None else cls(m[1], m[2], m[3], m[4], float(m[5]), m[6])
 
 
@@ -128,9 +132,9 @@ class ReadyLine:
 
     stream: ClassVar[Stream] = "stdout"
     PREFIX: ClassVar[str] = "DistributedGroup ready"
-    _PATTERN: ClassVar[re.Pattern[str]] = re.compile(
+    _PATTERN: ClassVar[str] = (
         r"^DistributedGroup ready\b(.*?)(?: session=(\w+))?\s*$")
-    _FIELD: ClassVar[re.Pattern[str]] = re.compile(r"\b(rank|size|backend)=(\S+)")
+    _FIELD: ClassVar[str] = r"\b(rank|size|backend)=(\S+)"
 
     rank: int | None = None
     size: int | None = None
@@ -144,10 +148,10 @@ class ReadyLine:
 
     @classmethod
     def parse(cls, line: str) -> ReadyLine | None:
-        m = cls._PATTERN.match(line)
+        m = re.match(cls._PATTERN, line)
         if m is None:
             return None
-        found = dict(cls._FIELD.findall(m[1]))
+        found = dict(re.findall(cls._FIELD, m[1]))
         rank, size = found.get("rank", ""), found.get("size", "")
         return cls(int(rank) if rank.isdigit() else None,
                    int(size) if size.isdigit() else None,
@@ -159,7 +163,7 @@ class AllSumLine:
     """``--verify``: the ``all_sum`` of ``rank + 1`` over the group, and what it should be."""
 
     stream: ClassVar[Stream] = "stdout"
-    _PATTERN: ClassVar[re.Pattern[str]] = re.compile(
+    _PATTERN: ClassVar[str] = (
         rf"^({_SPEAKER}): all_sum = (\S+) \(expected (\S+)\)$")
 
     speaker: str
@@ -175,7 +179,7 @@ class AllSumLine:
 
     @classmethod
     def parse(cls, line: str) -> AllSumLine | None:
-        m = cls._PATTERN.match(line)
+        m = re.match(cls._PATTERN, line)
         if m is None:
             return None
         try:
@@ -189,7 +193,7 @@ class VerifyFailedLine:
     """``--verify``: the ``all_sum`` came back wrong (the rank then exits 1)."""
 
     stream: ClassVar[Stream] = "stderr"
-    _PATTERN: ClassVar[re.Pattern[str]] = re.compile(rf"^({_SPEAKER}): all_sum is wrong$")
+    _PATTERN: ClassVar[str] = rf"^({_SPEAKER}): all_sum is wrong$"
 
     speaker: str
 
@@ -198,7 +202,7 @@ class VerifyFailedLine:
 
     @classmethod
     def parse(cls, line: str) -> VerifyFailedLine | None:
-        m = cls._PATTERN.match(line)
+        m = re.match(cls._PATTERN, line)
         return None if m is None else cls(m[1])
 
 
@@ -210,7 +214,7 @@ class ErrorLine:
     """
 
     stream: ClassVar[Stream] = "stderr"
-    _PATTERN: ClassVar[re.Pattern[str]] = re.compile(
+    _PATTERN: ClassVar[str] = (
         rf"^({_SPEAKER}): state (\w+), error (\w+): ?(.*)$")
 
     speaker: str
@@ -223,7 +227,7 @@ class ErrorLine:
 
     @classmethod
     def parse(cls, line: str) -> ErrorLine | None:
-        m = cls._PATTERN.match(line)
+        m = re.match(cls._PATTERN, line)
         return None if m is None else cls(m[1], m[2], m[3], m[4])
 
 
@@ -252,7 +256,7 @@ class StoppedLine:
     """SIGINT or SIGTERM stopped the rank (exit 130 before ready, or a clean close)."""
 
     stream: ClassVar[Stream] = "stderr"
-    _PATTERN: ClassVar[re.Pattern[str]] = re.compile(rf"^({_SPEAKER}): stopped by signal$")
+    _PATTERN: ClassVar[str] = rf"^({_SPEAKER}): stopped by signal$"
 
     speaker: str
 
@@ -261,7 +265,7 @@ class StoppedLine:
 
     @classmethod
     def parse(cls, line: str) -> StoppedLine | None:
-        m = cls._PATTERN.match(line)
+        m = re.match(cls._PATTERN, line)
         return None if m is None else cls(m[1])
 
 
@@ -275,7 +279,7 @@ class AdmissionLine:
     """
 
     stream: ClassVar[Stream] = "stdout"
-    _PATTERN: ClassVar[re.Pattern[str]] = re.compile(
+    _PATTERN: ClassVar[str] = (
         r"^admitted rank (\d{1,3}) epoch (\d{1,20}) from (\S+)$")
 
     rank: int
@@ -287,7 +291,7 @@ class AdmissionLine:
 
     @classmethod
     def parse(cls, line: str) -> AdmissionLine | None:
-        m = cls._PATTERN.match(line)
+        m = re.match(cls._PATTERN, line)
         if m is None:
             return None
         rank, epoch = int(m[1]), int(m[2])
@@ -301,7 +305,7 @@ class UsageLine:
     """``command`` refused its flags or configuration (exit 2) before running."""
 
     stream: ClassVar[Stream] = "stderr"
-    _PATTERN: ClassVar[re.Pattern[str]] = re.compile(r"^clusterfsm (serve): (.*)$")
+    _PATTERN: ClassVar[str] = r"^clusterfsm (serve): (.*)$"
 
     command: str
     message: str
@@ -311,7 +315,7 @@ class UsageLine:
 
     @classmethod
     def parse(cls, line: str) -> UsageLine | None:
-        m = cls._PATTERN.match(line)
+        m = re.match(cls._PATTERN, line)
         return None if m is None else cls(m[1], m[2])
 
 
@@ -319,7 +323,7 @@ class UsageLine:
 class EchoLine:
     """A supervisor repeats its child's line, on the stream it came from."""
 
-    _PATTERN: ClassVar[re.Pattern[str]] = re.compile(r"^\[gen (\d+)\] (.*)$")
+    _PATTERN: ClassVar[str] = r"^\[gen (\d+)\] (.*)$"
 
     generation: int
     line: str
@@ -329,7 +333,7 @@ class EchoLine:
 
     @classmethod
     def parse(cls, line: str) -> EchoLine | None:
-        m = cls._PATTERN.match(line)
+        m = re.match(cls._PATTERN, line)
         return None if m is None else cls(int(m[1]), m[2])
 
 
@@ -339,7 +343,7 @@ class SupervisorNote:
     its final error an :class:`ErrorLine`, both with the same speaker)."""
 
     stream: ClassVar[Stream] = "stdout"
-    _PATTERN: ClassVar[re.Pattern[str]] = re.compile(r"^(supervisor rank [^\s:]+): (.*)$")
+    _PATTERN: ClassVar[str] = r"^(supervisor rank [^\s:]+): (.*)$"
 
     speaker: str
     text: str
@@ -349,7 +353,7 @@ class SupervisorNote:
 
     @classmethod
     def parse(cls, line: str) -> SupervisorNote | None:
-        m = cls._PATTERN.match(line)
+        m = re.match(cls._PATTERN, line)
         return None if m is None else cls(m[1], m[2])
 
 
