@@ -26,7 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import ROOT, machine
+from common import ROOT, compile_bytecode, machine
 
 FULL = {
     "time_to_group.py": ["--runs", "50", "--ranks", "2,3,4", "--hog"],
@@ -111,7 +111,10 @@ NOTES = """
   biggest items are named by their own time (a package counts with its submodules).
   The row says whether clusterfsm's modules came from bytecode: an editable install
   run with `PYTHONDONTWRITEBYTECODE` compiles them at every start (~50 ms here, in
-  every figure that starts a process), an installed package does not.
+  every figure that starts a process), an installed package does not. So run_all (and
+  `bench/time_to_group.py`) first writes clusterfsm's bytecode with `compileall`, as
+  `pip install` does, and every figure here is of the package as installed, like the
+  third-party modules it is compared with (`mlx.launch`'s among them).
 - **Readiness latency:** from the first Pong that makes a link healthy to the entry
   into `exchanging_bootstrap` (event-driven, no polling).
 - **Scale:** 1,000 two-rank bootstraps (2,000 machines) at once in one process on the
@@ -230,6 +233,7 @@ def main(argv: list[str]) -> int:
         (ROOT / "docs" / "performance.md").write_text(_page(**saved))
         print("wrote docs/performance.md")
         return 0
+    compile_bytecode()  # every bench runs clusterfsm from bytecode, as installed
     if not _namespaces_possible():
         if not quick:
             print("bench/run_all.py: the full run needs root and iproute2 (the cable, "

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from common import BusyCore, emit, load_average, median, row
+from common import BusyCore, compile_bytecode, emit, load_average, median, row
 
 from clusterfsm.fsm import read_trace, state_totals
 
@@ -210,6 +210,7 @@ def _decomposition(per_state: list[list[dict[str, float]]]) -> list[dict[str, ob
 
 
 def main(argv: list[str]) -> None:
+    compile_bytecode()  # as installed, like mlx.launch's modules (common.py)
     runs = int(argv[argv.index("--runs") + 1]) if "--runs" in argv else 15
     ranks = ([int(x) for x in argv[argv.index("--ranks") + 1].split(",")]
              if "--ranks" in argv else [2, 3, 4])
