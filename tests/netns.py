@@ -31,8 +31,9 @@ import os
 import secrets
 import shutil
 import subprocess
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Protocol, TypeVar
 
 import attrs
 import pytest
@@ -51,6 +52,56 @@ class NetnsUnavailable(Exception):
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["ip", *args], capture_output=True, text=True, check=check,
                           timeout=10)
+
+
+def fresh_tag() -> str:
+    """A tag that makes this test's namespace and interface names unique (pid, counter,
+    random); raises :class:`NetnsUnavailable` where namespaces cannot be made at all."""
+    if shutil.which("ip") is None:
+        raise NetnsUnavailable("the `ip` command (iproute2) is not installed")
+    if os.geteuid() != 0:
+        raise NetnsUnavailable("network namespaces need root")
+    return f"{os.getpid() % 100000}{next(_counter)}{secrets.token_hex(2)}"
+
+
+@contextmanager
+def building(undo: Callable[[], None]) -> Iterator[None]:
+    """Around the ``ip`` commands that build a topology: a failing one undoes what was
+    built (``undo``, the topology's close) and becomes :class:`NetnsUnavailable`."""
+    try:
+        yield
+    except (subprocess.CalledProcessError, OSError, subprocess.TimeoutExpired) as exc:
+        undo()
+        detail = getattr(exc, "stderr", "") or str(exc)
+        raise NetnsUnavailable(f"cannot create namespaces: {detail.strip()}") from exc
+
+
+class Topology(Protocol):
+    def close(self) -> None: ...
+    def exists(self) -> bool: ...
+
+
+T = TypeVar("T", bound=Topology)
+
+
+def fresh(create: Callable[[], T]) -> Iterator[T]:
+    """A fixture's body: a new topology for one test, skipped with the reason where
+    namespaces cannot be made; closed afterwards, on failure too, and checked gone."""
+    try:
+        net = create()
+    except NetnsUnavailable as exc:
+        pytest.skip(f"network namespaces unavailable: {exc}")
+    try:
+        yield net
+    finally:
+        net.close()
+        assert not net.exists(), "namespaces left behind"
+
+
+def two_hosts(tag: str) -> tuple[Namespace, Namespace]:
+    """Hosts ``a`` and ``b`` of a two-host topology: names, interface, address."""
+    return (Namespace(f"cfsm-a{tag}", f"cfa{tag}"[:15], f"{SUBNET_PREFIX}1"),
+            Namespace(f"cfsm-b{tag}", f"cfb{tag}"[:15], f"{SUBNET_PREFIX}2"))
 
 
 @attrs.define
@@ -95,15 +146,9 @@ class NetnsPair:
     @classmethod
     def create(cls) -> NetnsPair:
         """Make the pair; raise :class:`NetnsUnavailable` (with why) if this host can't."""
-        if shutil.which("ip") is None:
-            raise NetnsUnavailable("the `ip` command (iproute2) is not installed")
-        if os.geteuid() != 0:
-            raise NetnsUnavailable("network namespaces need root")
-        tag = f"{os.getpid() % 100000}{next(_counter)}{secrets.token_hex(2)}"
-        a = Namespace(f"cfsm-a{tag}", f"cfa{tag}"[:15], f"{SUBNET_PREFIX}1")
-        b = Namespace(f"cfsm-b{tag}", f"cfb{tag}"[:15], f"{SUBNET_PREFIX}2")
+        a, b = two_hosts(fresh_tag())
         pair = cls(a, b)
-        try:
+        with building(pair.close):
             for ns in (a, b):
                 _ip("netns", "add", ns.name)
             _ip("link", "add", a.interface, "type", "veth", "peer", "name", b.interface)
@@ -113,10 +158,6 @@ class NetnsPair:
                     "dev", ns.interface)
                 _ip("-n", ns.name, "link", "set", "lo", "up")
             pair.link_up()
-        except (subprocess.CalledProcessError, OSError, subprocess.TimeoutExpired) as exc:
-            pair.close()
-            detail = getattr(exc, "stderr", "") or str(exc)
-            raise NetnsUnavailable(f"cannot create namespaces: {detail.strip()}") from exc
         return pair
 
     def _ends(self, which: str) -> list[Namespace]:
@@ -178,15 +219,10 @@ class NetnsSwitched:
     @classmethod
     def create(cls) -> NetnsSwitched:
         """Make the three namespaces; raise :class:`NetnsUnavailable` (with why)."""
-        if shutil.which("ip") is None:
-            raise NetnsUnavailable("the `ip` command (iproute2) is not installed")
-        if os.geteuid() != 0:
-            raise NetnsUnavailable("network namespaces need root")
-        tag = f"{os.getpid() % 100000}{next(_counter)}{secrets.token_hex(2)}"
-        a = Namespace(f"cfsm-a{tag}", f"cfa{tag}"[:15], f"{SUBNET_PREFIX}1")
-        b = Namespace(f"cfsm-b{tag}", f"cfb{tag}"[:15], f"{SUBNET_PREFIX}2")
+        tag = fresh_tag()
+        a, b = two_hosts(tag)
         net = cls(a, b, f"cfsm-s{tag}", {"a": f"csa{tag}"[:15], "b": f"csb{tag}"[:15]})
-        try:
+        with building(net.close):
             for name in (a.name, b.name, net.switch):
                 _ip("netns", "add", name)
                 _ip("-n", name, "link", "set", "lo", "up")
@@ -202,10 +238,6 @@ class NetnsSwitched:
                 _ip("-n", ns.name, "addr", "add", f"{ns.address}/{PREFIX_LEN}",
                     "dev", ns.interface)
                 _ip("-n", ns.name, "link", "set", ns.interface, "up")
-        except (subprocess.CalledProcessError, OSError, subprocess.TimeoutExpired) as exc:
-            net.close()
-            detail = getattr(exc, "stderr", "") or str(exc)
-            raise NetnsUnavailable(f"cannot create namespaces: {detail.strip()}") from exc
         return net
 
     def pull(self, end: str) -> None:
@@ -244,27 +276,11 @@ class NetnsSwitched:
 @pytest.fixture
 def netns_pair() -> Iterator[NetnsPair]:
     """A fresh namespace pair for one test; skipped with the reason where impossible."""
-    try:
-        pair = NetnsPair.create()
-    except NetnsUnavailable as exc:
-        pytest.skip(f"network namespaces unavailable: {exc}")
-    try:
-        yield pair
-    finally:
-        pair.close()
-        assert not pair.exists(), "namespaces left behind"
+    yield from fresh(NetnsPair.create)
 
 
 @pytest.fixture
 def netns_switched() -> Iterator[NetnsSwitched]:
     """Two hosts on one switch, fresh for one test; skipped with the reason where
     impossible."""
-    try:
-        net = NetnsSwitched.create()
-    except NetnsUnavailable as exc:
-        pytest.skip(f"network namespaces unavailable: {exc}")
-    try:
-        yield net
-    finally:
-        net.close()
-        assert not net.exists(), "namespaces left behind"
+    yield from fresh(NetnsSwitched.create)

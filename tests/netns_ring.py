@@ -14,19 +14,12 @@ then deletes the namespaces (and with them the veths).
 
 from __future__ import annotations
 
-import itertools
-import os
-import secrets
-import shutil
-import subprocess
 from collections.abc import Iterator
 
 import attrs
 import pytest
 
-from tests.netns import SUBNET_PREFIX, Namespace, NetnsUnavailable, _ip
-
-_counter = itertools.count()
+from tests.netns import SUBNET_PREFIX, Namespace, _ip, building, fresh, fresh_tag
 
 
 @attrs.define
@@ -47,14 +40,10 @@ class NetnsRing:
 
     @classmethod
     def create(cls) -> NetnsRing:
-        if shutil.which("ip") is None:
-            raise NetnsUnavailable("the `ip` command (iproute2) is not installed")
-        if os.geteuid() != 0:
-            raise NetnsUnavailable("network namespaces need root")
-        tag = f"{os.getpid() % 10000}{next(_counter)}{secrets.token_hex(2)}"
+        tag = fresh_tag()
         nodes = [Node(Namespace(f"cfsm-r{i}{tag}", "", "")) for i in range(3)]
         ring = cls(nodes, {})
-        try:
+        with building(ring.close):
             for node in nodes:
                 _ip("netns", "add", node.ns.name)
                 _ip("-n", node.ns.name, "link", "set", "lo", "up")
@@ -70,10 +59,6 @@ class NetnsRing:
                 ring.cables[k] = ends
             for k in range(3):
                 ring.plug(k)
-        except (subprocess.CalledProcessError, OSError, subprocess.TimeoutExpired) as exc:
-            ring.close()
-            detail = getattr(exc, "stderr", "") or str(exc)
-            raise NetnsUnavailable(f"cannot create namespaces: {detail.strip()}") from exc
         return ring
 
     def address(self, cable: int, node: int) -> str:
@@ -126,12 +111,4 @@ class NetnsRing:
 @pytest.fixture
 def netns_ring() -> Iterator[NetnsRing]:
     """A fresh ring of three namespaces for one test; skipped where impossible."""
-    try:
-        ring = NetnsRing.create()
-    except NetnsUnavailable as exc:
-        pytest.skip(f"network namespaces unavailable: {exc}")
-    try:
-        yield ring
-    finally:
-        ring.close()
-        assert not ring.exists(), "namespaces left behind"
+    yield from fresh(NetnsRing.create)
