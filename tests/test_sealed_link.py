@@ -293,6 +293,29 @@ async def test_an_untouched_relay_is_just_a_slower_wire() -> None:
 # --------------------------------------------------------------------------- replayed sessions
 
 
+async def _joiner_answered_with(answer: bytes, *, drain_s: float) -> RankRun:
+    """A real rank 1 against a scripted rank 0 that answers its Hello with ``answer``
+    (bytes recorded or built by the test), then reads whatever comes for ``drain_s``."""
+    listeners = await trio.open_tcp_listeners(0, host=LOOPBACK)
+    r1 = RankRun(1)
+    with trio.fail_after(CASE_LIMIT):
+        async with listeners[0] as listener, trio.open_nursery() as nursery:
+            host, port = listener.socket.getsockname()[:2]
+
+            async def scripted_rank0() -> None:
+                stream = await listener.accept()
+                async with stream:
+                    await stream.receive_some(65536)  # the joiner's Hello
+                    await stream.send_all(answer)
+                    with trio.move_on_after(drain_s):
+                        while await stream.receive_some(65536):
+                            pass
+
+            nursery.start_soon(scripted_rank0)
+            await run_rank(joiner_config(1, Address(host, port), deadlines=DEADLINES), r1)
+    return r1
+
+
 async def _record_a_session() -> dict[str, bytes]:
     r0, r1, proxy = await run_pair(_relay_all)
     assert r0.reached_ready and r1.reached_ready
@@ -322,23 +345,8 @@ async def test_a_recorded_session_replayed_to_a_fresh_rank0_never_gets_in() -> N
 
 async def test_a_recorded_session_replayed_to_a_fresh_rank1_never_gets_in() -> None:
     recorded = await _record_a_session()
-    listeners = await trio.open_tcp_listeners(0, host=LOOPBACK)
-    r1 = RankRun(1)
-    with trio.fail_after(CASE_LIMIT):
-        async with listeners[0] as listener, trio.open_nursery() as nursery:
-            host, port = listener.socket.getsockname()[:2]
-
-            async def fake_rank0() -> None:
-                stream = await listener.accept()
-                async with stream:
-                    await stream.receive_some(65536)  # the fresh Hello
-                    await stream.send_all(recorded[TO_JOINER])  # the old Challenge, ...
-                    with trio.move_on_after(2):
-                        while await stream.receive_some(65536):
-                            pass
-
-            nursery.start_soon(fake_rank0)
-            await run_rank(joiner_config(1, Address(host, port), deadlines=DEADLINES), r1)
+    # the fresh Hello is answered with the old Challenge, ...
+    r1 = await _joiner_answered_with(recorded[TO_JOINER], drain_s=2)
     assert r1.state == "handshake_rejected", r1.path
     assert isinstance(r1.error, HandshakeRejected)
     assert r1.error.reason is RejectReason.BAD_KEY and not r1.error.remote
@@ -398,23 +406,7 @@ async def test_an_older_joiner_is_refused_by_version_in_a_frame_it_decodes(
 async def test_an_older_coordinator_ends_the_joiner_in_a_version_refusal(
     answer: bytes,
 ) -> None:
-    listeners = await trio.open_tcp_listeners(0, host=LOOPBACK)
-    r1 = RankRun(1)
-    with trio.fail_after(CASE_LIMIT):
-        async with listeners[0] as listener, trio.open_nursery() as nursery:
-            host, port = listener.socket.getsockname()[:2]
-
-            async def v1_rank0() -> None:
-                stream = await listener.accept()
-                async with stream:
-                    await stream.receive_some(65536)
-                    await stream.send_all(answer)
-                    with trio.move_on_after(3):
-                        while await stream.receive_some(65536):
-                            pass
-
-            nursery.start_soon(v1_rank0)
-            await run_rank(joiner_config(1, Address(host, port), deadlines=DEADLINES), r1)
+    r1 = await _joiner_answered_with(answer, drain_s=3)
     assert r1.state == "handshake_rejected", r1.path
     assert isinstance(r1.error, HandshakeRejected)
     assert r1.error.reason is RejectReason.VERSION_MISMATCH
