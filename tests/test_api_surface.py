@@ -81,12 +81,17 @@ async def test_backend_any_reports_the_backend_chosen(autojump_clock: Any) -> No
 async def test_health_from_a_foreign_thread_and_as_changes(autojump_clock: Any) -> None:
     changes: list[str] = []
     from_thread: list[str] = []
+    # The mock clock jumps whenever every task waits, also while rank 0 waits for its
+    # worker thread: rank 1's crash must not depend on how long that thread takes.
+    first_read = trio.Event()
 
     async def in_ready(cluster: Any) -> None:
         if cluster.rank == 1:
+            await first_read.wait()
             await trio.sleep(1.0)
             raise RuntimeError("the app on rank 1 crashed")  # no GOODBYE: a loss
         from_thread.append(await trio.to_thread.run_sync(cluster.health))
+        first_read.set()
         async for health in cluster.health_changes():
             changes.append(health)
         assert cluster.state == "peer_lost"
