@@ -86,6 +86,10 @@ class Cluster(Generic[G]):
         self._ctx = ctx
         self._runner = runner
         self._health = health  # refreshed by bootstrap_cluster's _publish_health task
+        # For :meth:`health` from any thread: reading this clock is a plain computation
+        # (trio's SystemClock: an offset plus ``perf_counter``; MockClock: a base plus
+        # the real time scaled), no call into the run loop.
+        self._clock = trio.lowlevel.current_clock()
 
     @property
     def group(self) -> G:
@@ -169,18 +173,23 @@ class Cluster(Generic[G]):
         """``healthy``, ``degraded`` (an answer older than 3 heartbeat intervals) or
         ``unavailable`` (a link failed or never answered, or the cluster ended).
 
-        Callable from any thread: it reads the value the cluster's trio loop
-        publishes (:mod:`clusterfsm.states.health`): ``degraded`` the moment a link's
-        silence passes three intervals, ``unavailable`` as soon as the loop runs after
-        a failure or the end, ``healthy`` again within one interval of the peer being
-        heard (``_publish_health`` below says why these bounds).
+        Callable from any thread, and computed at the call (no trio call, no wait
+        for the loop): from the links' heartbeats (:func:`session_health`, on the
+        cluster's trio clock), the links' failures and the cluster's state. So it is
+        ``degraded`` the moment a link's silence passes three intervals, ``healthy``
+        again the moment the peer is heard (the heartbeat thread writes that on the
+        link), and ``unavailable`` the moment a link failed or the cluster left
+        ``ready``, even while the loop is blocked.
         """
-        return self._health.value
+        if self._health.ended or self._runner.state != "ready":
+            return "unavailable"
+        return session_health(self._ctx, self._clock.current_time())
 
     def health_changes(self) -> HealthChanges:
         """``async for health in cluster.health_changes()`` (in the cluster's trio
         loop): the current health, then each change; ends once the cluster has left
-        ``ready`` (after a last ``unavailable``)."""
+        ``ready`` (after a last ``unavailable``). The loop runs the timer that catches
+        a link turning stale only while such a reader waits (``_publish_health``)."""
         return self._health.changes()
 
     async def wait_lost(self) -> BaseException | None:
@@ -191,12 +200,18 @@ class Cluster(Generic[G]):
         return self._runner.error
 
 
-def session_health(ctx: ClusterContext) -> Health:
-    """The worst health over the links, from their heartbeats."""
-    now = trio.current_time()
+def session_health(ctx: ClusterContext, now: float | None = None) -> Health:
+    """The worst health over the links, from their heartbeats, at ``now`` on the
+    cluster's trio clock (default: ``trio.current_time()``, in the loop).
+
+    Only plain reads of the links, so :meth:`Cluster.health` calls it from any thread:
+    the links are a snapshot (``tuple`` copies the dict in one step under the GIL; the
+    dict does not change in ``ready`` anyway)."""
+    if now is None:
+        now = trio.current_time()
     stale_after = 3 * ctx.config.heartbeat_interval
     health: Health = "healthy"
-    for link in ctx.links.values():
+    for link in tuple(ctx.links.values()):
         if link.failure is not None or not link.first_pong.is_set():
             return "unavailable"
         # ``now > quiet_since + stale_after``, not ``now - quiet_since > ...``: the very
@@ -386,33 +401,39 @@ def _app_error(error: BaseException | None, state: str) -> ClusterError:
 
 async def _publish_health(runner: Runner[ClusterContext], ctx: ClusterContext,
                           health: HealthPublisher) -> None:
-    """Recompute the health when it could have changed, until the cluster leaves
-    ``ready``; then publish the end (``unavailable``) to every reader.
+    """Recompute the health for ``cluster.health_changes()`` when it could have
+    changed, until the cluster leaves ``ready``; then publish the end (``unavailable``)
+    to every reader.
 
-    It could change by time alone only when a link turns stale, or, while one is
-    stale, when its peer is heard again: :func:`next_health_check` says when. Else
-    only on an event: a link fails, a link's first pong, the end of ``ready``. So a
-    healthy cluster, whose peers are heard every interval, wakes this loop at most
-    once per two intervals, not every interval: at each wake-up every link was heard
-    at most one interval ago, so none turns stale (three intervals of silence) for
-    two more. The published value is:
+    On an event always: a link fails, a link's first pong, the end of ``ready``, a
+    reader starting to wait (it wants a value as of its call). Those are rare. By time
+    alone the health changes only when a link turns stale, or, while one is stale, when
+    its peer is heard again (:func:`next_health_check` says when); that timer is armed
+    only while a reader waits (``health.watched``). With no reader this loop does not
+    wake at all in a quiet ``ready``: ``cluster.health()`` computes its own answer at
+    the call and needs nothing from here.
+
+    While a reader waits, a healthy cluster, whose peers are heard every interval,
+    wakes this loop at most once per two intervals, not every interval: at each
+    wake-up every link was heard at most one interval ago, so none turns stale (three
+    intervals of silence) for two more. The reader then gets:
 
     - ``degraded`` as soon as the loop runs once a link's silence passes three
       intervals (a timer set for that very moment);
     - ``healthy`` again at most one ``interval`` after the peer was heard;
     - ``unavailable`` as soon as the loop runs after a failure or the end.
 
-    (``interval`` is ``ctx.config.heartbeat_interval``.)
+    (``interval`` is ``ctx.config.heartbeat_interval``.) When the last reader stops
+    waiting, the timer already armed may fire once more; then it is not re-armed.
     """
-    poke = trio.Event()
 
     async def on(event: trio.Event) -> None:
         await event.wait()
-        poke.set()
+        health.poke()
 
     async def on_end() -> None:
         await runner.wait_for(*ENDED_STATES)
-        poke.set()
+        health.poke()
 
     try:
         async with trio.open_nursery() as watchers:
@@ -423,10 +444,8 @@ async def _publish_health(runner: Runner[ClusterContext], ctx: ClusterContext,
                     watchers.start_soon(on, link.first_pong)
             while runner.state == "ready":
                 health.refresh()
-                with trio.move_on_at(next_health_check(ctx)):
-                    await poke.wait()
-                if poke.is_set():
-                    poke = trio.Event()
+                await health.wait_poked(
+                    next_health_check(ctx) if health.watched else math.inf)
             watchers.cancel_scope.cancel()
     finally:
         health.finish()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from types import SimpleNamespace
 from typing import Any
 
@@ -141,3 +142,126 @@ async def test_the_publisher_wakes_rarely_and_reports_changes_in_time(
         await trio.sleep(1.0)
         nursery.cancel_scope.cancel()
     assert publisher.value == "unavailable" and publisher._ended
+
+
+class _PublisherSteps(trio.abc.Instrument):
+    """Counts the task steps of the health publisher (its loop and its watchers)."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if "_publish_health" in task.name:
+            self.steps += 1
+
+
+async def test_with_no_reader_the_publisher_does_not_wake_in_ready(
+        autojump_clock: Any) -> None:
+    from clusterfsm.states.api import _publish_health
+    from clusterfsm.states.health import HealthPublisher
+
+    interval = 0.1
+    a, b = live_link(), live_link()
+    cluster = ctx(a, b)
+    runner: Any = _Runner()
+    publisher = HealthPublisher(lambda: session_health(cluster))
+    steps = _PublisherSteps()
+
+    async def heartbeats(link: Any, phase: float) -> None:
+        await trio.sleep(phase)
+        while True:
+            link.quiet_since = trio.current_time()
+            await trio.sleep(interval)
+
+    async def watch(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        changes = publisher.changes()
+        assert await changes.__anext__() == "healthy"
+        task_status.started()
+        async for _ in changes:
+            pass
+
+    trio.lowlevel.add_instrument(steps)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(heartbeats, a, 0.03)
+            nursery.start_soon(heartbeats, b, 0.07)
+            nursery.start_soon(_publish_health, runner, cluster, publisher)
+            await trio.sleep(1.0)
+
+            # nobody reads the changes: not one wake-up in 10 s of heartbeats
+            quiet_from = steps.steps
+            await trio.sleep(10.0)
+            assert steps.steps == quiet_from
+
+            # a reader arms the timer: the loop wakes again (about once per two intervals)
+            async with trio.open_nursery() as reading:
+                await reading.start(watch)
+                await trio.sleep(10.0)
+                reading.cancel_scope.cancel()
+            assert steps.steps - quiet_from >= 10.0 / (4 * interval)
+
+            # the reader is gone: at most the timer already armed, then quiet again
+            await trio.sleep(2 * interval)
+            quiet_from = steps.steps
+            await trio.sleep(10.0)
+            assert steps.steps == quiet_from
+            runner.end()
+            await trio.sleep(1.0)
+            nursery.cancel_scope.cancel()
+    finally:
+        trio.lowlevel.remove_instrument(steps)
+    assert publisher.ended
+
+
+def _in_a_thread(read: Any) -> Any:
+    """Call ``read`` on another thread while this (the loop's) thread waits for it,
+    blocked, as under an ``mx.eval`` on the loop: nothing in trio runs meanwhile."""
+    got: list[Any] = []
+    thread = threading.Thread(target=lambda: got.append(read()))
+    thread.start()
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    return got[0]
+
+
+async def test_health_from_a_thread_is_computed_at_the_call_with_no_reader(
+        autojump_clock: Any) -> None:
+    from clusterfsm.states.api import Cluster, _publish_health
+    from clusterfsm.states.health import HealthPublisher
+
+    interval = 0.1
+    a, b = live_link(), live_link()
+    cluster_ctx = ctx(a, b)
+    runner: Any = _Runner()
+    publisher = HealthPublisher(lambda: session_health(cluster_ctx))
+    cluster: Any = Cluster(cluster_ctx, runner, publisher)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_publish_health, runner, cluster_ctx, publisher)
+        await trio.sleep(interval)
+        a.quiet_since = b.quiet_since = trio.current_time()
+        assert await trio.to_thread.run_sync(cluster.health) == "healthy"
+
+        # both silent for three intervals and a hair more, nobody reading the changes
+        await trio.sleep(3 * interval + 0.001)
+        assert await trio.to_thread.run_sync(cluster.health) == "degraded"
+
+        # the loop blocked: each answer is still as of the call
+        a.quiet_since = b.quiet_since = trio.current_time()
+        assert _in_a_thread(cluster.health) == "healthy"  # heard (as the beats thread writes)
+        autojump_clock.jump(3 * interval + 0.001)  # time passes; no trio task runs
+        assert _in_a_thread(cluster.health) == "degraded"
+        b.quiet_since = trio.current_time()
+        assert _in_a_thread(cluster.health) == "degraded"  # a is still silent
+        a.quiet_since = trio.current_time()
+        assert _in_a_thread(cluster.health) == "healthy"
+        a.failure = EOFError()  # a link failed, the loop not told yet
+        assert _in_a_thread(cluster.health) == "unavailable"
+        a.failure = None
+        runner.state = "peer_lost"  # the cluster left ready, the publisher not yet ended
+        assert _in_a_thread(cluster.health) == "unavailable"
+        assert not publisher.ended
+
+        runner.end()
+        await trio.sleep(1.0)
+        nursery.cancel_scope.cancel()
+    assert publisher.ended and cluster.health() == "unavailable"
