@@ -293,6 +293,27 @@ async def test_an_untouched_relay_is_just_a_slower_wire() -> None:
 # --------------------------------------------------------------------------- replayed sessions
 
 
+async def _rank0_sent(data: bytes, *, drain_s: float) -> tuple[RankRun, bytes]:
+    """A real rank 0 (handshake deadline 1 s) sent ``data`` by a scripted joiner, which
+    then reads for ``drain_s``; the run and what rank 0 answered."""
+    transport = RecordingTransport()
+    r0 = RankRun(0)
+    received = b""
+    with trio.fail_after(CASE_LIMIT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: run_rank(
+                rank0_config(deadlines={"handshaking": 1.0}), r0, transport=transport))
+            await transport.bound.wait()
+            assert transport.address is not None
+            stream = await trio.open_tcp_stream(transport.address.host, transport.address.port)
+            async with stream:
+                await stream.send_all(data)
+                with trio.move_on_after(drain_s):
+                    while chunk := await stream.receive_some(65536):
+                        received += chunk
+    return r0, received
+
+
 async def _joiner_answered_with(answer: bytes, *, drain_s: float) -> RankRun:
     """A real rank 1 against a scripted rank 0 that answers its Hello with ``answer``
     (bytes recorded or built by the test), then reads whatever comes for ``drain_s``."""
@@ -324,20 +345,8 @@ async def _record_a_session() -> dict[str, bytes]:
 
 async def test_a_recorded_session_replayed_to_a_fresh_rank0_never_gets_in() -> None:
     recorded = await _record_a_session()
-    transport = RecordingTransport()
-    r0 = RankRun(0)
-    with trio.fail_after(CASE_LIMIT):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(lambda: run_rank(
-                rank0_config(deadlines={"handshaking": 1.0}), r0, transport=transport))
-            await transport.bound.wait()
-            assert transport.address is not None
-            stream = await trio.open_tcp_stream(transport.address.host, transport.address.port)
-            async with stream:
-                await stream.send_all(recorded[TO_RANK0])  # Hello, Auth, sealed frames
-                with trio.move_on_after(2):
-                    while await stream.receive_some(65536):
-                        pass
+    # Hello, Auth, sealed frames
+    r0, _answer = await _rank0_sent(recorded[TO_RANK0], drain_s=2)
     assert r0.state == "handshake_timeout", r0.path
     assert isinstance(r0.error, HandshakeTimeout)
     assert "bad_key" in str(r0.error), r0.error
@@ -378,21 +387,7 @@ V2_CHALLENGE = bytes.fromhex(
 async def test_an_older_joiner_is_refused_by_version_in_a_frame_it_decodes(
     hello: bytes, version: int,
 ) -> None:
-    transport = RecordingTransport()
-    r0 = RankRun(0)
-    received = b""
-    with trio.fail_after(CASE_LIMIT):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(lambda: run_rank(
-                rank0_config(deadlines={"handshaking": 1.0}), r0, transport=transport))
-            await transport.bound.wait()
-            assert transport.address is not None
-            stream = await trio.open_tcp_stream(transport.address.host, transport.address.port)
-            async with stream:
-                await stream.send_all(hello)
-                with trio.move_on_after(3):
-                    while data := await stream.receive_some(65536):
-                        received += data
+    r0, received = await _rank0_sent(hello, drain_s=3)
     [reject] = [decode_message(f) for f in FrameDecoder().feed(received)]
     assert isinstance(reject, Reject) and reject.reason is RejectReason.VERSION_MISMATCH
     assert f"speaks {version}" in reject.detail
